@@ -1,0 +1,202 @@
+"""The public entry points: `compile_fp8(model)` and `fp8_layers(model)`.
+
+`compile_fp8` walks the model once and, for every eligible `nn.Linear` (subclasses too), swaps
+`linear.weight` for a `Float8TrainingWeight` Parameter holding the same master tensor. Module
+classes, parameter names and `state_dict()` keys do not change. A linear stays in high precision,
+with its reason recorded for `fp8_layers`, when
+
+* `module_filter_fn(module, fqn)` says no;
+* `in_features` or `out_features` is not a multiple of 16 (`_scaled_mm` cannot take it; one
+  UserWarning per conversion names all such layers);
+* its weight is not floating point, or is shared with a module that is not a Linear (a weight
+  shared by several Linears is converted once, for all of them: ties stay ties).
+
+Then it returns `torch.compile(model, **compile_kwargs)` (or the model, with `compile=False`).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .config import Float8Config, recipe_spec
+from .gemm import ALIGN
+from .weight import Float8TrainingWeight
+
+logger = logging.getLogger("compile_fp8")
+
+SKIP_ATTR = "_compile_fp8_skip_reason"
+RECIPE_ATTR = "_compile_fp8_recipe"  # (RecipeSpec, emulate request) of a converted layer
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def compile_fp8(
+    model: nn.Module,
+    config: Optional[Float8Config] = None,
+    *,
+    module_filter_fn: Optional[FilterFn] = None,
+    compile: bool = True,
+    **compile_kwargs,
+) -> nn.Module:
+    """Convert `model`'s linear layers to FP8 training, in place, and torch.compile it.
+
+    Returns `torch.compile(model, **compile_kwargs)`, or the converted model if `compile=False`
+    (for FSDP2, activation checkpointing or your own compile call). See `fp8_layers` for what
+    happened to each layer.
+    """
+    config = _check_args(model, config, module_filter_fn)
+    _convert_linears(model, config, module_filter_fn)
+    return torch.compile(model, **compile_kwargs) if compile else model
+
+
+def fp8_layers(model: nn.Module) -> dict[str, str]:
+    """For every nn.Linear (by fqn in the unwrapped model): its FP8 recipe, or why it is skipped."""
+    model = unwrap_compiled(model)
+    report = {}
+    for fqn, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            report[fqn] = _describe(module)
+    return report
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module inside `torch.compile(module)` (`_orig_mod`), or `model` itself."""
+    return getattr(model, "_orig_mod", model)
+
+
+def _describe(module: nn.Linear) -> str:
+    if isinstance(module.weight, Float8TrainingWeight):
+        return module.weight.describe()
+    return getattr(module, SKIP_ATTR, "skipped: not converted (compile_fp8 was not called on it)")
+
+
+# ---- argument checks ------------------------------------------------------------------------
+
+
+def _check_args(model, config, module_filter_fn) -> Float8Config:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compile_fp8 expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise ValueError(
+            "compile_fp8 got a torch.compile'd model; pass the plain module "
+            "(compile_fp8 compiles it for you, or use compile=False)"
+        )
+    config = Float8Config() if config is None else config
+    if not isinstance(config, Float8Config):
+        raise TypeError(f"config must be a Float8Config, got {type(config).__name__}")
+    _check_implemented(config)
+    if module_filter_fn is not None and not callable(module_filter_fn):
+        raise TypeError("module_filter_fn must be callable as module_filter_fn(module, fqn)")
+    converted = [n for n, p in model.named_parameters() if isinstance(p, Float8TrainingWeight)]
+    if converted:
+        raise ValueError(
+            f"model is already converted by compile_fp8 ({len(converted)} FP8 weights, e.g. "
+            f"{converted[0]!r}); call compile_fp8 once, on the plain model"
+        )
+    return config
+
+
+def _check_implemented(config: Float8Config) -> None:
+    if config.scaling != "dynamic":
+        raise NotImplementedError(
+            f"Float8Config.scaling={config.scaling!r} is not implemented yet; use 'dynamic'"
+        )
+    if config.mode != "training":
+        raise NotImplementedError(
+            f"Float8Config.mode={config.mode!r} is not implemented yet; use 'training'"
+        )
+
+
+# ---- conversion ---------------------------------------------------------------------------
+
+
+def _convert_linears(model: nn.Module, config: Float8Config, module_filter_fn) -> None:
+    recipe = recipe_spec(config.recipe)
+    owners = _weight_owners(model)
+    converted: dict[int, nn.Parameter] = {}  # id(master weight) -> its training weight
+    unaligned = []
+    for fqn, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        reason = _skip_reason(module, fqn, owners, module_filter_fn)
+        if reason is not None:
+            setattr(module, SKIP_ATTR, reason)
+            unaligned += [f"{fqn} ({reason[len('skipped: '):]})"] if "multiple of" in reason else []
+            continue
+        key = id(module.weight)
+        if key not in converted:
+            converted[key] = _to_training_weight(module.weight, recipe, config.emulate)
+        module.weight = converted[key]
+        _add_state_dict_hooks(module, (recipe, config.emulate))
+    if unaligned:
+        warnings.warn(
+            f"compile_fp8: {len(unaligned)} linear layer(s) stay in high precision because "
+            f"torch._scaled_mm needs dimensions that are multiples of {ALIGN}: "
+            + ", ".join(unaligned),
+            UserWarning,
+            stacklevel=3,
+        )
+    logger.info("compile_fp8: %d FP8 weight(s), recipe %s", len(converted), config.recipe)
+
+
+def _to_training_weight(weight: nn.Parameter, recipe, emulate) -> nn.Parameter:
+    wrapped = Float8TrainingWeight(weight.detach(), recipe, emulate)
+    return nn.Parameter(wrapped, requires_grad=weight.requires_grad)
+
+
+def _weight_owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """id(parameter) -> every (fqn, module) holding it directly (ties show up as several)."""
+    owners: dict[int, list] = {}
+    for fqn, module in model.named_modules(remove_duplicate=False):
+        for name, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(param), []).append((f"{fqn}.{name}".lstrip("."), module))
+    return owners
+
+
+def _skip_reason(module: nn.Linear, fqn, owners, module_filter_fn) -> Optional[str]:
+    if module_filter_fn is not None and not module_filter_fn(module, fqn):
+        return "skipped: module_filter_fn"
+    for name, size in (("in_features", module.in_features), ("out_features", module.out_features)):
+        if size % ALIGN:
+            return f"skipped: {name}={size} is not a multiple of {ALIGN}"
+    weight = module.weight
+    if not weight.is_floating_point():
+        return f"skipped: weight dtype {weight.dtype} is not floating point"
+    others = [n for n, m in owners.get(id(weight), []) if not isinstance(m, nn.Linear)]
+    if others:
+        return f"skipped: weight is tied to {others[0]} (not a Linear)"
+    return None
+
+
+# ---- checkpoints --------------------------------------------------------------------------
+
+
+def _add_state_dict_hooks(module: nn.Linear, recipe_and_emulate) -> None:
+    if getattr(module, RECIPE_ATTR, None) is not None:
+        return  # a module reached twice (shared submodule)
+    setattr(module, RECIPE_ATTR, recipe_and_emulate)
+    module.register_state_dict_post_hook(_plain_weight_in_state_dict)
+    module.register_load_state_dict_post_hook(_rewrap_after_assign)
+
+
+def _plain_weight_in_state_dict(module, state_dict, prefix, local_metadata):
+    """Store the master weight as a plain tensor under the original key.
+
+    With `keep_vars=True` the entry is the Parameter itself and is left alone: FSDP and
+    distributed checkpointing need the live parameter.
+    """
+    key = prefix + "weight"
+    value = state_dict.get(key)
+    if isinstance(value, Float8TrainingWeight) and not isinstance(value, nn.Parameter):
+        state_dict[key] = value._hp
+
+
+def _rewrap_after_assign(module, incompatible_keys):
+    """`load_state_dict(..., assign=True)` replaces the Parameter: make it FP8 again."""
+    weight = module.weight
+    if not isinstance(weight, Float8TrainingWeight):
+        module.weight = _to_training_weight(weight, *getattr(module, RECIPE_ATTR))

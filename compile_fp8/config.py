@@ -1,0 +1,161 @@
+"""Configuration: what the user chooses, and the per-GEMM recipe it expands to.
+
+A linear layer runs three GEMMs (see `autograd.py`)::
+
+    output      = input    @ weight.T     # [M, K] @ [K, N] -> [M, N]
+    grad_input  = grad_out @ weight       # [M, N] @ [N, K] -> [M, K]
+    grad_weight = grad_out.T @ input      # [N, M] @ [M, K] -> [N, K]
+
+A *recipe* says, for each GEMM, how each of its two operands is cast: which float8 dtype (or
+none: stay in high precision), with one scale for the whole tensor ("tensorwise") or one scale
+per row of A and per column of B ("rowwise"; always along the contracted dimension, which is
+what `torch._scaled_mm` can take), and whether cuBLAS may use fast (lower-precision)
+accumulation. The recipes reproduce torchao's `Float8LinearConfig.from_recipe_name` numerics:
+
+* ``tensorwise``: e4m3 input and weight, e5m2 gradients, tensorwise scales; fast accumulation for
+  the output GEMM only.
+* ``rowwise``: e4m3 everywhere (gradients too), rowwise scales rounded down to powers of two.
+* ``rowwise_with_gw_hp``: like rowwise for the output; grad_input uses a tensorwise weight;
+  grad_weight is computed in high precision (the most accurate of the three).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, Optional, get_args
+
+import torch
+
+Recipe = Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"]
+Scaling = Literal["dynamic", "static", "delayed"]
+Mode = Literal["training", "inference"]
+Granularity = Literal["tensorwise", "rowwise"]
+
+RECIPES: tuple[str, ...] = get_args(Recipe)
+SCALINGS: tuple[str, ...] = get_args(Scaling)
+MODES: tuple[str, ...] = get_args(Mode)
+GRANULARITIES: tuple[str, ...] = get_args(Granularity)
+
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+
+
+def check_choice(field: str, value, allowed: tuple) -> None:
+    """Raise the ValueError every user-facing choice gets: field, value, allowed values."""
+    if value not in allowed:
+        raise ValueError(f"{field}={value!r} is not supported; allowed values: {list(allowed)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Float8Config:
+    """How `compile_fp8` converts a model. Frozen and hashable, so torch.compile can guard on it."""
+
+    recipe: Recipe = "tensorwise"
+    """Per-GEMM cast recipe: "tensorwise" (default), "rowwise" or "rowwise_with_gw_hp"."""
+
+    scaling: Scaling = "dynamic"
+    """Where scales come from: "dynamic" (this step's amax; the default), "static" (calibrated,
+    fixed) or "delayed" (amax history). Only "dynamic" is implemented so far."""
+
+    mode: Mode = "training"
+    """"training" (master weights stay high precision) or "inference" (weights stored in FP8).
+    Only "training" is implemented so far."""
+
+    emulate: Optional[bool] = None
+    """Run the same numerics without `torch._scaled_mm` (for GPUs below sm89). None (default):
+    chosen from the weights' device by trying `_scaled_mm` once; the choice is logged once."""
+
+    def __post_init__(self):
+        check_choice("Float8Config.recipe", self.recipe, RECIPES)
+        check_choice("Float8Config.scaling", self.scaling, SCALINGS)
+        check_choice("Float8Config.mode", self.mode, MODES)
+        check_choice("Float8Config.emulate", self.emulate, (None, True, False))
+
+    @classmethod
+    def from_recipe(cls, name: str, **kwargs) -> "Float8Config":
+        """`Float8Config.from_recipe("rowwise")`: the spelling torchao users know."""
+        return cls(recipe=name, **kwargs)
+
+    def replace(self, **changes) -> "Float8Config":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class CastSpec:
+    """How one GEMM operand is cast. `dtype=None` keeps it in high precision."""
+
+    dtype: Optional[torch.dtype]
+    granularity: Granularity = "tensorwise"
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.dtype is not None
+
+
+HIGH_PRECISION = CastSpec(None)
+
+
+@dataclass(frozen=True)
+class GemmSpec:
+    """Casts for A and B of `A @ B`, and the accumulation mode of `_scaled_mm`."""
+
+    a: CastSpec
+    b: CastSpec
+    use_fast_accum: bool = False
+
+
+@dataclass(frozen=True)
+class RecipeSpec:
+    """The three GEMMs of a linear layer. Small and hashable: it is subclass metadata."""
+
+    name: str
+    output: GemmSpec
+    grad_input: GemmSpec
+    grad_weight: GemmSpec
+    pow2_scales: bool = False
+    """Round scales down to powers of two (rowwise recipes): exact scaling, no rounding."""
+
+
+def _tensorwise() -> RecipeSpec:
+    e4m3, e5m2 = CastSpec(E4M3), CastSpec(E5M2)
+    return RecipeSpec(
+        name="tensorwise",
+        output=GemmSpec(e4m3, e4m3, use_fast_accum=True),
+        grad_input=GemmSpec(e5m2, e4m3),
+        grad_weight=GemmSpec(e5m2, e4m3),
+    )
+
+
+def _rowwise() -> RecipeSpec:
+    row = CastSpec(E4M3, "rowwise")
+    return RecipeSpec(
+        name="rowwise",
+        output=GemmSpec(row, row, use_fast_accum=True),
+        grad_input=GemmSpec(row, row),
+        grad_weight=GemmSpec(row, row),
+        pow2_scales=True,
+    )
+
+
+def _rowwise_with_gw_hp() -> RecipeSpec:
+    row = CastSpec(E4M3, "rowwise")
+    return RecipeSpec(
+        name="rowwise_with_gw_hp",
+        output=GemmSpec(row, row, use_fast_accum=True),
+        grad_input=GemmSpec(row, CastSpec(E4M3, "tensorwise")),
+        grad_weight=GemmSpec(HIGH_PRECISION, HIGH_PRECISION),
+        pow2_scales=True,
+    )
+
+
+_RECIPE_BUILDERS = {
+    "tensorwise": _tensorwise,
+    "rowwise": _rowwise,
+    "rowwise_with_gw_hp": _rowwise_with_gw_hp,
+}
+
+
+def recipe_spec(name: str) -> RecipeSpec:
+    check_choice("recipe", name, RECIPES)
+    return _RECIPE_BUILDERS[name]()

@@ -1,0 +1,157 @@
+"""GEMM: the one place that calls `torch._scaled_mm`.
+
+`torch._scaled_mm(a, b, scale_a, scale_b, out_dtype, use_fast_accum)` computes::
+
+    out = (a * scale_a) @ (b * scale_b)       # [M, K] @ [K, N] -> [M, N], float32 accumulate
+
+where `a`, `b` are float8 and `scale_a`, `scale_b` are float32 *inverse* scales (see
+`scaling.py`, [Note] Scale direction): a scalar each (tensorwise), or [M, 1] and [1, N] (rowwise).
+
+# [Note] _scaled_mm layout rules
+cuBLASLt's FP8 kernels take A row-major and B column-major (B^T contiguous), and on CUDA the
+contracted dim K and N must be multiples of 16. A CPU `_scaled_mm` accepts any layout, so CPU
+tests cannot catch a wrong one: `scaled_mm` below always fixes the layout itself (a copy only
+when the stride is wrong; under torch.compile inductor writes the cast directly in the needed
+layout), and zero-pads K when it is not aligned (zeros add nothing to the dot products). Both
+float8 formats encode +0.0 as the byte 0x00, so padding is done on a uint8 view.
+
+Emulation (GPUs without FP8 tensor cores, or on request) multiplies the float8 values by the
+inverse scales and runs a float32 matmul: on CPU that equals `_scaled_mm` bit for bit for
+tensorwise scales. (Dividing by the scale instead would not.)
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("compile_fp8")
+
+ALIGN = 16
+
+
+def _is_scalar(scale: torch.Tensor) -> bool:
+    return scale.numel() == 1 and scale.dim() <= 1
+
+
+def _row_major(x: torch.Tensor) -> torch.Tensor:
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def _col_major(x: torch.Tensor) -> torch.Tensor:
+    return x if x.t().is_contiguous() else x.t().contiguous().t()
+
+
+def _pad_last_dim(x_fp8: torch.Tensor, multiple: int) -> torch.Tensor:
+    pad = -x_fp8.shape[-1] % multiple
+    return F.pad(x_fp8.view(torch.uint8), (0, pad)).view(x_fp8.dtype)
+
+
+def _pad_inner_dim(a_fp8, b_fp8):
+    """Zero-pad the contracted dim K of [M, K] @ [K, N] up to a multiple of 16."""
+    a_fp8 = _pad_last_dim(a_fp8, ALIGN)  # [M, K] -> [M, K_pad], row-major
+    b_fp8 = _pad_last_dim(b_fp8.t(), ALIGN).t()  # [K, N] -> [K_pad, N], column-major
+    return a_fp8, b_fp8
+
+
+def _mm_emulated(a_fp8, b_fp8, a_inv_scale, b_inv_scale, out_dtype):
+    # [M, K] @ [K, N] -> [M, N]; multiply by the reciprocal, as _scaled_mm does
+    a_hp = a_fp8.to(torch.float32) * a_inv_scale
+    b_hp = b_fp8.to(torch.float32) * b_inv_scale
+    return torch.mm(a_hp, b_hp).to(out_dtype)
+
+
+def _mm_fp8(a_fp8, b_fp8, a_inv_scale, b_inv_scale, out_dtype, use_fast_accum, emulate):
+    if emulate:
+        return _mm_emulated(a_fp8, b_fp8, a_inv_scale, b_inv_scale, out_dtype)
+    a_fp8, b_fp8 = _row_major(a_fp8), _col_major(b_fp8)
+    if a_fp8.device.type != "cpu" and a_fp8.shape[1] % ALIGN:
+        a_fp8, b_fp8 = _pad_inner_dim(a_fp8, b_fp8)
+    return torch._scaled_mm(
+        a_fp8,
+        b_fp8,
+        scale_a=a_inv_scale,
+        scale_b=b_inv_scale,
+        out_dtype=out_dtype,
+        use_fast_accum=use_fast_accum,
+    )
+
+
+def scaled_mm(
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_fp8: torch.Tensor,
+    b_scale: torch.Tensor,
+    out_dtype: torch.dtype,
+    use_fast_accum: bool = False,
+    emulate: bool = False,
+) -> torch.Tensor:
+    """[M, K] @ [K, N] -> [M, N] in `out_dtype`, from float8 operands and their (forward) scales.
+
+    Scales are scalars (tensorwise) or [M, 1] / [1, N] (rowwise); one of each kind is allowed
+    (the scalar is broadcast). Rowwise choices follow torchao so the bits match it.
+    """
+    a_inv_scale, b_inv_scale = a_scale.reciprocal(), b_scale.reciprocal()
+    rowwise = not (_is_scalar(a_scale) and _is_scalar(b_scale))
+    if rowwise:
+        # _scaled_mm takes one granularity for both operands: broadcast the scalar one.
+        a_inv_scale = a_inv_scale.reshape(-1, 1).expand(a_fp8.shape[0], 1).contiguous()
+        b_inv_scale = b_inv_scale.reshape(1, -1).expand(1, b_fp8.shape[1]).contiguous()
+    post_inv_scale = None
+    if rowwise and not use_fast_accum:
+        # The rowwise kernel is slow without fast accumulation: run the tensorwise kernel with
+        # unit scales and apply the [M, 1] x [1, N] scales to the output (inductor fuses it).
+        post_inv_scale = a_inv_scale * b_inv_scale
+        a_inv_scale = b_inv_scale = a_inv_scale.new_ones(())
+    # The rowwise kernel writes bf16 only: compute in bf16, then upcast.
+    mm_dtype = torch.bfloat16 if rowwise and out_dtype != torch.bfloat16 else out_dtype
+    out = _mm_fp8(a_fp8, b_fp8, a_inv_scale, b_inv_scale, mm_dtype, use_fast_accum, emulate)
+    if post_inv_scale is not None:
+        out = (out * post_inv_scale).to(mm_dtype)
+    return out.to(out_dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def scaled_mm_supported(device: torch.device) -> bool:
+    """Whether `torch._scaled_mm` runs on `device` (tried once per device, then cached)."""
+    a = torch.zeros(16, 16, device=device).to(torch.float8_e4m3fn)
+    one = torch.ones((), device=device)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError) as err:
+        logger.debug("torch._scaled_mm unavailable on %s: %s", device, err)
+        return False
+    return True
+
+
+_LOGGED_PATHS: set = set()
+
+
+def choose_emulate(device: torch.device, requested: bool | None) -> bool:
+    """Resolve `Float8Config.emulate` for `device`, logging each (device, path) choice once."""
+    device = torch.device(device)
+    if device.type == "meta":
+        return bool(requested)
+    emulate = (not scaled_mm_supported(device)) if requested is None else requested
+    key = (device.type, emulate, requested is None)
+    if key not in _LOGGED_PATHS:
+        _LOGGED_PATHS.add(key)
+        _log_path(device, emulate, requested)
+    return emulate
+
+
+def _log_path(device, emulate, requested):
+    if not emulate:
+        logger.info("compile_fp8: FP8 GEMMs run on torch._scaled_mm on %s", device.type)
+    elif requested:
+        logger.info("compile_fp8: FP8 numerics emulated on %s (emulate=True)", device.type)
+    else:
+        logger.warning(
+            "compile_fp8: torch._scaled_mm does not run on %s (FP8 needs a CUDA GPU of compute "
+            "capability 8.9+ or a CPU build of torch >= 2.13); emulating FP8 numerics in float32, "
+            "which is correct but slower than bf16",
+            device,
+        )

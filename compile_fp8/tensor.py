@@ -1,0 +1,146 @@
+"""Float8Tensor: float8 data plus its scale, looking like the high-precision tensor it encodes.
+
+    Float8Tensor.from_hp(w)         # quantize: data = saturate(w * scale).to(e4m3)
+    x.fp8_data, x.scale             # the stored parts; hp ~= fp8_data / scale
+    x.to_hp()                       # dequantize to the original dtype
+    x @ y, torch.mm, F.linear       # torch._scaled_mm, layouts fixed for cuBLASLt (ops.py)
+
+The scale follows the package convention (`scaling.py`, [Note] Scale direction): it multiplies
+high precision -> float8. It is a float32 scalar (tensorwise) or has the data's shape with the
+last dim set to 1 (rowwise: one scale per row). After `.t()` a rowwise [M, K] tensor with scale
+[M, 1] becomes [K, M] with scale [1, M]: one scale per column, which is exactly what
+`_scaled_mm` wants for its second operand.
+
+The subclass is a "wrapper" subclass: the outer tensor has no storage of its own, reports the
+original shape and dtype, and `__torch_dispatch__` (ops.py) handles every aten op on it.
+It is traceable by torch.compile (`__tensor_flatten__` / `__tensor_unflatten__`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import return_and_correct_aliasing
+
+from .config import GRANULARITIES, check_choice
+from .scaling import amax, amax_to_scale, saturated_cast
+
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+class Float8Tensor(torch.Tensor):
+    """float8 data and its float32 scale; shape and dtype are those of the original tensor."""
+
+    _data: torch.Tensor
+    _scale: torch.Tensor
+    _orig_dtype: torch.dtype
+
+    @staticmethod
+    def __new__(cls, data: torch.Tensor, scale: torch.Tensor, orig_dtype: torch.dtype):
+        return torch.Tensor._make_wrapper_subclass(
+            cls,
+            data.shape,
+            strides=data.stride(),
+            storage_offset=data.storage_offset(),
+            dtype=orig_dtype,
+            device=data.device,
+            requires_grad=False,
+        )
+
+    def __init__(self, data: torch.Tensor, scale: torch.Tensor, orig_dtype: torch.dtype):
+        assert data.dtype in FLOAT8_DTYPES, data.dtype
+        assert scale.dtype == torch.float32, scale.dtype
+        self._data = data
+        self._scale = scale
+        self._orig_dtype = orig_dtype
+
+    # ---- construction and the stored parts ------------------------------------------------
+
+    @classmethod
+    def from_hp(
+        cls,
+        hp: torch.Tensor,
+        *,
+        float8_dtype: torch.dtype = torch.float8_e4m3fn,
+        granularity: str = "tensorwise",
+        scale: torch.Tensor | None = None,
+    ) -> "Float8Tensor":
+        """Quantize `hp` (saturating). `scale=None`: computed from amax (per row if rowwise)."""
+        _check_from_hp_args(hp, float8_dtype, granularity)
+        if scale is None:
+            rowwise_dim = -1 if granularity == "rowwise" else None
+            scale = amax_to_scale(amax(hp, rowwise_dim), float8_dtype)
+        scale = torch.as_tensor(scale, dtype=torch.float32, device=hp.device)
+        return cls(saturated_cast(hp, scale, float8_dtype), scale, hp.dtype)
+
+    def to_hp(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dequantize: fp8_data / scale, in the original dtype (or `dtype`)."""
+        hp = self._data.to(torch.float32) / self._scale
+        return hp.to(dtype or self._orig_dtype)
+
+    @property
+    def fp8_data(self) -> torch.Tensor:
+        """The float8 values (e4m3 or e5m2), laid out like the original tensor."""
+        return self._data
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """float32 scale that multiplies high precision -> float8 (hp ~= fp8_data / scale)."""
+        return self._scale
+
+    @property
+    def granularity(self) -> str:
+        return "tensorwise" if self._scale.numel() == 1 and self._scale.dim() <= 1 else "rowwise"
+
+    def __repr__(self) -> str:
+        return (
+            f"Float8Tensor(shape={list(self.shape)}, dtype={self._orig_dtype}, "
+            f"fp8={self._data.dtype}, {self.granularity}, device={self.device.type})"
+        )
+
+    # ---- torch.compile: flatten / unflatten ------------------------------------------------
+
+    def __tensor_flatten__(self):
+        return ["_data", "_scale"], (self._orig_dtype,)
+
+    @staticmethod
+    def __tensor_unflatten__(inner_tensors, metadata, outer_size, outer_stride):
+        (orig_dtype,) = metadata
+        return Float8Tensor(inner_tensors["_data"], inner_tensors["_scale"], orig_dtype)
+
+    # ---- pickling (torch.save / torch.load(weights_only=True)) -----------------------------
+
+    def __reduce_ex__(self, protocol):
+        return _rebuild_float8_tensor, (self._data, self._scale, self._orig_dtype)
+
+    # ---- dispatch: the op table lives in ops.py --------------------------------------------
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        from .ops import FLOAT8_OPS  # lazy: ops.py imports this module
+
+        kwargs = kwargs or {}
+        handler = FLOAT8_OPS.get(func)
+        if handler is None:
+            raise NotImplementedError(
+                f"Float8Tensor does not support {func}; call .to_hp() to get a plain tensor first"
+            )
+        out = handler(func, args, kwargs)
+        return return_and_correct_aliasing(func, args, kwargs, out)
+
+
+def _rebuild_float8_tensor(data, scale, orig_dtype):
+    return Float8Tensor(data, scale, orig_dtype)
+
+
+def _check_from_hp_args(hp, float8_dtype, granularity):
+    if not isinstance(hp, torch.Tensor) or not hp.is_floating_point():
+        raise ValueError(f"Float8Tensor.from_hp needs a floating-point tensor, got {hp!r:.80}")
+    check_choice("float8_dtype", float8_dtype, FLOAT8_DTYPES)
+    check_choice("granularity", granularity, GRANULARITIES)
+
+
+def register_safe_globals() -> None:
+    """Let `torch.load(weights_only=True)` rebuild Float8Tensors (called by the package init)."""
+    torch.serialization.add_safe_globals([Float8Tensor, _rebuild_float8_tensor])

@@ -1,0 +1,135 @@
+"""The training weight: a Parameter that keeps the high-precision master weight and runs FP8.
+
+After conversion `linear.weight` is a `Float8TrainingWeight`: a wrapper subclass around the
+master weight (fp32 or bf16, whatever the model had). It changes exactly one thing:
+
+* `F.linear(input, weight, bias)` (what `nn.Linear.forward` calls) is caught in
+  `__torch_function__` and runs `autograd.Float8LinearFn`, the three FP8 GEMMs.
+
+Everything else sees the master weight: `__torch_dispatch__` unwraps every other op, so the
+optimizer (SGD, AdamW foreach/fused) updates it in place, `weight * 2` is a plain tensor, and
+`state_dict()` (through a hook in `api.py`) stores the plain tensor under the original key. A
+few ops keep the wrapper, so that `param.detach()`, `.data`, `copy.deepcopy` and `.to(device)`
+return a training weight again.
+
+Mutable scaling state (static scales, amax histories) must not live inside this subclass:
+mutating a subclass's inner tensor in a compiled region is broken in torch. It goes to module
+buffers instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_map_only
+
+from .autograd import float8_linear
+from .config import RecipeSpec
+from .gemm import choose_emulate
+
+
+class Float8TrainingWeight(torch.Tensor):
+    """A master weight whose `F.linear` runs in FP8 with `recipe`."""
+
+    _hp: torch.Tensor
+    _recipe: RecipeSpec
+    _emulate_request: bool | None
+    _emulate: bool
+
+    @staticmethod
+    def __new__(cls, hp: torch.Tensor, recipe: RecipeSpec, emulate_request: bool | None = None):
+        return torch.Tensor._make_wrapper_subclass(
+            cls,
+            hp.shape,
+            strides=hp.stride(),
+            storage_offset=hp.storage_offset(),
+            dtype=hp.dtype,
+            device=hp.device,
+            requires_grad=hp.requires_grad,
+        )
+
+    def __init__(self, hp: torch.Tensor, recipe: RecipeSpec, emulate_request: bool | None = None):
+        assert not isinstance(hp, Float8TrainingWeight)
+        self._hp = hp
+        self._recipe = recipe
+        self._emulate_request = emulate_request
+        # resolved here, eagerly, so compiled code sees a constant (and `.to(device)` re-resolves)
+        self._emulate = choose_emulate(hp.device, emulate_request)
+
+    def __repr__(self) -> str:
+        return f"Float8TrainingWeight({self._recipe.name}, master={self._hp!r})"
+
+    @property
+    def hp(self) -> torch.Tensor:
+        """The high-precision master weight (the tensor the optimizer updates)."""
+        return self._hp
+
+    def describe(self) -> str:
+        path = " (emulated)" if self._emulate else ""
+        return f"fp8 {self._recipe.name} dynamic{path}"
+
+    # ---- torch.compile ---------------------------------------------------------------------
+
+    def __tensor_flatten__(self):
+        return ["_hp"], (self._recipe, self._emulate_request)
+
+    @staticmethod
+    def __tensor_unflatten__(inner_tensors, metadata, outer_size, outer_stride):
+        recipe, emulate_request = metadata
+        return Float8TrainingWeight(inner_tensors["_hp"], recipe, emulate_request)
+
+    def __reduce_ex__(self, protocol):
+        # pickling a whole model: the weight pickles as its training weight again
+        return Float8TrainingWeight, (self._hp, self._recipe, self._emulate_request)
+
+    # ---- dispatch --------------------------------------------------------------------------
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear or func is torch._C._nn.linear:
+            input, weight, bias = _linear_args(*args, **kwargs)
+            if isinstance(weight, cls) and not isinstance(input, cls):
+                with torch._C.DisableTorchFunctionSubclass():
+                    return _run_fp8_linear(input, weight, bias)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _KEEP_WRAPPED:
+            x = args[0]
+            out = func(x._hp, *args[1:], **kwargs)
+            return Float8TrainingWeight(out, x._recipe, x._emulate_request)
+        unwrapped_args, unwrapped_kwargs = tree_map_only(cls, _unwrap, (args, kwargs))
+        out = func(*unwrapped_args, **unwrapped_kwargs)
+        if isinstance(args[0], cls) and out is unwrapped_args[0]:
+            return args[0]  # an in-place op on the weight returns the weight itself
+        return out
+
+
+aten = torch.ops.aten
+# Ops whose result is the same weight in another place or another Python object.
+_KEEP_WRAPPED = {
+    aten.detach.default,
+    aten.alias.default,
+    aten.clone.default,
+    aten._to_copy.default,
+}
+
+
+def _unwrap(x: Float8TrainingWeight) -> torch.Tensor:
+    return x._hp
+
+
+def _linear_args(input, weight, bias=None):
+    return input, weight, bias
+
+
+def _run_fp8_linear(input, weight: Float8TrainingWeight, bias):
+    if torch.is_autocast_enabled(input.device.type):
+        # F.linear's autocast happens below this hook, so apply it here: FP8 GEMMs write the
+        # autocast dtype, as the bf16 layer they replace would.
+        input = input.to(torch.get_autocast_dtype(input.device.type))
+    return float8_linear(input, weight, bias, weight._recipe, weight._emulate)
