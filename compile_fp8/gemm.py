@@ -116,14 +116,21 @@ def scaled_mm(
 
 @functools.lru_cache(maxsize=None)
 def scaled_mm_supported(device: torch.device) -> bool:
-    """Whether `torch._scaled_mm` runs on `device` (tried once per device, then cached)."""
-    a = torch.zeros(16, 16, device=device).to(torch.float8_e4m3fn)
-    one = torch.ones((), device=device)
-    try:
-        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
-    except (RuntimeError, NotImplementedError) as err:
-        logger.debug("torch._scaled_mm unavailable on %s: %s", device, err)
-        return False
+    """Whether `torch._scaled_mm` runs on `device` with tensorwise and rowwise scales.
+
+    Tried once per device on real 16 x 16 tensors (outside any fake-tensor tracing), then cached.
+    """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily(), torch.no_grad():
+        a = torch.zeros(16, 16, device=device).to(torch.float8_e4m3fn)
+        row_scale = torch.ones(16, 1, device=device)
+        try:
+            for scale_a, scale_b in ((row_scale[0, 0], row_scale[0, 0]), (row_scale, row_scale.t())):
+                torch._scaled_mm(a, a.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+        except (RuntimeError, NotImplementedError) as err:
+            logger.debug("torch._scaled_mm unavailable on %s: %s", device, err)
+            return False
     return True
 
 

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .gemm import scaled_mm
+from .gemm import scaled_mm, scaled_mm_supported
 from .tensor import Float8Tensor
 
 aten = torch.ops.aten
@@ -51,8 +51,9 @@ def transposed(func, args, kwargs):
     x = args[0]
     if x.dim() != 2:
         raise NotImplementedError(f"Float8Tensor supports {func} of 2-D tensors only")
-    scale = x._scale if x.granularity == "tensorwise" else x._scale.t()
-    return _like(x, x._data.t(), scale)
+    # apply `func` itself, not `.t()`: transpose(d, d) is a no-op and must stay one
+    scale = x._scale if x.granularity == "tensorwise" else func(x._scale, *args[1:])
+    return _like(x, func(x._data, *args[1:]), scale)
 
 
 @implements([aten.view.default, aten._unsafe_view.default, aten.reshape.default])
@@ -106,23 +107,25 @@ def _as_operand(x: torch.Tensor, other: torch.Tensor, contract_dim: int) -> Floa
         granularity = other.granularity if isinstance(other, Float8Tensor) else "tensorwise"
         return _quantize_along(x, granularity, contract_dim)
     if x.granularity == "rowwise" and x._scale.shape[contract_dim] != 1:
-        return _quantize_along(x.to_hp(), "rowwise", contract_dim)
+        return _quantize_along(x.to_hp(), "rowwise", contract_dim, x._data.dtype)
     return x
 
 
-def _quantize_along(hp, granularity, contract_dim):
+def _quantize_along(hp, granularity, contract_dim, float8_dtype=torch.float8_e4m3fn):
+    kwargs = dict(granularity=granularity, float8_dtype=float8_dtype)
     if granularity == "tensorwise" or contract_dim == 1:
-        return Float8Tensor.from_hp(hp, granularity=granularity)  # scale [M, 1]
-    return Float8Tensor.from_hp(hp.t(), granularity=granularity).t()  # scale [1, N]
+        return Float8Tensor.from_hp(hp, **kwargs)  # scale [] or [M, 1]
+    return Float8Tensor.from_hp(hp.t(), **kwargs).t()  # scale [1, N]
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # [M, K] @ [K, N] -> [M, N]
     out_dtype = torch.promote_types(a.dtype, b.dtype)
     a_fp8, b_fp8 = _as_operand(a, b, contract_dim=1), _as_operand(b, a, contract_dim=0)
+    emulate = not scaled_mm_supported(a_fp8.device)  # e.g. a GPU below sm89
     # the output GEMM of a forward pass: fast accumulation, as torchao's default
     return scaled_mm(
-        a_fp8._data, a_fp8._scale, b_fp8._data, b_fp8._scale, out_dtype, use_fast_accum=True
+        a_fp8._data, a_fp8._scale, b_fp8._data, b_fp8._scale, out_dtype, True, emulate
     )
 
 

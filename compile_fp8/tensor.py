@@ -70,11 +70,12 @@ class Float8Tensor(torch.Tensor):
             rowwise_dim = -1 if granularity == "rowwise" else None
             scale = amax_to_scale(amax(hp, rowwise_dim), float8_dtype)
         scale = torch.as_tensor(scale, dtype=torch.float32, device=hp.device)
+        _check_scale_shape(hp, scale, granularity)
         return cls(saturated_cast(hp, scale, float8_dtype), scale, hp.dtype)
 
     def to_hp(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dequantize: fp8_data / scale, in the original dtype (or `dtype`)."""
-        hp = self._data.to(torch.float32) / self._scale
+        hp = self.fp8_data.to(torch.float32) / self.scale
         return hp.to(dtype or self._orig_dtype)
 
     @property
@@ -99,18 +100,30 @@ class Float8Tensor(torch.Tensor):
 
     # ---- torch.compile: flatten / unflatten ------------------------------------------------
 
+    # The inner tensors are flattened under their public names: dynamo does not trace a property
+    # of a subclass built inside the compiled region, it reads the attribute off the fake tensor
+    # and can wrap it only if it is one of these names. So `x.fp8_data` / `x.scale` (and to_hp)
+    # work under torch.compile; `x._data` there works only for graph inputs.
+    def _stable_hash_for_caching(self) -> str:
+        # AOT autograd's cache key: metadata and inner layouts, not values
+        layout = [(tuple(t.shape), t.stride(), t.dtype) for t in (self._data, self._scale)]
+        return repr((type(self).__name__, self._orig_dtype, layout))
+
     def __tensor_flatten__(self):
-        return ["_data", "_scale"], (self._orig_dtype,)
+        return ["fp8_data", "scale"], (self._orig_dtype,)
 
     @staticmethod
     def __tensor_unflatten__(inner_tensors, metadata, outer_size, outer_stride):
         (orig_dtype,) = metadata
-        return Float8Tensor(inner_tensors["_data"], inner_tensors["_scale"], orig_dtype)
+        return Float8Tensor(inner_tensors["fp8_data"], inner_tensors["scale"], orig_dtype)
 
     # ---- pickling (torch.save / torch.load(weights_only=True)) -----------------------------
 
     def __reduce_ex__(self, protocol):
-        return _rebuild_float8_tensor, (self._data, self._scale, self._orig_dtype)
+        # float8 data travels as a uint8 view: plain `pickle` of a float8 tensor fails on load
+        # in torch (its legacy storage path has no float8 storage type); torch.save is fine.
+        data_u8 = self._data.view(torch.uint8)
+        return _rebuild_float8_tensor, (data_u8, self._scale, self._orig_dtype, self._data.dtype)
 
     # ---- dispatch: the op table lives in ops.py --------------------------------------------
 
@@ -130,15 +143,31 @@ class Float8Tensor(torch.Tensor):
         return return_and_correct_aliasing(func, args, kwargs, out)
 
 
-def _rebuild_float8_tensor(data, scale, orig_dtype):
+def _rebuild_float8_tensor(data, scale, orig_dtype, float8_dtype=None):
+    # float8_dtype=None: saved before data was stored as uint8 (see __reduce_ex__)
+    if float8_dtype is not None:
+        data = data.view(float8_dtype)
     return Float8Tensor(data, scale, orig_dtype)
 
 
 def _check_from_hp_args(hp, float8_dtype, granularity):
     if not isinstance(hp, torch.Tensor) or not hp.is_floating_point():
-        raise ValueError(f"Float8Tensor.from_hp needs a floating-point tensor, got {hp!r:.80}")
+        # name the field and the dtype: the repr of an integer tensor does not show its dtype
+        got = f"dtype {hp.dtype}" if isinstance(hp, torch.Tensor) else type(hp).__name__
+        raise ValueError(f"Float8Tensor.from_hp: hp must be a floating-point tensor, got {got}")
     check_choice("float8_dtype", float8_dtype, FLOAT8_DTYPES)
     check_choice("granularity", granularity, GRANULARITIES)
+
+
+def _check_scale_shape(hp, scale, granularity):
+    expected = () if granularity == "tensorwise" else (*hp.shape[:-1], 1)
+    ok = scale.numel() == 1 if granularity == "tensorwise" else tuple(scale.shape) == expected
+    if not ok:
+        want = "a scalar" if granularity == "tensorwise" else f"shape {list(expected)}"
+        raise ValueError(
+            f"Float8Tensor.from_hp: a {granularity} scale for shape {list(hp.shape)} must be "
+            f"{want}, got shape {list(scale.shape)}"
+        )
 
 
 def register_safe_globals() -> None:

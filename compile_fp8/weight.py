@@ -78,6 +78,11 @@ class Float8TrainingWeight(torch.Tensor):
         recipe, emulate_request = metadata
         return Float8TrainingWeight(inner_tensors["_hp"], recipe, emulate_request)
 
+    def _stable_hash_for_caching(self) -> str:
+        # AOT autograd's cache key: the metadata plus the inner tensor's layout, not its values
+        hp = self._hp
+        return repr((type(self).__name__, self._recipe, self._emulate_request, _layout(hp)))
+
     def __reduce_ex__(self, protocol):
         # pickling a whole model: the weight pickles as its training weight again
         return Float8TrainingWeight, (self._hp, self._recipe, self._emulate_request)
@@ -117,6 +122,10 @@ _KEEP_WRAPPED = {
     aten.clone.default,
     aten._to_copy.default,
 }
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return (tuple(t.shape), t.stride(), t.dtype, t.device.type, t.requires_grad)
 
 
 def _unwrap(x: Float8TrainingWeight) -> torch.Tensor:

@@ -1,0 +1,28 @@
+"""Shared fixtures and markers: `gpu` (CUDA sm89+ only), `slow`, `distributed`."""
+
+import pytest
+import torch
+
+
+def fp8_gpu_available() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU with FP8 (sm89+); skipped elsewhere")
+    config.addinivalue_line("markers", "slow: long-running")
+    config.addinivalue_line("markers", "distributed: spawns several processes")
+
+
+def pytest_collection_modifyitems(config, items):
+    if fp8_gpu_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU with FP8 support (sm89+)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
