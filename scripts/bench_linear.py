@@ -1,0 +1,379 @@
+"""Benchmark forward+backward of one linear layer: bf16 vs compile_fp8 vs torchao.
+
+What it measures
+----------------
+For each (K, N) shape, one ``nn.Linear(K, N, bias=False)`` (bf16 weight) wrapped
+in ``nn.Sequential`` so float8 conversion applies to a child, fed an
+``(M, K)`` bf16 input with ``requires_grad=True``. One timed step is: forward,
+``out.backward(grad)`` with a pre-made random grad, then all grads set to None.
+Every variant gets a fresh deep copy of the same initial layer and is
+``torch.compile``'d (``dynamic=False``):
+
+* ``bf16``               plain ``nn.Linear``
+* ``ours-tensorwise``    ``compile_fp8(model, Float8Config(recipe="tensorwise"))``
+* ``ours-rowwise``       ``compile_fp8(model, Float8Config(recipe="rowwise"))``
+* ``torchao-tensorwise`` ``convert_to_float8_training`` with
+                         ``Float8LinearConfig.from_recipe_name("tensorwise")``
+* ``torchao-rowwise``    same with ``"rowwise"``
+
+On CUDA the step is timed with
+``triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")``.
+With ``--small`` tiny shapes are run (on CPU when there is no GPU) and timed
+with ``time.perf_counter`` over a few iterations; that mode only checks that
+the script works.
+
+The result is a markdown table with per-variant milliseconds, our speedup over
+bf16 (bf16_ms / ours_ms) and ours vs torchao (torchao_ms / ours_ms; >1 means
+compile_fp8 is faster).
+
+How to run
+----------
+On the GPU machine (torchao installed from the local wheel folder)::
+
+    python -m pip install --no-index --no-deps .whl/torchao-*.whl
+    python scripts/bench_linear.py --out runs/bench_linear
+
+Subsets::
+
+    python scripts/bench_linear.py --variants bf16,ours-tensorwise \\
+        --shapes 4096x4096,8192x8192 --m 8192
+
+Smoke test (CPU is fine)::
+
+    python scripts/bench_linear.py --small
+
+``compile_fp8`` is imported only when an ``ours-*`` variant is requested; a
+missing torchao skips the torchao variants with a note. ``main`` returns 0, or
+1 when any variant failed (failures are reported and shown as ``err``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+from torch import nn
+
+VARIANTS = (
+    "bf16",
+    "ours-tensorwise",
+    "torchao-tensorwise",
+    "ours-rowwise",
+    "torchao-rowwise",
+)
+DEFAULT_M = 16384
+DEFAULT_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192))
+SMALL_M = 64
+SMALL_SHAPES = ((32, 48), (64, 32))
+SMALL_WARMUP, SMALL_ITERS = 2, 5
+
+
+class Skip(Exception):
+    """A variant that cannot run here (e.g. torchao is not installed)."""
+
+
+# --------------------------------------------------------------------------
+# argument parsing
+# --------------------------------------------------------------------------
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """Parse ``"4096x4096,8192x8192"`` into ``[(4096, 4096), (8192, 8192)]``."""
+    shapes = []
+    for item in text.split(","):
+        k, sep, n = item.strip().lower().partition("x")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"bad shape {item!r}, want KxN")
+        shapes.append((int(k), int(n)))
+    return shapes
+
+
+def parse_variants(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in names if v not in VARIANTS]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"unknown variant(s) {bad}; choices: {','.join(VARIANTS)}"
+        )
+    return [v for v in VARIANTS if v in names]  # canonical order
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Benchmark fwd+bwd of one compiled linear: bf16, "
+        "compile_fp8 and torchao float8 (tensorwise / rowwise)."
+    )
+    p.add_argument("--small", action="store_true",
+                   help="tiny shapes and a perf_counter timer (smoke test)")
+    p.add_argument("--device", default=None,
+                   help="default: cuda if available else cpu")
+    p.add_argument("--variants", type=parse_variants, default=list(VARIANTS),
+                   help=f"comma list from: {','.join(VARIANTS)}")
+    p.add_argument("--shapes", type=parse_shapes, default=None,
+                   help="comma list of KxN, e.g. 4096x4096,8192x8192")
+    p.add_argument("--m", type=int, default=None,
+                   help=f"tokens (default {DEFAULT_M}, {SMALL_M} with --small)")
+    p.add_argument("--out", default=None,
+                   help="directory for bench_linear.md and bench_linear.json")
+    p.add_argument("--fail-fast", action="store_true",
+                   help="re-raise the first variant error instead of going on")
+    return p
+
+
+# --------------------------------------------------------------------------
+# model variants
+# --------------------------------------------------------------------------
+
+
+def make_base(k: int, n: int, device: str) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(k, n, bias=False)).to(device, torch.bfloat16)
+
+
+def import_torchao_float8():
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as e:
+        raise Skip(f"torchao not importable ({e})") from None
+    return Float8LinearConfig, convert_to_float8_training
+
+
+def build_variant(name: str, base: nn.Module) -> nn.Module:
+    """Fresh deep copy of ``base`` converted and compiled for ``name``."""
+    model = copy.deepcopy(base)
+    if name == "bf16":
+        return torch.compile(model, dynamic=False)
+    kind, recipe = name.split("-")
+    if kind == "ours":
+        from compile_fp8 import Float8Config, compile_fp8  # lazy on purpose
+
+        return compile_fp8(model, Float8Config(recipe=recipe), dynamic=False)
+    config_cls, convert = import_torchao_float8()
+    model = convert(model, config=config_cls.from_recipe_name(recipe))
+    return torch.compile(model, dynamic=False)
+
+
+# --------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------
+
+
+def make_step(model: nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    params = list(model.parameters())
+
+    def step():
+        out = model(x)
+        out.backward(grad)
+        x.grad = None
+        for p in params:
+            p.grad = None
+
+    return step
+
+
+def sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_simple(fn, device: str) -> float:
+    """Median ms of a few iterations after a short warmup (smoke test only)."""
+    for _ in range(SMALL_WARMUP):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(SMALL_ITERS):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def time_do_bench(fn, device: str) -> float:
+    from triton.testing import do_bench
+
+    for _ in range(2):  # compile forward and backward outside the timed region
+        fn()
+    sync(device)
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def bench_variant(name, base, x, grad, args) -> float:
+    model = build_variant(name, base)
+    step = make_step(model, x, grad)
+    if args.small:
+        return time_simple(step, args.device)
+    return time_do_bench(step, args.device)
+
+
+def bench_shape(k, n, args, notes: list[str]) -> dict:
+    """Time every requested variant on one (K, N); ms or None per variant."""
+    dev = args.device
+    base = make_base(k, n, dev)
+    x = torch.randn(args.m, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(args.m, n, device=dev, dtype=torch.bfloat16)
+    row = {"M": args.m, "K": k, "N": n, "ms": {}, "errors": {}}
+    for name in args.variants:
+        try:
+            row["ms"][name] = bench_variant(name, base, x, grad, args)
+        except Skip as e:
+            row["ms"][name] = None
+            add_note(notes, f"skipped {name}: {e}")
+        except Exception as e:  # report and go on with the other variants
+            if args.fail_fast:
+                raise
+            row["ms"][name] = None
+            row["errors"][name] = "".join(traceback.format_exception_only(e)).strip()
+            add_note(notes, f"{name} failed on K={k} N={n}: {row['errors'][name]}")
+        free_memory(dev)
+        print(f"  {k}x{n} {name}: {fmt_ms(row['ms'][name])} ms", file=sys.stderr)
+    return row
+
+
+def add_note(notes: list[str], note: str) -> None:
+    if note not in notes:
+        notes.append(note)
+        print(f"note: {note}", file=sys.stderr)
+
+
+def free_memory(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------
+# reporting
+# --------------------------------------------------------------------------
+
+COLUMNS = (
+    "K", "N", "bf16 ms", "ours tw ms", "torchao tw ms", "ours rw ms",
+    "torchao rw ms", "tw speedup vs bf16", "rw speedup vs bf16",
+    "tw torchao/ours", "rw torchao/ours",
+)
+
+
+def fmt_ms(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def ratio(num, den) -> str:
+    if num is None or den is None or den == 0:
+        return "-"
+    return f"{num / den:.2f}x"
+
+
+def table_row(row: dict) -> list[str]:
+    ms = row["ms"]
+
+    def cell(name):
+        return "err" if name in row["errors"] else fmt_ms(ms.get(name))
+
+    bf16, otw, orw = ms.get("bf16"), ms.get("ours-tensorwise"), ms.get("ours-rowwise")
+    atw, arw = ms.get("torchao-tensorwise"), ms.get("torchao-rowwise")
+    return [
+        str(row["K"]), str(row["N"]), cell("bf16"), cell("ours-tensorwise"),
+        cell("torchao-tensorwise"), cell("ours-rowwise"), cell("torchao-rowwise"),
+        ratio(bf16, otw), ratio(bf16, orw), ratio(atw, otw), ratio(arw, orw),
+    ]
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__}
+    for mod in ("triton", "torchao"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            out[mod] = "n/a"
+    return out
+
+
+def device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return device
+
+
+def header(args) -> dict:
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": device_name(args.device),
+        "versions": versions(),
+        "M": args.m,
+        "timer": "perf_counter (small)" if args.small else "do_bench median",
+    }
+
+
+def render(meta: dict, rows: list[dict], notes: list[str]) -> str:
+    v = meta["versions"]
+    lines = [
+        f"# bench_linear {meta['date']} | {meta['device']} | torch {v['torch']}"
+        f" | triton {v['triton']} | torchao {v['torchao']}",
+        "",
+        f"fwd+bwd of one bias-free bf16 linear, M={meta['M']}, timer: "
+        f"{meta['timer']}; speedup = bf16_ms/ours_ms, torchao/ours = "
+        "torchao_ms/ours_ms (>1: ours faster)",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---:" for _ in COLUMNS) + "|",
+    ]
+    lines += ["| " + " | ".join(table_row(r)) + " |" for r in rows]
+    lines += [""] + [f"- note: {n}" for n in notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_out(out_dir: str, text: str, meta: dict, rows, notes) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "bench_linear.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out_dir, "bench_linear.json"), "w") as f:
+        json.dump({**meta, "rows": rows, "notes": notes}, f, indent=2)
+
+
+# --------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------
+
+
+def resolve_defaults(args) -> None:
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.m is None:
+        args.m = SMALL_M if args.small else DEFAULT_M
+    if args.shapes is None:
+        args.shapes = list(SMALL_SHAPES if args.small else DEFAULT_SHAPES)
+
+
+def raise_compile_limits(limit: int = 64) -> None:
+    cfg = torch._dynamo.config
+    for key in ("cache_size_limit", "recompile_limit"):
+        if hasattr(cfg, key):
+            setattr(cfg, key, max(getattr(cfg, key), limit))
+    if hasattr(cfg, "accumulated_cache_size_limit"):
+        cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4 * limit)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    resolve_defaults(args)
+    raise_compile_limits()
+    meta = header(args)
+    notes: list[str] = []
+    rows = [bench_shape(k, n, args, notes) for k, n in args.shapes]
+    text = render(meta, rows, notes)
+    print(text, end="")
+    if args.out:
+        write_out(args.out, text, meta, rows, notes)
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

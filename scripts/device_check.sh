@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One device call = one whole GPU pass: environment, GPU tests, the linear benchmark.
+#
+#   (on the device tool, from the repo root, carrying .whl with torchao + expecttest wheels)
+#   bash scripts/device_check.sh [bench_linear args...]
+#
+# Logs go to $OUT (the device tool's return folder) or ./runs/device when OUT is unset.
+set -uo pipefail
+OUT=${OUT:-runs/device}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.
+fi
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  python3 -c "import torchao; print('torchao', torchao.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+
+echo "== GPU tests"
+python3 -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+tests_rc=${PIPESTATUS[0]}
+
+echo "== torch 2.11 check of the CPU-independent suites"
+python3 -m pytest tests/test_api.py tests/test_weight.py tests/test_tensor.py -q -p no:cacheprovider \
+  2>&1 | tail -n 15 | tee "$OUT/cpu_suites_on_device.log"
+
+echo "== bench_linear"
+python3 scripts/bench_linear.py --out "$OUT" "$@" 2>"$OUT/bench_linear.stderr" | tee "$OUT/bench_linear.log"
+bench_rc=${PIPESTATUS[0]}
+
+echo "gpu tests rc=$tests_rc bench rc=$bench_rc"
+exit $(( tests_rc || bench_rc ))
