@@ -9,12 +9,22 @@ Data flow (one module per stage)::
 `config.py` holds the user's choices and the per-GEMM recipes. See docs/design.md.
 """
 
-from .api import compile_fp8, fp8_layers
+from .api import compile_fp8, fp8_layers, plain_state_dict
+from .calibrate import calibrate, refresh_weight_scales
 from .config import Float8Config
 from .tensor import Float8Tensor, register_safe_globals
 from .weight import Float8TrainingWeight
 
 register_safe_globals()  # so torch.load(weights_only=True) can rebuild a saved Float8Tensor
 
-__all__ = ["compile_fp8", "fp8_layers", "Float8Config", "Float8Tensor", "Float8TrainingWeight"]
+__all__ = [
+    "compile_fp8",
+    "calibrate",
+    "fp8_layers",
+    "plain_state_dict",
+    "refresh_weight_scales",
+    "Float8Config",
+    "Float8Tensor",
+    "Float8TrainingWeight",
+]
 __version__ = "0.1.0"

@@ -25,6 +25,12 @@ from torch import nn
 
 from .config import Float8Config, recipe_spec
 from .gemm import ALIGN
+from .linear import (
+    attach_scaling_state,
+    check_scaling_config,
+    describe_scaling,
+    is_fp8_buffer,
+)
 from .weight import Float8TrainingWeight
 
 logger = logging.getLogger("compile_fp8")
@@ -68,9 +74,16 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def plain_state_dict(model: nn.Module) -> dict:
+    """`model.state_dict()` without the static/delayed scaling buffers (`fp8_amax_*`): the
+    checkpoint the unconverted model has, for `load_state_dict(strict=True)` anywhere."""
+    state = unwrap_compiled(model).state_dict()
+    return {k: v for k, v in state.items() if not is_fp8_buffer(k)}
+
+
 def _describe(module: nn.Linear) -> str:
     if isinstance(module.weight, Float8TrainingWeight):
-        return module.weight.describe()
+        return module.weight.describe(describe_scaling(module))
     return getattr(module, SKIP_ATTR, "skipped: not converted (compile_fp8 was not called on it)")
 
 
@@ -101,10 +114,6 @@ def _check_args(model, config, module_filter_fn) -> Float8Config:
 
 
 def _check_implemented(config: Float8Config) -> None:
-    if config.scaling != "dynamic":
-        raise NotImplementedError(
-            f"Float8Config.scaling={config.scaling!r} is not implemented yet; use 'dynamic'"
-        )
     if config.mode != "training":
         raise NotImplementedError(
             f"Float8Config.mode={config.mode!r} is not implemented yet; use 'training'"
@@ -122,7 +131,7 @@ def _convert_linears(model: nn.Module, config: Float8Config, module_filter_fn) -
     for fqn, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        reason = _skip_reason(module, fqn, owners, module_filter_fn)
+        reason = _skip_reason(module, fqn, owners, module_filter_fn, config)
         if reason is not None:
             setattr(module, SKIP_ATTR, reason)
             unaligned += [f"{fqn} ({reason[len('skipped: '):]})"] if "multiple of" in reason else []
@@ -132,6 +141,8 @@ def _convert_linears(model: nn.Module, config: Float8Config, module_filter_fn) -
             converted[key] = _to_training_weight(module.weight, recipe, config.emulate)
         module.weight = converted[key]
         _add_state_dict_hooks(module, (recipe, config.emulate))
+        if config.scaling != "dynamic":
+            attach_scaling_state(module, config)
     if unaligned:
         warnings.warn(
             f"compile_fp8: {len(unaligned)} linear layer(s) stay in high precision because "
@@ -141,6 +152,13 @@ def _convert_linears(model: nn.Module, config: Float8Config, module_filter_fn) -
             stacklevel=3,
         )
     logger.info("compile_fp8: %d FP8 weight(s), recipe %s", len(converted), config.recipe)
+    if config.scaling == "static" and converted:
+        warnings.warn(
+            "compile_fp8: scaling='static' layers run with dynamic scaling until you call "
+            "calibrate(model, batches)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _to_training_weight(weight: nn.Parameter, recipe, emulate) -> nn.Parameter:
@@ -157,7 +175,7 @@ def _weight_owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
     return owners
 
 
-def _skip_reason(module: nn.Linear, fqn, owners, module_filter_fn) -> Optional[str]:
+def _skip_reason(module: nn.Linear, fqn, owners, module_filter_fn, config) -> Optional[str]:
     if module_filter_fn is not None and not module_filter_fn(module, fqn):
         return "skipped: module_filter_fn"
     for name, size in (("in_features", module.in_features), ("out_features", module.out_features)):
@@ -169,6 +187,9 @@ def _skip_reason(module: nn.Linear, fqn, owners, module_filter_fn) -> Optional[s
     others = [n for n, m in owners.get(id(weight), []) if not isinstance(m, nn.Linear)]
     if others:
         return f"skipped: weight is tied to {others[0]} (not a Linear)"
+    why_not = check_scaling_config(config, module)
+    if why_not:
+        return f"skipped: {why_not}; scaling={config.scaling!r} needs nn.Linear.forward"
     return None
 
 

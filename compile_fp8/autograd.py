@@ -18,59 +18,128 @@ with dynamic tensorwise scaling the re-cast reproduces the forward's bits exactl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .config import CastSpec, GemmSpec, RecipeSpec
 from .gemm import scaled_mm
-from .scaling import cast_to_fp8
+from .scaling import (
+    amax,
+    amax_to_scale,
+    cast_to_fp8,
+    history_amax,
+    push_amax,
+    saturated_cast,
+    stored_amax_to_scale,
+)
 
 
-def _gemm(a_hp: torch.Tensor, b_hp: torch.Tensor, spec: GemmSpec, pow2: bool, emulate: bool):
-    """[M, K] @ [K, N] -> [M, N], casting A and B as `spec` says (or not at all)."""
+@dataclass(frozen=True)
+class GradScaling:
+    """Where grad_output's scale comes from in backward (constant metadata of the function).
+
+    dynamic: this step's amax. static: `grad_amax` (a calibrated scalar). delayed: `grad_amax` is
+    an amax history; the scale comes from it, then this step's amax is pushed. delayed_warmup:
+    the history is still empty: dynamic scale, and the amax is pushed.
+    """
+
+    kind: str = "dynamic"
+    amax_from: str = "max"
+    margin: float = 1.0
+
+
+DYNAMIC_GRADS = GradScaling()
+
+
+def _gemm(a_hp, b_hp, spec: GemmSpec, pow2: bool, emulate: bool, a_scale=None, b_scale=None):
+    """[M, K] @ [K, N] -> [M, N], casting A and B as `spec` says (or not at all).
+
+    `a_scale` / `b_scale`: a fixed (static, delayed or forward-saved) scale; None: dynamic.
+    """
     out_dtype = a_hp.dtype
     if not spec.a.is_fp8:
         return torch.mm(a_hp, b_hp.to(out_dtype))
-    a_fp8, a_scale = _cast(a_hp, spec.a, rowwise_dim=1, pow2=pow2)  # scale [M, 1] or []
-    b_fp8, b_scale = _cast(b_hp, spec.b, rowwise_dim=0, pow2=pow2)  # scale [1, N] or []
+    a_fp8, a_scale = _cast(a_hp, spec.a, 1, pow2, a_scale)  # scale [M, 1] or []
+    b_fp8, b_scale = _cast(b_hp, spec.b, 0, pow2, b_scale)  # scale [1, N] or []
     return scaled_mm(a_fp8, a_scale, b_fp8, b_scale, out_dtype, spec.use_fast_accum, emulate)
 
 
-def _cast(hp: torch.Tensor, spec: CastSpec, rowwise_dim: int, pow2: bool):
-    return cast_to_fp8(hp, spec, rowwise_dim, pow2)
+def _cast(hp: torch.Tensor, spec: CastSpec, rowwise_dim: int, pow2: bool, scale=None):
+    if scale is None:
+        return cast_to_fp8(hp, spec, rowwise_dim, pow2)
+    return saturated_cast(hp, scale, spec.dtype), scale
+
+
+def _grad_out_scale(grad_out, grad_amax, grading: GradScaling, dtype):
+    """grad_output's scale for this backward (None: dynamic, cast_to_fp8 computes it)."""
+    if grading.kind == "dynamic":
+        return None
+    if grading.kind == "static":
+        return stored_amax_to_scale(grad_amax, dtype, grading.margin)
+    amax_now = amax(grad_out)
+    if grading.kind == "delayed_warmup":
+        scale = amax_to_scale(amax_now, dtype)
+    else:
+        scale = stored_amax_to_scale(history_amax(grad_amax, grading.amax_from), dtype, grading.margin)
+    push_amax(grad_amax, amax_now)  # a buffer mutated in backward: supported by AOT autograd
+    return scale
 
 
 class Float8LinearFn(torch.autograd.Function):
-    """`input @ weight.T` with FP8 GEMMs in forward and backward (bias is added outside)."""
+    """`input @ weight.T` with FP8 GEMMs in forward and backward (bias is added outside).
+
+    `input_scale` / `weight_scale`: fixed tensorwise scales (static or delayed scaling), saved
+    for backward so the re-cast there uses the forward's scale; None: dynamic.
+    """
 
     @staticmethod
-    def forward(ctx, input_hp, weight_hp, recipe: RecipeSpec, emulate: bool):
-        ctx.save_for_backward(input_hp, weight_hp)
-        ctx.recipe, ctx.emulate = recipe, emulate
+    def forward(
+        ctx, input_hp, weight_hp, recipe: RecipeSpec, emulate: bool,
+        input_scale=None, weight_scale=None, grad_amax=None, grading: GradScaling = DYNAMIC_GRADS,
+    ):  # fmt: skip
+        ctx.save_for_backward(input_hp, weight_hp, input_scale, weight_scale, grad_amax)
+        ctx.recipe, ctx.emulate, ctx.grading = recipe, emulate, grading
         input_2d = input_hp.reshape(-1, input_hp.shape[-1])
+        pow2 = recipe.pow2_scales
         # ---- output = input @ weight.T:  [M, K] @ [K, N] -> [M, N]
-        output = _gemm(input_2d, weight_hp.t(), recipe.output, recipe.pow2_scales, emulate)
+        output = _gemm(input_2d, weight_hp.t(), recipe.output, pow2, emulate, input_scale, weight_scale)
         return output.reshape(*input_hp.shape[:-1], output.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        input_hp, weight_hp = ctx.saved_tensors
+        input_hp, weight_hp, input_scale, weight_scale, grad_amax = ctx.saved_tensors
         recipe, emulate, pow2 = ctx.recipe, ctx.emulate, ctx.recipe.pow2_scales
         grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
         input_2d = input_hp.reshape(-1, input_hp.shape[-1])
+        go_scale = _grad_out_scale(grad_out_2d, grad_amax, ctx.grading, recipe.grad_input.a.dtype)
         grad_input = grad_weight = None
         if ctx.needs_input_grad[0]:
             # ---- grad_input = grad_out @ weight:  [M, N] @ [N, K] -> [M, K]
-            grad_input = _gemm(grad_out_2d, weight_hp, recipe.grad_input, pow2, emulate)
+            grad_input = _gemm(
+                grad_out_2d, weight_hp, recipe.grad_input, pow2, emulate, go_scale, weight_scale
+            )
             grad_input = grad_input.reshape(*input_hp.shape[:-1], grad_input.shape[-1])
         if ctx.needs_input_grad[1]:
             # ---- grad_weight = grad_out.T @ input:  [N, M] @ [M, K] -> [N, K]
-            grad_weight = _gemm(grad_out_2d.t(), input_2d, recipe.grad_weight, pow2, emulate)
-        return grad_input, grad_weight, None, None
+            grad_weight = _gemm(
+                grad_out_2d.t(), input_2d, recipe.grad_weight, pow2, emulate, go_scale, input_scale
+            )
+        return grad_input, grad_weight, None, None, None, None, None, None
 
 
-def float8_linear(input_hp, weight_hp, bias, recipe: RecipeSpec, emulate: bool):
+def float8_linear(
+    input_hp, weight, bias, recipe: RecipeSpec, emulate: bool,
+    input_scale=None, weight_scale=None, grad_amax=None, grading: GradScaling = DYNAMIC_GRADS,
+):  # fmt: skip
     """F.linear with FP8 GEMMs; the bias is added afterwards in high precision (as torchao)."""
-    output = Float8LinearFn.apply(input_hp, weight_hp, recipe, emulate)
+    if torch.is_autocast_enabled(input_hp.device.type):
+        # F.linear's autocast runs below the __torch_function__ hook that brings us here, so
+        # apply it: the FP8 GEMMs write the autocast dtype, as the layer they replace would.
+        input_hp = input_hp.to(torch.get_autocast_dtype(input_hp.device.type))
+    output = Float8LinearFn.apply(
+        input_hp, weight, recipe, emulate, input_scale, weight_scale, grad_amax, grading
+    )
     if bias is not None:
         output = output + bias.to(output.dtype)
     return output

@@ -31,11 +31,13 @@ Recipe = Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"]
 Scaling = Literal["dynamic", "static", "delayed"]
 Mode = Literal["training", "inference"]
 Granularity = Literal["tensorwise", "rowwise"]
+AmaxFrom = Literal["max", "most_recent"]
 
 RECIPES: tuple[str, ...] = get_args(Recipe)
 SCALINGS: tuple[str, ...] = get_args(Scaling)
 MODES: tuple[str, ...] = get_args(Mode)
 GRANULARITIES: tuple[str, ...] = get_args(Granularity)
+AMAX_FROM: tuple[str, ...] = get_args(AmaxFrom)
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
@@ -55,8 +57,9 @@ class Float8Config:
     """Per-GEMM cast recipe: "tensorwise" (default), "rowwise" or "rowwise_with_gw_hp"."""
 
     scaling: Scaling = "dynamic"
-    """Where scales come from: "dynamic" (this step's amax; the default), "static" (calibrated,
-    fixed) or "delayed" (amax history). Only "dynamic" is implemented so far."""
+    """Where scales come from: "dynamic" (this step's amax; the default), "static" (from
+    `calibrate`, then fixed: no amax reduction at run time) or "delayed" (from a window of past
+    amaxes, updated every step inside the compiled graph). static and delayed: tensorwise only."""
 
     mode: Mode = "training"
     """"training" (master weights stay high precision) or "inference" (weights stored in FP8).
@@ -66,11 +69,37 @@ class Float8Config:
     """Run the same numerics without `torch._scaled_mm` (for GPUs below sm89). None (default):
     chosen from the weights' device by trying `_scaled_mm` once; the choice is logged once."""
 
+    static_grads: bool = False
+    """scaling="static": calibrate grad_output's scale too (`calibrate` then needs `loss_fn`).
+    Default False: gradients stay dynamic, since their range drifts as training goes on."""
+
+    history_len: int = 16
+    """scaling="delayed": how many past amaxes each operand remembers."""
+
+    amax_from: AmaxFrom = "max"
+    """scaling="delayed": scale from the "max" over the history, or its "most_recent" entry."""
+
+    amax_margin: float = 1.0
+    """static and delayed: scales come from `amax * amax_margin`. Values beyond that saturate at
+    +-max of the float8 type; a margin above 1 (e.g. 1.25) leaves headroom for growth, at the
+    cost of a little resolution."""
+
     def __post_init__(self):
         check_choice("Float8Config.recipe", self.recipe, RECIPES)
         check_choice("Float8Config.scaling", self.scaling, SCALINGS)
         check_choice("Float8Config.mode", self.mode, MODES)
         check_choice("Float8Config.emulate", self.emulate, (None, True, False))
+        check_choice("Float8Config.static_grads", self.static_grads, (False, True))
+        check_choice("Float8Config.amax_from", self.amax_from, AMAX_FROM)
+        if self.scaling != "dynamic" and self.recipe != "tensorwise":
+            raise ValueError(
+                f"Float8Config.scaling={self.scaling!r} supports recipe='tensorwise' only "
+                f"(got recipe={self.recipe!r}): a row's scale depends on that step's tokens"
+            )
+        if not isinstance(self.history_len, int) or self.history_len < 1:
+            raise ValueError(f"Float8Config.history_len={self.history_len!r} must be an int >= 1")
+        if not self.amax_margin > 0:
+            raise ValueError(f"Float8Config.amax_margin={self.amax_margin!r} must be > 0")
 
     @classmethod
     def from_recipe(cls, name: str, **kwargs) -> "Float8Config":

@@ -66,3 +66,22 @@ def cast_to_fp8(
     dim = rowwise_dim if spec.granularity == "rowwise" else None
     scale = amax_to_scale(amax(hp, dim), spec.dtype, pow2)
     return saturated_cast(hp, scale, spec.dtype), scale
+
+
+# ---- static and delayed scaling: scales from stored amaxes ----------------------------------
+
+
+def stored_amax_to_scale(amax: torch.Tensor, float8_dtype: torch.dtype, margin: float) -> torch.Tensor:
+    """Scale from a calibrated or remembered amax, with `margin` headroom (see Float8Config)."""
+    return amax_to_scale(amax * margin if margin != 1.0 else amax, float8_dtype)
+
+
+def history_amax(history: torch.Tensor, amax_from: str) -> torch.Tensor:
+    """The amax a delayed scale uses: the window's max, or its most recent entry (index 0)."""
+    return history.max() if amax_from == "max" else history[0]
+
+
+def push_amax(history: torch.Tensor, amax_now: torch.Tensor) -> None:
+    """In place: newest amax first, the oldest dropped (the buffer keeps its size and identity)."""
+    newest = amax_now.detach().reshape(1).to(history.dtype)
+    history.copy_(torch.cat([newest, history[:-1]]))

@@ -64,9 +64,9 @@ class Float8TrainingWeight(torch.Tensor):
         """The high-precision master weight (the tensor the optimizer updates)."""
         return self._hp
 
-    def describe(self) -> str:
+    def describe(self, scaling: str = "dynamic") -> str:
         path = " (emulated)" if self._emulate else ""
-        return f"fp8 {self._recipe.name} dynamic{path}"
+        return f"fp8 {self._recipe.name} {scaling}{path}"
 
     # ---- torch.compile ---------------------------------------------------------------------
 
@@ -137,8 +137,4 @@ def _linear_args(input, weight, bias=None):
 
 
 def _run_fp8_linear(input, weight: Float8TrainingWeight, bias):
-    if torch.is_autocast_enabled(input.device.type):
-        # F.linear's autocast happens below this hook, so apply it here: FP8 GEMMs write the
-        # autocast dtype, as the bf16 layer they replace would.
-        input = input.to(torch.get_autocast_dtype(input.device.type))
     return float8_linear(input, weight, bias, weight._recipe, weight._emulate)

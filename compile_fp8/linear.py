@@ -1,0 +1,217 @@
+"""Static and delayed scaling: the Linear's scaling state as buffers, and the forward that uses it.
+
+Dynamic scaling needs no state: the training weight's `F.linear` hook computes every scale from
+this step's amax. Static and delayed scaling keep amaxes between steps, and mutable state must
+not live inside the weight subclass (torch mishandles mutation of a subclass's inner tensor in a
+compiled region), so it lives in plain buffers on the converted `nn.Linear`, under these names:
+
+    scaling="static"    fp8_amax_input, fp8_amax_weight           float32 scalars from calibrate()
+                        fp8_amax_grad_output                      (only with static_grads=True)
+    scaling="delayed"   fp8_amax_history_input, fp8_amax_history_weight,
+                        fp8_amax_history_grad_output              float32 [history_len], newest first
+
+They are saved in `state_dict()`; `plain_state_dict(model)` drops them. Such a layer's `forward`
+is an instance attribute (a `functools.partial` of `scaled_forward`, so deepcopy and pickling
+keep it bound to the right module) that reads the buffers and passes fixed scales to the FP8
+autograd function; the histories are updated in place inside the compiled graph (forward for
+input and weight, backward for grad_output).
+
+Two Python flags choose the graph, so each costs one recompile when it flips, never more:
+`_fp8_ready` is False for a static layer until calibrated (it then runs dynamic scaling: never a
+NaN from an unset scale) and for a delayed layer until its first training step has filled the
+histories (that step runs dynamic scaling and records the amaxes).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .autograd import DYNAMIC_GRADS, GradScaling, float8_linear
+from .config import E4M3, Float8Config
+from .scaling import amax, amax_to_scale, history_amax, push_amax, stored_amax_to_scale
+
+OPERANDS = ("input", "weight", "grad_output")
+CONFIG_ATTR = "_fp8_config"
+READY_ATTR = "_fp8_ready"
+CALIBRATING_ATTR = "_fp8_calibrating"
+
+
+def buffer_names(config: Float8Config) -> tuple[str, ...]:
+    """The buffers a layer converted with `config` carries (see module docstring)."""
+    if config.scaling == "static":
+        operands = OPERANDS if config.static_grads else OPERANDS[:2]
+        return tuple(f"fp8_amax_{op}" for op in operands)
+    if config.scaling == "delayed":
+        return tuple(f"fp8_amax_history_{op}" for op in OPERANDS)
+    return ()
+
+
+def is_fp8_buffer(key: str) -> bool:
+    return key.rsplit(".", 1)[-1].startswith("fp8_amax_")
+
+
+def uses_scaled_forward(module: nn.Module) -> bool:
+    config = getattr(module, CONFIG_ATTR, None)
+    return config is not None and config.scaling != "dynamic"
+
+
+def attach_scaling_state(module: nn.Linear, config: Float8Config) -> None:
+    """Add the buffers, the forward and the checkpoint hooks of static/delayed scaling."""
+    device = module.weight.device
+    length = config.history_len if config.scaling == "delayed" else None
+    for name in buffer_names(config):
+        shape = () if length is None else (length,)
+        module.register_buffer(name, torch.zeros(shape, dtype=torch.float32, device=device))
+    setattr(module, CONFIG_ATTR, config)
+    setattr(module, READY_ATTR, False)
+    setattr(module, CALIBRATING_ATTR, False)
+    module.forward = functools.partial(scaled_forward, module)
+    module._register_load_state_dict_pre_hook(_fill_missing_buffers, with_module=True)
+    module.register_load_state_dict_post_hook(_ready_after_load)
+
+
+def refresh_ready(module: nn.Module) -> bool:
+    """Set `_fp8_ready` from the buffers: every amax recorded (static) / every history begun."""
+    config = getattr(module, CONFIG_ATTR)
+    ready = all(bool((getattr(module, n) > 0).any()) for n in buffer_names(config))
+    setattr(module, READY_ATTR, ready)
+    return ready
+
+
+def describe_scaling(module: nn.Module) -> str:
+    """The scaling part of `fp8_layers`' text for this layer."""
+    config = getattr(module, CONFIG_ATTR, None)
+    if config is None or config.scaling == "dynamic":
+        return "dynamic"
+    if config.scaling == "delayed":
+        warm = "" if getattr(module, READY_ATTR) else ", warm-up step pending"
+        return f"delayed (history {config.history_len}, {config.amax_from}{warm})"
+    grads = "static grads" if config.static_grads else "dynamic grads"
+    state = grads if getattr(module, READY_ATTR) else "uncalibrated: dynamic until calibrate()"
+    return f"static ({state})"
+
+
+# ---- the forward ----------------------------------------------------------------------------
+
+
+def scaled_forward(module: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    """nn.Linear.forward for a static- or delayed-scaled layer."""
+    if getattr(module, CALIBRATING_ATTR):
+        return _calibrating_forward(module, input)
+    config: Float8Config = getattr(module, CONFIG_ATTR)
+    if not getattr(module, READY_ATTR):
+        if config.scaling == "static":
+            return F.linear(input, module.weight, module.bias)  # dynamic until calibrated
+        return _delayed_warmup_forward(module, input, config)
+    if config.scaling == "static":
+        return _static_forward(module, input, config)
+    return _delayed_forward(module, input, config)
+
+
+def _fp8_linear(module, input, input_scale, weight_scale, grad_amax, grading):
+    weight = module.weight
+    return float8_linear(
+        input, weight, module.bias, weight._recipe, weight._emulate,
+        input_scale, weight_scale, grad_amax, grading,
+    )  # fmt: skip
+
+
+def _static_forward(module, input, config):
+    margin = config.amax_margin
+    input_scale = stored_amax_to_scale(module.fp8_amax_input, E4M3, margin)
+    weight_scale = stored_amax_to_scale(module.fp8_amax_weight, E4M3, margin)
+    if config.static_grads:
+        grading = GradScaling("static", margin=margin)
+        return _fp8_linear(module, input, input_scale, weight_scale, module.fp8_amax_grad_output, grading)
+    return _fp8_linear(module, input, input_scale, weight_scale, None, DYNAMIC_GRADS)
+
+
+def _delayed_forward(module, input, config):
+    margin, how = config.amax_margin, config.amax_from
+    input_scale = stored_amax_to_scale(history_amax(module.fp8_amax_history_input, how), E4M3, margin)
+    weight_scale = stored_amax_to_scale(history_amax(module.fp8_amax_history_weight, how), E4M3, margin)
+    # this step's amaxes only feed later steps: the casts do not wait for these reductions
+    push_amax(module.fp8_amax_history_input, amax(input))
+    push_amax(module.fp8_amax_history_weight, amax(module.weight))
+    grading = GradScaling("delayed", how, margin)
+    return _fp8_linear(
+        module, input, input_scale, weight_scale, module.fp8_amax_history_grad_output, grading
+    )
+
+
+def _delayed_warmup_forward(module, input, config):
+    """First training step: dynamic scales, and every amax recorded to start the histories."""
+    amax_input, amax_weight = amax(input), amax(module.weight)
+    push_amax(module.fp8_amax_history_input, amax_input)
+    push_amax(module.fp8_amax_history_weight, amax_weight)
+    if torch.is_grad_enabled() and module.weight.requires_grad:
+        setattr(module, READY_ATTR, True)  # backward below fills grad_output's history
+    grading = GradScaling("delayed_warmup", config.amax_from, config.amax_margin)
+    return _fp8_linear(
+        module, input, amax_to_scale(amax_input, E4M3), amax_to_scale(amax_weight, E4M3),
+        module.fp8_amax_history_grad_output, grading,
+    )  # fmt: skip
+
+
+# ---- calibration (eager, high precision) --------------------------------------------------
+
+
+class _RecordGradAmax(torch.autograd.Function):
+    """Identity; its backward records max |grad_output| into the module's buffer."""
+
+    @staticmethod
+    def forward(ctx, output, amax_buffer):
+        ctx.amax_buffer = amax_buffer
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ctx.amax_buffer.copy_(torch.maximum(ctx.amax_buffer, amax(grad_out).float()))
+        return grad_out, None
+
+
+def _calibrating_forward(module, input):
+    """High-precision forward that records the running max of |input| and |weight|."""
+    weight_hp = module.weight * 1  # a plain, autograd-connected high-precision copy
+    for name, value in (("fp8_amax_input", input), ("fp8_amax_weight", weight_hp)):
+        buffer = getattr(module, name)
+        buffer.copy_(torch.maximum(buffer, amax(value.detach()).float()))
+    output = F.linear(input, weight_hp, module.bias)
+    if getattr(module, CONFIG_ATTR).static_grads and torch.is_grad_enabled():
+        output = _RecordGradAmax.apply(output, module.fp8_amax_grad_output)
+    return output
+
+
+# ---- checkpoints --------------------------------------------------------------------------
+
+
+def _fill_missing_buffers(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    """A checkpoint without the scaling buffers (a plain one) loads, with a warning."""
+    absent = [n for n in buffer_names(getattr(module, CONFIG_ATTR)) if prefix + n not in state_dict]
+    for name in absent:
+        state_dict[prefix + name] = torch.zeros_like(getattr(module, name))
+    if absent:
+        warnings.warn(
+            f"compile_fp8: checkpoint has no {', '.join(absent)} for {prefix.rstrip('.') or 'the model'}: "
+            "its FP8 scales are uncalibrated (static: run calibrate(model, batches); delayed: the "
+            "next training step re-starts the history)",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def _ready_after_load(module, incompatible_keys):
+    refresh_ready(module)
+
+
+def check_scaling_config(config: Float8Config, module: nn.Linear) -> str | None:
+    """Why `module` cannot take static/delayed scaling (None: it can)."""
+    if config.scaling != "dynamic" and type(module).forward is not nn.Linear.forward:
+        return f"{type(module).__name__} overrides forward"
+    return None
+

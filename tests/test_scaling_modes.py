@@ -1,0 +1,228 @@
+"""Static (calibrated) and delayed scaling: numerics, compile contract, checkpoints, errors."""
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._inductor.utils import run_and_get_code
+
+from compile_fp8 import (
+    Float8Config,
+    calibrate,
+    compile_fp8,
+    fp8_layers,
+    plain_state_dict,
+    refresh_weight_scales,
+)
+from helpers import bits_equal, sqnr
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.SiLU(), nn.Linear(64, 16))
+
+
+def _convert(model, compile=False, **config):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return compile_fp8(model, Float8Config(**config), compile=compile)
+
+
+def _batches(n=4, scale=1.0):
+    return [torch.randn(64, 32) * scale for _ in range(n)]
+
+
+def _train(model, steps, seed=1):
+    """A few AdamW steps on a regression task; returns the losses."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(64, 32, generator=gen)
+        loss = nn.functional.mse_loss(model(x), torch.sin(x[:, :16]))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+# ---- static -----------------------------------------------------------------------------
+
+
+def test_uncalibrated_static_runs_dynamic_and_says_so():
+    with pytest.warns(UserWarning, match=r"run with dynamic scaling until you call calibrate"):
+        static = compile_fp8(_mlp(), Float8Config(scaling="static"), compile=False)
+    dynamic = _convert(_mlp())
+    x = torch.randn(8, 32)
+    assert bits_equal(static(x), dynamic(x))
+    assert fp8_layers(static)["0"] == "fp8 tensorwise static (uncalibrated: dynamic until calibrate())"
+
+
+def test_calibrated_static_is_close_to_dynamic():
+    static, dynamic = _convert(_mlp(), scaling="static"), _convert(_mlp())
+    calibrate(static, _batches())
+    assert fp8_layers(static)["0"] == "fp8 tensorwise static (dynamic grads)"
+    assert static[0].fp8_amax_input > 0 and static[0].fp8_amax_weight > 0
+    x = torch.randn(64, 32)
+    s = sqnr(dynamic(x), static(x))
+    assert s >= 20, f"static vs dynamic output sqnr {s:.1f} dB"
+
+
+def test_static_forward_has_no_amax_reduction():
+    """Count |x| in inductor's generated code: dynamic reduces input and weight, static nothing."""
+    x = torch.randn(64, 32)
+    counts = {}
+    for scaling in ("dynamic", "static"):
+        model = _convert(nn.Sequential(nn.Linear(32, 64)), compile=True, scaling=scaling)
+        if scaling == "static":
+            calibrate(model, [x])
+        with torch.no_grad():
+            _, code = run_and_get_code(model, x)
+        counts[scaling] = "\n".join(code).count("abs(")
+    assert counts == {"dynamic": 2, "static": 0}, counts
+
+
+def test_values_beyond_calibration_saturate_instead_of_overflowing():
+    model = _convert(_mlp(), scaling="static")
+    calibrate(model, _batches(scale=0.01))
+    out = model(torch.randn(64, 32) * 100)
+    assert torch.isfinite(out).all(), "non-finite output beyond the calibrated range"
+
+
+def test_static_grads_need_loss_fn_and_then_record_grad_amax():
+    model = _convert(_mlp(), scaling="static", static_grads=True)
+    with pytest.raises(ValueError, match="pass loss_fn="):
+        calibrate(model, _batches())
+    calibrate(model, _batches(), loss_fn=lambda out, batch: out.square().mean())
+    assert model[0].fp8_amax_grad_output > 0
+    assert fp8_layers(model)["0"] == "fp8 tensorwise static (static grads)"
+    losses = _train(model, 30)
+    assert losses[-1] < 0.7 * losses[0], f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+
+
+def test_refresh_weight_scales_tracks_the_optimizer():
+    model = _convert(_mlp(), scaling="static")
+    calibrate(model, _batches())
+    with torch.no_grad():
+        model[0].weight.hp.mul_(3)
+    refresh_weight_scales(model)
+    expected = model[0].weight.hp.abs().max()
+    assert bits_equal(model[0].fp8_amax_weight, expected), (model[0].fp8_amax_weight, expected)
+
+
+@pytest.mark.parametrize(
+    "batches, kwargs, match",
+    [([], {}, "no batches"), (_batches(), {"num_batches": 0}, "num_batches=0")],
+)
+def test_calibrate_bad_input(batches, kwargs, match):
+    model = _convert(_mlp(), scaling="static")
+    with pytest.raises(ValueError, match=match):
+        calibrate(model, batches, **kwargs)
+
+
+def test_calibrate_needs_a_static_model():
+    with pytest.raises(ValueError, match=r"Float8Config\(scaling='static'\)"):
+        calibrate(_convert(_mlp()), _batches())
+
+
+# ---- delayed ----------------------------------------------------------------------------
+
+
+def test_delayed_trains_compiled_with_one_warmup_recompile():
+    model = _mlp()
+    counter = CompileCounterWithBackend("inductor")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = compile_fp8(
+            model, Float8Config(scaling="delayed", history_len=4), backend=counter, fullgraph=True
+        )
+    losses = _train(compiled, 30)
+    assert losses[-1] < 0.7 * losses[0], f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+    assert counter.frame_count == 2, f"{counter.frame_count} frames: warm-up + steady state expected"
+    for name in ("input", "weight", "grad_output"):
+        history = getattr(model[0], f"fp8_amax_history_{name}")
+        assert history.shape == (4,) and (history > 0).all(), f"{name}: {history}"
+    assert fp8_layers(compiled)["0"] == "fp8 tensorwise delayed (history 4, max)"
+
+
+def test_delayed_is_close_to_dynamic():
+    delayed, dynamic = _convert(_mlp(), scaling="delayed"), _convert(_mlp())
+    x = torch.randn(64, 32)
+    _train(delayed, 1)
+    _train(dynamic, 1)
+    s = sqnr(dynamic(x), delayed(x))
+    assert s >= 20, f"delayed vs dynamic sqnr {s:.1f} dB"
+
+
+@pytest.mark.parametrize("scaling", ["static", "delayed"])
+def test_resume_is_bit_identical(scaling):
+    """Save after k steps, load into a fresh model: the next step equals the uninterrupted run."""
+    model = _convert(_mlp(), scaling=scaling)
+    if scaling == "static":
+        calibrate(model, _batches())
+    _train(model, 3)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = _convert(_mlp(), scaling=scaling)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert fp8_layers(resumed) == fp8_layers(model)
+    x = torch.randn(16, 32)
+    assert bits_equal(resumed(x), model(x))
+    assert _train(resumed, 1, seed=7) == _train(model, 1, seed=7)
+
+
+def test_checkpoint_buffers_are_documented_and_droppable():
+    model = _convert(_mlp(), scaling="delayed")
+    keys = set(model.state_dict())
+    assert {"0.fp8_amax_history_input", "0.fp8_amax_history_weight", "0.fp8_amax_history_grad_output"} <= keys
+    plain = _mlp()
+    plain.load_state_dict(plain_state_dict(model))  # strict: exactly the plain keys
+
+
+def test_plain_checkpoint_loads_into_static_model_with_a_warning():
+    model = _convert(_mlp(), scaling="static")
+    with pytest.warns(UserWarning, match="FP8 scales are uncalibrated"):
+        model.load_state_dict(_mlp().state_dict())
+    assert fp8_layers(model)["0"].endswith("(uncalibrated: dynamic until calibrate())")
+
+
+# ---- configuration --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"scaling": "static", "recipe": "rowwise"}, "supports recipe='tensorwise' only"),
+        ({"scaling": "delayed", "history_len": 0}, "history_len=0 must be an int >= 1"),
+        ({"amax_margin": 0.0}, "amax_margin=0.0 must be > 0"),
+        ({"amax_from": "mean"}, r"amax_from='mean'.*allowed values"),
+    ],
+)
+def test_bad_scaling_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Float8Config(**kwargs)
+
+
+def test_custom_forward_subclass_is_skipped_for_static_scaling():
+    class Custom(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = _convert(nn.Sequential(Custom(32, 32)), scaling="static")
+    assert fp8_layers(model)["0"].startswith("skipped: Custom overrides forward")
+
+
+def test_deepcopy_keeps_the_scaled_forward_bound_to_the_copy():
+    model = _convert(_mlp(), scaling="static")
+    calibrate(model, _batches())
+    clone = copy.deepcopy(model)
+    clone[0].fp8_amax_input.fill_(1e-3)  # a tiny scale range: the clone must saturate, not us
+    x = torch.randn(8, 32)
+    assert not bits_equal(clone(x), model(x))
+    assert clone[0].forward.args[0] is clone[0]
