@@ -68,6 +68,8 @@ VARIANTS = (
     "torchao-tensorwise",
     "ours-rowwise",
     "torchao-rowwise",
+    "ours-static",
+    "ours-delayed",
 )
 DEFAULT_M = 16384
 DEFAULT_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192))
@@ -146,15 +148,24 @@ def import_torchao_float8():
     return Float8LinearConfig, convert_to_float8_training
 
 
-def build_variant(name: str, base: nn.Module) -> nn.Module:
-    """Fresh deep copy of ``base`` converted and compiled for ``name``."""
+def build_variant(name: str, base: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Fresh deep copy of ``base`` converted and compiled for ``name``.
+
+    ours-static is calibrated on ``x`` (tensorwise, static input and weight scales, dynamic
+    grads); ours-delayed is tensorwise with a 16-step amax history.
+    """
     model = copy.deepcopy(base)
     if name == "bf16":
         return torch.compile(model, dynamic=False)
     kind, recipe = name.split("-")
     if kind == "ours":
-        from compile_fp8 import Float8Config, compile_fp8  # lazy on purpose
+        from compile_fp8 import Float8Config, calibrate, compile_fp8  # lazy on purpose
 
+        if recipe in ("static", "delayed"):
+            model = compile_fp8(model, Float8Config(scaling=recipe), dynamic=False)
+            if recipe == "static":
+                calibrate(model, [x.detach()])
+            return model
         return compile_fp8(model, Float8Config(recipe=recipe), dynamic=False)
     config_cls, convert = import_torchao_float8()
     model = convert(model, config=config_cls.from_recipe_name(recipe))
@@ -208,7 +219,7 @@ def time_do_bench(fn, device: str) -> float:
 
 
 def bench_variant(name, base, x, grad, args) -> float:
-    model = build_variant(name, base)
+    model = build_variant(name, base, x)
     step = make_step(model, x, grad)
     if args.small:
         return time_simple(step, args.device)
@@ -258,6 +269,7 @@ COLUMNS = (
     "K", "N", "bf16 ms", "ours tw ms", "torchao tw ms", "ours rw ms",
     "torchao rw ms", "tw speedup vs bf16", "rw speedup vs bf16",
     "tw torchao/ours", "rw torchao/ours",
+    "ours static ms", "ours delayed ms", "static: torchao tw/ours", "delayed: torchao tw/ours",
 )
 
 
@@ -283,6 +295,8 @@ def table_row(row: dict) -> list[str]:
         str(row["K"]), str(row["N"]), cell("bf16"), cell("ours-tensorwise"),
         cell("torchao-tensorwise"), cell("ours-rowwise"), cell("torchao-rowwise"),
         ratio(bf16, otw), ratio(bf16, orw), ratio(atw, otw), ratio(arw, orw),
+        cell("ours-static"), cell("ours-delayed"),
+        ratio(atw, ms.get("ours-static")), ratio(atw, ms.get("ours-delayed")),
     ]
 
 
