@@ -71,10 +71,22 @@ def _cast(hp: torch.Tensor, spec: CastSpec, rowwise_dim: int, pow2: bool, scale=
     return saturated_cast(hp, scale, spec.dtype), scale
 
 
-def _grad_out_scale(grad_out, grad_amax, grading: GradScaling, dtype):
+def _shared_scale(hp: torch.Tensor, first: CastSpec, second: CastSpec, pow2: bool):
+    """One dynamic tensorwise scale for an operand that two GEMMs cast alike (None otherwise).
+
+    The same amax gives the same scale, so computing it once (and saving it for backward)
+    changes no bit; it saves re-reading the tensor for a second amax.
+    """
+    if first == second and first.is_fp8 and first.granularity == "tensorwise":
+        return amax_to_scale(amax(hp), first.dtype, pow2)
+    return None
+
+
+def _grad_out_scale(grad_out, grad_amax, grading: GradScaling, recipe: RecipeSpec):
     """grad_output's scale for this backward (None: dynamic, cast_to_fp8 computes it)."""
+    dtype = recipe.grad_input.a.dtype
     if grading.kind == "dynamic":
-        return None
+        return _shared_scale(grad_out, recipe.grad_input.a, recipe.grad_weight.a, recipe.pow2_scales)
     if grading.kind == "static":
         return stored_amax_to_scale(grad_amax, dtype, grading.margin)
     amax_now = amax(grad_out)
@@ -98,10 +110,14 @@ class Float8LinearFn(torch.autograd.Function):
         ctx, input_hp, weight_hp, recipe: RecipeSpec, emulate: bool,
         input_scale=None, weight_scale=None, grad_amax=None, grading: GradScaling = DYNAMIC_GRADS,
     ):  # fmt: skip
-        ctx.save_for_backward(input_hp, weight_hp, input_scale, weight_scale, grad_amax)
-        ctx.recipe, ctx.emulate, ctx.grading = recipe, emulate, grading
         input_2d = input_hp.reshape(-1, input_hp.shape[-1])
         pow2 = recipe.pow2_scales
+        if input_scale is None:  # dynamic: computed here once if backward casts alike
+            input_scale = _shared_scale(input_2d, recipe.output.a, recipe.grad_weight.b, pow2)
+        if weight_scale is None:
+            weight_scale = _shared_scale(weight_hp, recipe.output.b, recipe.grad_input.b, pow2)
+        ctx.save_for_backward(input_hp, weight_hp, input_scale, weight_scale, grad_amax)
+        ctx.recipe, ctx.emulate, ctx.grading = recipe, emulate, grading
         # ---- output = input @ weight.T:  [M, K] @ [K, N] -> [M, N]
         output = _gemm(input_2d, weight_hp.t(), recipe.output, pow2, emulate, input_scale, weight_scale)
         return output.reshape(*input_hp.shape[:-1], output.shape[-1])
@@ -112,7 +128,7 @@ class Float8LinearFn(torch.autograd.Function):
         recipe, emulate, pow2 = ctx.recipe, ctx.emulate, ctx.recipe.pow2_scales
         grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
         input_2d = input_hp.reshape(-1, input_hp.shape[-1])
-        go_scale = _grad_out_scale(grad_out_2d, grad_amax, ctx.grading, recipe.grad_input.a.dtype)
+        go_scale = _grad_out_scale(grad_out_2d, grad_amax, ctx.grading, recipe)
         grad_input = grad_weight = None
         if ctx.needs_input_grad[0]:
             # ---- grad_input = grad_out @ weight:  [M, N] @ [N, K] -> [M, K]

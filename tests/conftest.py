@@ -1,7 +1,15 @@
 """Shared fixtures and markers: `gpu` (CUDA sm89+ only), `slow`, `distributed`."""
 
-import pytest
-import torch
+import os
+import tempfile
+
+# A fresh inductor/AOT-autograd cache per test session: torch's on-disk AOT autograd cache was
+# seen (torch 2.13, CPU) to hand back a joint graph from before an edit to our autograd
+# Function's backward, so a cached run could test old code. Set before torch is imported.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="compile_fp8_inductor_"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def fp8_gpu_available() -> bool:
