@@ -4,7 +4,9 @@
 #   (on the device tool, from the repo root, carrying .whl with torchao + expecttest wheels)
 #   bash scripts/device_check.sh [bench_linear args...]
 #
-# Logs go to $OUT (the device tool's return folder) or ./runs/device when OUT is unset.
+# Logs go to $OUT (the device tool's return folder, at most 8 files come back) or ./runs/device:
+# env.txt, gpu_tests.log, cpu_suites_on_device.log, bench_linear.{md,json}, profile_linear.txt,
+# stderr.log.
 set -uo pipefail
 OUT=${OUT:-runs/device}
 mkdir -p "$OUT"
@@ -27,12 +29,15 @@ python3 -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests
 tests_rc=${PIPESTATUS[0]}
 
 echo "== torch 2.11 check of the CPU-independent suites"
-python3 -m pytest tests/test_api.py tests/test_weight.py tests/test_tensor.py -q -p no:cacheprovider \
-  2>&1 | tail -n 15 | tee "$OUT/cpu_suites_on_device.log"
+python3 -m pytest tests/test_api.py tests/test_weight.py tests/test_tensor.py tests/test_scaling_modes.py -q -p no:cacheprovider \
+  > "$OUT/cpu_suites_on_device.log" 2>&1; tail -n 15 "$OUT/cpu_suites_on_device.log"
 
 echo "== bench_linear"
-python3 scripts/bench_linear.py --out "$OUT" "$@" 2>"$OUT/bench_linear.stderr" | tee "$OUT/bench_linear.log"
-bench_rc=${PIPESTATUS[0]}
+python3 scripts/bench_linear.py --out "$OUT" "$@" 2>>"$OUT/stderr.log"
+bench_rc=$?
+
+echo "== profile_linear (kernel tables)"
+python3 scripts/profile_linear.py > "$OUT/profile_linear.txt" 2>>"$OUT/stderr.log" || echo "profile failed"
 
 echo "gpu tests rc=$tests_rc bench rc=$bench_rc"
 exit $(( tests_rc || bench_rc ))

@@ -226,3 +226,29 @@ def test_deepcopy_keeps_the_scaled_forward_bound_to_the_copy():
     x = torch.randn(8, 32)
     assert not bits_equal(clone(x), model(x))
     assert clone[0].forward.args[0] is clone[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scaling", ["static", "delayed"])
+def test_compiled_training_on_cuda(scaling):
+    """torch 2.11 on the H200: buffer updates in forward and backward inside inductor's graph."""
+    model = _mlp().cuda()
+    counter = CompileCounterWithBackend("inductor")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = compile_fp8(model, Float8Config(scaling=scaling), backend=counter, fullgraph=True)
+    if scaling == "static":
+        calibrate(compiled, [b.cuda() for b in _batches()])
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    opt = torch.optim.AdamW(compiled.parameters(), lr=3e-3, fused=True)
+    losses = []
+    for _ in range(30):
+        x = torch.randn(64, 32, device="cuda", generator=gen)
+        loss = nn.functional.mse_loss(compiled(x), torch.sin(x[:, :16]))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+    expected_frames = 1 if scaling == "static" else 2
+    assert counter.frame_count == expected_frames, f"{counter.frame_count} frames"

@@ -1,0 +1,53 @@
+"""Where does the time of one compiled FP8 linear (fwd+bwd) go? A kernel table per variant.
+
+    python scripts/profile_linear.py --shape 8192x8192 --variants ours-tensorwise,torchao-tensorwise
+
+Uses bench_linear's variants and the torch profiler (CUDA time per kernel, 10 profiled steps
+after warm-up), printing the top kernels of each variant: GEMMs vs casts/amax/transposes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import bench_linear  # noqa: E402
+
+
+def profile_variant(name: str, k: int, n: int, m: int, steps: int) -> str:
+    base = bench_linear.make_base(k, n, "cuda")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    step = bench_linear.make_step(bench_linear.build_variant(name, base, x), x, grad)
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70)
+    return f"## {name} K={k} N={n} M={m} ({steps} steps; divide totals by {steps})\n{table}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="8192x8192", help="KxN")
+    p.add_argument("--m", type=int, default=16384)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--variants", default="ours-tensorwise,torchao-tensorwise,ours-delayed")
+    args = p.parse_args(argv)
+    k, n = (int(v) for v in args.shape.split("x"))
+    bench_linear.raise_compile_limits()
+    for name in args.variants.split(","):
+        print(profile_variant(name, k, n, args.m, args.steps), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
