@@ -1,0 +1,335 @@
+"""The training loop: a `TransformerLM` on token files, bf16 or FP8 (`compile_fp8`), compiled.
+
+One run, start to end (`run(TrainConfig(...))`; `scripts/train.py` is its command line):
+
+1. report the FP8 support found (device, torch, a `torch._scaled_mm` probe) and the path taken:
+   FP8 hardware, CPU real kernel or emulation (`hardware.py`);
+2. open and check the token files (`data.py`), check the model fits the device;
+3. build the model with bf16 parameters (seeded), load the checkpoint when resuming, then
+   `compile_fp8(model, Float8Config(recipe=...), module_filter_fn=lambda m, fqn: fqn != "head")`
+   (the LM head stays bf16) or plain `torch.compile` for the bf16 baseline;
+4. AdamW (fused on CUDA; weight decay on matrices only), linear warm-up then cosine decay to
+   `min_lr_ratio * lr`, gradient clipping;
+5. each step: loss, tokens/s and MFU to the progress bar and `metrics.jsonl`; the val loss every
+   `eval_every` steps and at the end; an atomic checkpoint every `save_every` steps and at the end.
+
+The loss is computed inside the model's forward, so torch.compile fuses the float32 upcast of
+the logits into the cross entropy instead of materialising [tokens, vocab] float32 logits twice.
+Validation runs the uncompiled module under `no_grad` (the same weights and FP8 casts; compiling
+an inference graph too would cost a second compilation for a few batches).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compile_fp8 import Float8Config, compile_fp8, fp8_layers
+from compile_fp8.api import unwrap_compiled
+from compile_fp8.config import RECIPES
+
+from . import hardware
+from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from .data import BatchSampler, eval_batches, open_corpus
+from .metrics import METRICS_NAME, MetricsLog
+from .model import ModelConfig, TransformerLM, flops_per_token, get_preset, num_params
+from .progress import Progress
+
+FP8_CHOICES = ("none", *RECIPES)  # the CLI offers exactly what Float8Config takes, plus bf16
+DEFAULT_LR = {"tiny": 3e-3, "small": 6e-4, "medium": 3e-4, "anchor": 3e-4}
+BYTES_PER_PARAM = 8  # bf16 weight + bf16 grad + two bf16 AdamW moments, before activations
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything a run depends on. Frozen; `scripts/train.py` fills it from its flags."""
+
+    preset: str = "tiny"
+    """Model shape: a key of `model.PRESETS`."""
+    fp8: str = "none"
+    """"none" (the bf16 baseline) or a `Float8Config` recipe."""
+    steps: int = 200
+    """Optimizer steps of the whole run (the LR schedule spans them)."""
+    batch_size: int = 16
+    seq_len: int | None = None
+    """Tokens per row; None: the preset's."""
+    lr: float | None = None
+    """Peak learning rate; None: `DEFAULT_LR[preset]`."""
+    warmup_steps: int | None = None
+    """Linear warm-up; None: 10% of `steps`, at most 200."""
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    compile: bool = True
+    emulate: str = "auto"
+    """FP8 path: "auto" (hardware where `_scaled_mm` runs on a GPU, else emulation), "on", "off"."""
+    device: str | None = None
+    """None: "cuda" when available, else "cpu"."""
+    seed: int = 0
+    """Seeds the weights and the data order (same seed, same batches for every --fp8)."""
+    vocab_size: int | None = None
+    """Override the preset's vocab (e.g. the 32k `anchor` on the 50,304-token GPT-2 corpus)."""
+    data_dir: str = "data/corpus"
+    out_dir: str = "runs/default"
+    eval_every: int = 100
+    """Val loss every this many steps (0: only at the end)."""
+    eval_batches: int = 20
+    save_every: int = 0
+    """Checkpoint every this many steps (0: only at the end)."""
+    stop_after: int | None = None
+    """End this invocation after this step, checkpointed (a job split over time-limited calls)."""
+    resume: bool = False
+    progress: str = "auto"
+    """"auto" (a tqdm bar on a terminal, else printed lines), "bar", "print"."""
+
+    def __post_init__(self):
+        get_preset(self.preset)  # ValueError naming the allowed presets
+        if self.fp8 not in FP8_CHOICES:
+            raise ValueError(f"fp8={self.fp8!r} is not supported; allowed values: "
+                             f"{list(FP8_CHOICES)}")
+        for name in ("steps", "batch_size", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+    @property
+    def name(self) -> str:
+        return "bf16" if self.fp8 == "none" else f"fp8-{self.fp8}"
+
+    def model_config(self) -> ModelConfig:
+        cfg = get_preset(self.preset)
+        return cfg if self.vocab_size is None else cfg.replace(vocab_size=self.vocab_size)
+
+
+def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning rate of (1-based) `step`: linear warm-up, then cosine from lr to min_ratio*lr."""
+    if step <= warmup:
+        return lr * step / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def check_fits(model_cfg: ModelConfig, preset: str, device: torch.device) -> None:
+    """ValueError when weights, grads and AdamW states alone exceed the device's memory."""
+    need = num_params(model_cfg) * BYTES_PER_PARAM
+    if device.type == "cuda":
+        have = torch.cuda.mem_get_info(device)[1]
+    else:
+        import os
+
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > 0.9 * have:
+        raise ValueError(f"preset {preset!r} needs at least {need / 2**30:.1f} GiB on {device} "
+                         f"for weights, gradients and AdamW states ({BYTES_PER_PARAM} bytes per "
+                         f"parameter, before activations); {have / 2**30:.1f} GiB is there: pick "
+                         "a smaller --preset")
+
+
+def build_model(cfg: TrainConfig, model_cfg: ModelConfig, support, device, state=None):
+    """(model to train, plain module for eval): bf16 weights, checkpoint loaded, FP8/compile."""
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):
+        model = TransformerLM(model_cfg).to(torch.bfloat16)
+    if state is not None:
+        model.load_state_dict(state["model"])  # plain keys and tensors, also from an FP8 run
+    if cfg.fp8 == "none":
+        return (torch.compile(model) if cfg.compile else model), model
+    config = Float8Config(recipe=cfg.fp8, emulate=support.emulate)
+    trained = compile_fp8(model, config, module_filter_fn=lambda mod, fqn: fqn != "head",
+                          compile=cfg.compile)
+    return trained, unwrap_compiled(trained)
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, device) -> torch.optim.AdamW:
+    """AdamW; decay on matrices (linears, embedding), none on RMSNorm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.95), eps=1e-8,
+                             fused=device.type == "cuda")
+
+
+def train_step(model, optimizer, inputs, targets, lr: float, grad_clip: float):
+    """One optimizer step; returns (loss, grad norm) as 0-dim tensors (no sync here)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = model(inputs, targets)  # [B, T], [B, T] -> mean next-token cross entropy
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), grad_norm
+
+
+@torch.no_grad()
+def evaluate(model, tokens, cfg: TrainConfig, seq_len: int, device) -> float:
+    """Mean loss over the first `eval_batches` batches of the val tokens (a fixed set)."""
+    losses = [model(x.to(device), y.to(device)).item()
+              for x, y in eval_batches(tokens, cfg.batch_size, seq_len, cfg.eval_batches)]
+    return statistics.fmean(losses)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _oom_hint(cfg: TrainConfig, seq_len: int) -> str:
+    return (f"out of GPU memory: preset {cfg.preset!r} with batch {cfg.batch_size} x {seq_len} "
+            "does not fit; lower --batch-size or --seq-len, or pick a smaller --preset")
+
+
+@dataclass
+class Run:
+    """What the loop needs, built once by `setup`."""
+
+    cfg: TrainConfig
+    device: torch.device
+    seq_len: int
+    model: torch.nn.Module
+    eval_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    sampler: BatchSampler
+    val_tokens: object
+    log: MetricsLog
+    start_step: int
+    flops_per_token: float
+    peak_flops: float | None
+
+
+def setup(cfg: TrainConfig, say=print) -> Run:
+    """Probe, check the data and the output folder, build model/optimizer, load a checkpoint."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_cfg = cfg.model_config()
+    seq_len = cfg.seq_len or model_cfg.seq_len
+    support = hardware.probe(device, cfg.emulate)
+    say(support.describe() + (" (unused: this is the bf16 run)" if cfg.fp8 == "none" else ""))
+    train_tokens, val_tokens, _ = open_corpus(cfg.data_dir, vocab_size=model_cfg.vocab_size,
+                                              seq_len=seq_len)
+    check_fits(model_cfg, cfg.preset, device)
+    out = Path(cfg.out_dir)
+    ckpt = checkpoint_path(out)
+    if ckpt.exists() and not cfg.resume:
+        raise FileExistsError(f"{out} already holds a checkpoint ({ckpt}); pass --resume to "
+                              "continue that run, or choose another --out (nothing was changed)")
+    state = load_checkpoint(ckpt, preset=cfg.preset, model_config=model_cfg) if cfg.resume else None
+    out.mkdir(parents=True, exist_ok=True)
+    model, eval_model = build_model(cfg, model_cfg, support, device, state)
+    optimizer = build_optimizer(cfg, model, device)
+    sampler = BatchSampler(train_tokens, cfg.batch_size, seq_len, seed=cfg.seed)
+    start_step = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["data"])
+        start_step = state["step"]
+        fp8_note = "" if state["fp8"] == cfg.fp8 else f" (it trained with --fp8 {state['fp8']})"
+        say(f"resumed {ckpt} at step {start_step}{fp8_note}")
+    _describe_model(cfg, model_cfg, eval_model, seq_len, say)
+    log = MetricsLog(out / METRICS_NAME, resume_step=start_step if state else None)
+    run = Run(cfg, device, seq_len, model, eval_model, optimizer, sampler, val_tokens, log,
+              start_step, flops_per_token(model_cfg, seq_len),
+              hardware.peak_flops(device, fp8=cfg.fp8 != "none"))
+    log.write(event="start", **_start_record(cfg, model_cfg, support, seq_len, start_step))
+    return run
+
+
+def _describe_model(cfg, model_cfg, eval_model, seq_len, say) -> None:
+    say(f"model: preset {cfg.preset!r} {model_cfg}, {num_params(model_cfg) / 1e6:.1f}M params "
+        f"({num_params(model_cfg, embedding=False) / 1e6:.1f}M without the embedding), bf16")
+    say(f"run: {cfg.name}, {cfg.steps} steps x {cfg.batch_size} x {seq_len} tokens, "
+        f"compile={cfg.compile}, seed {cfg.seed}")
+    if cfg.fp8 != "none":
+        layers = fp8_layers(eval_model)
+        fp8 = [how for how in layers.values() if how.startswith("fp8")]
+        kept = [f"{fqn} ({how})" for fqn, how in layers.items() if not how.startswith("fp8")]
+        kinds = ", ".join(sorted(set(fp8)))
+        say(f"fp8 layers: {len(fp8)} converted ({kinds}); kept in bf16: {', '.join(kept)}")
+
+
+def _start_record(cfg, model_cfg, support, seq_len, start_step) -> dict:
+    return {"name": cfg.name, "preset": cfg.preset, "fp8": cfg.fp8, "device": support.device,
+            "device_name": support.device_name,
+            "fp8_path": "none (bf16)" if cfg.fp8 == "none" else support.path,
+            "torch": support.torch_version, "num_params": num_params(model_cfg),
+            "flops_per_token": flops_per_token(model_cfg, seq_len),
+            "batch_size": cfg.batch_size, "seq_len": seq_len, "steps": cfg.steps,
+            "lr": cfg.lr or DEFAULT_LR[cfg.preset], "compile": cfg.compile, "seed": cfg.seed,
+            "resumed_from": start_step or None, "model_config": dataclasses.asdict(model_cfg)}
+
+
+def _save(run: Run, step: int) -> None:
+    save_checkpoint(checkpoint_path(run.cfg.out_dir), step=step, preset=run.cfg.preset,
+                    model_config=run.cfg.model_config(), fp8=run.cfg.fp8, model=run.eval_model,
+                    optimizer=run.optimizer, data_state=run.sampler.state_dict())
+
+
+def _one_step(run: Run, step: int, lr: float) -> dict:
+    """Train step `step` (1-based) and measure it; the `.item()` calls wait for the GPU."""
+    cfg, device = run.cfg, run.device
+    start = time.perf_counter()
+    inputs, targets = run.sampler.next_batch()
+    inputs = inputs.to(device, non_blocking=True)
+    targets = targets.to(device, non_blocking=True)
+    try:
+        loss, grad_norm = train_step(run.model, run.optimizer, inputs, targets, lr, cfg.grad_clip)
+        loss, grad_norm = loss.item(), grad_norm.item()
+    except torch.cuda.OutOfMemoryError as err:
+        raise RuntimeError(_oom_hint(cfg, run.seq_len)) from err
+    _sync(device)
+    seconds = time.perf_counter() - start
+    tokens_per_s = cfg.batch_size * run.seq_len / seconds
+    mfu = None if run.peak_flops is None else run.flops_per_token * tokens_per_s / run.peak_flops
+    return {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu,
+            "step_ms": 1e3 * seconds, "grad_norm": grad_norm}
+
+
+def run(cfg: TrainConfig, say=print) -> dict:
+    """Train as `cfg` says; returns the summary record (also the last line of metrics.jsonl)."""
+    wall = time.perf_counter()
+    run_ = setup(cfg, say)
+    lr_kw = dict(lr=cfg.lr or DEFAULT_LR[cfg.preset], total=cfg.steps,
+                 warmup=cfg.warmup_steps if cfg.warmup_steps is not None
+                 else min(200, cfg.steps // 10), min_ratio=cfg.min_lr_ratio)
+    last = min(cfg.steps, cfg.stop_after or cfg.steps)
+    progress = Progress(cfg.progress, total=cfg.steps, initial=run_.start_step, desc=cfg.name,
+                        say=say)
+    val_loss, records = None, []
+    for step in range(run_.start_step + 1, last + 1):
+        record = _one_step(run_, step, lr_at(step, **lr_kw))
+        records.append(record)
+        run_.log.write(**record)
+        progress.update(record)
+        if not math.isfinite(record["loss"]):
+            progress.write(f"step {step}: loss is {record['loss']}; stopping")
+            break
+        if step == last or (cfg.eval_every and step % cfg.eval_every == 0):
+            val_loss = evaluate(run_.eval_model, run_.val_tokens, cfg, run_.seq_len, run_.device)
+            run_.log.write(step=step, val_loss=val_loss)
+            progress.write(f"step {step}: val loss {val_loss:.4f}")
+        if step == last or (cfg.save_every and step % cfg.save_every == 0):
+            _save(run_, step)
+    progress.close()
+    return _finish(run_, records, val_loss, time.perf_counter() - wall, say)
+
+
+def _finish(run_: Run, records: list[dict], val_loss, wall_s: float, say) -> dict:
+    peak, kind = hardware.peak_memory_gib(run_.device)
+    steady = [r["tokens_per_s"] for r in records[max(1, len(records) // 10):]] or [math.nan]
+    summary = {"event": "end", "step": records[-1]["step"] if records else run_.start_step,
+               "final_loss": statistics.fmean(r["loss"] for r in records[-10:]) if records
+               else math.nan, "val_loss": val_loss,
+               "tokens_per_s": statistics.median(steady), "peak_mem_gib": peak,
+               "peak_mem_kind": kind, "wall_s": wall_s,
+               "first_step_s": records[0]["step_ms"] / 1e3 if records else None}
+    run_.log.write(**summary)
+    run_.log.close()
+    val = "n/a" if val_loss is None else f"{val_loss:.4f}"
+    say(f"done: {run_.cfg.name} step {summary['step']}, train loss (last 10) "
+        f"{summary['final_loss']:.4f}, val loss {val}, {summary['tokens_per_s']:,.0f} tokens/s "
+        f"(median), peak memory {peak:.2f} GiB ({kind}), {wall_s:.0f} s")
+    return summary

@@ -1,0 +1,82 @@
+"""Train a Transformer LM on the prepared corpus, in bf16 or FP8, and log metrics.
+
+    python scripts/prepare_data.py                                    # once: data/corpus
+    python scripts/train.py --preset tiny --steps 200 --out runs/bf16
+    python scripts/train.py --preset tiny --steps 200 --out runs/fp8 --use_fp8
+    python scripts/compare_runs.py runs/bf16 runs/fp8 --out runs/compare
+
+    python scripts/train.py --preset small --fp8 rowwise --batch-size 16 --out runs/small-rw
+    python scripts/train.py ... --out runs/small-rw --resume           # continue from ckpt.pt
+
+Writes OUT/metrics.jsonl (per-step loss, lr, tokens/s, MFU; val loss; a start and an end
+record) and OUT/ckpt.pt (atomic; loads with torch.load(weights_only=True)). The loop itself is
+compile_fp8/lm/train.py; docs/training.md walks through it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+
+from compile_fp8.lm.hardware import EMULATE_CHOICES
+from compile_fp8.lm.model import PRESETS
+from compile_fp8.lm.progress import MODES
+from compile_fp8.lm.train import FP8_CHOICES, TrainConfig, run
+
+
+def parse_args(argv=None) -> TrainConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = p.add_argument
+    add("--preset", choices=list(PRESETS), default="tiny", help="model shape (default: tiny)")
+    add("--fp8", choices=FP8_CHOICES, default="none", help="FP8 recipe, or none for bf16")
+    add("--use_fp8", action="store_true", help="the same as --fp8 tensorwise")
+    add("--steps", type=int, default=200, help="optimizer steps of the whole run")
+    add("--batch-size", type=int, default=16)
+    add("--seq-len", type=int, default=None, help="default: the preset's")
+    add("--lr", type=float, default=None, help="peak learning rate (default: per preset)")
+    add("--warmup-steps", type=int, default=None, help="default: 10%% of --steps, at most 200")
+    add("--compile", action=argparse.BooleanOptionalAction, default=True,
+        help="torch.compile the model (default: on)")
+    add("--emulate", choices=EMULATE_CHOICES, default="auto",
+        help="FP8 path: auto (FP8 hardware on sm89+ GPUs, emulation on CPU), on, off")
+    add("--device", default=None, help="default: cuda if available, else cpu")
+    add("--seed", type=int, default=0, help="weights and data order")
+    add("--vocab-size", type=int, default=None, help="override the preset's vocab size")
+    add("--data", default="data/corpus", help="folder with train.bin, val.bin, meta.json")
+    add("--out", default=None, help="run folder (default: runs/<preset>-<bf16|fp8-recipe>)")
+    add("--eval-every", type=int, default=100, help="val loss every N steps (0: at the end)")
+    add("--eval-batches", type=int, default=20)
+    add("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+    add("--stop-after", type=int, default=None,
+        help="end after this step with a checkpoint; --resume continues the same schedule")
+    add("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    add("--progress", choices=MODES, default="auto", help="tqdm bar or printed lines")
+    args = p.parse_args(argv)
+    if args.use_fp8:
+        if args.fp8 not in ("none", "tensorwise"):
+            p.error("--use_fp8 means --fp8 tensorwise; pass only one of them")
+        args.fp8 = "tensorwise"
+    name = "bf16" if args.fp8 == "none" else f"fp8-{args.fp8}"
+    return TrainConfig(
+        preset=args.preset, fp8=args.fp8, steps=args.steps, batch_size=args.batch_size,
+        seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps, compile=args.compile,
+        emulate=args.emulate, device=args.device, seed=args.seed, vocab_size=args.vocab_size,
+        data_dir=args.data, out_dir=args.out or f"runs/{args.preset}-{name}",
+        eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
+        stop_after=args.stop_after, resume=args.resume, progress=args.progress)
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    say = functools.partial(print, flush=True)
+    try:
+        summary = run(cfg, say=say)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)  # bad input: the message says what to do
+        return 2
+    return 0 if summary["final_loss"] == summary["final_loss"] else 1  # NaN -> 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
