@@ -1,0 +1,280 @@
+"""compile_fp8.lm: presets, token files and sampler, training (bf16 / FP8), resume, comparison.
+
+All on CPU and small: the training runs use the `tiny` preset with a 512-token vocab on a
+synthetic, learnable token file (no network, no prepared corpus), eagerly.
+"""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from compile_fp8.lm import PRESETS, ModelConfig, TransformerLM, flops_per_token, num_params
+from compile_fp8.lm import compare, corpus, hardware
+from compile_fp8.lm.data import BatchSampler, eval_batches, open_corpus, open_tokens
+from compile_fp8.lm.model import apply_rope, rope_tables
+from compile_fp8.lm.train import TrainConfig, lr_at, run
+
+VOCAB = 512
+
+# ---- model ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_param_count_matches_the_module(name):
+    cfg = PRESETS[name]
+    with torch.device("meta"):
+        model = TransformerLM(cfg)
+    counted = sum(p.numel() for p in model.parameters())
+    assert counted == num_params(cfg), f"{name}: module {counted} vs formula {num_params(cfg)}"
+    dims = [cfg.d_model, cfg.d_ff, cfg.head_dim] + [d for p in model.parameters() for d in p.shape]
+    assert all(d % 16 == 0 for d in dims), f"{name}: a dim is not a multiple of 16: {dims}"
+    assert cfg.vocab_size % 64 == 0, cfg.vocab_size
+    assert flops_per_token(cfg, cfg.seq_len) > 6 * num_params(cfg, embedding=False)
+
+
+@pytest.mark.parametrize("name, millions", [("tiny", 13.7), ("small", 162.2), ("anchor", 956.3)])
+def test_preset_sizes(name, millions):
+    got = num_params(PRESETS[name]) / 1e6
+    assert abs(got - millions) < 0.1, f"{name}: {got:.2f}M params"
+
+
+def test_forward_shapes_and_initial_loss():
+    cfg = PRESETS["tiny"].replace(vocab_size=VOCAB)
+    model = TransformerLM(cfg)
+    tokens = torch.randint(VOCAB, (2, 16))
+    logits = model(tokens)
+    assert logits.shape == (2, 16, VOCAB), logits.shape
+    loss = model(tokens, tokens).item()
+    assert abs(loss - math.log(VOCAB)) < 0.5, f"initial loss {loss} vs ln(vocab) {math.log(VOCAB)}"
+
+
+def test_rope_scores_depend_on_relative_position_only():
+    cos, sin = rope_tables(8, 16, 10000.0, "cpu")
+    q, k = torch.randn(16), torch.randn(16)
+    rot_q = apply_rope(q.expand(1, 1, 8, 16), cos, sin)[0, 0]  # q at every position: [8, 16]
+    rot_k = apply_rope(k.expand(1, 1, 8, 16), cos, sin)[0, 0]
+    score_a, score_b = rot_q[5] @ rot_k[3], rot_q[4] @ rot_k[2]  # both 2 apart
+    assert torch.allclose(score_a, score_b, atol=1e-5), (score_a, score_b)
+
+
+def test_model_config_errors():
+    with pytest.raises(ValueError, match="d_ff=100 must be a multiple of 16"):
+        ModelConfig(d_ff=100)
+    with pytest.raises(ValueError, match="vocab_size=50257 must be a multiple of 64"):
+        ModelConfig(vocab_size=50257)
+    with pytest.raises(ValueError, match="not divisible by n_heads"):
+        ModelConfig(d_model=768, n_heads=10)
+
+
+# ---- token files and sampler ------------------------------------------------------------------
+
+
+def write_corpus(folder, n_train=20_000, n_val=2_000, meta=True):
+    """A learnable corpus: a fixed cycle through 64 token ids, as uint16 files + meta.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cycle = np.random.default_rng(0).permutation(VOCAB)[:64].astype(np.uint16)
+    for name, n in (("train", n_train), ("val", n_val)):
+        np.resize(cycle, n).tofile(folder / f"{name}.bin")
+    if meta:
+        (folder / "meta.json").write_text(json.dumps(
+            {"vocab_size": VOCAB, "tokens": {"train": n_train, "val": n_val}}))
+    return folder
+
+
+def test_missing_folder_and_file_say_how_to_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `python scripts/prepare_data.py`"):
+        open_corpus(tmp_path / "nowhere", vocab_size=VOCAB, seq_len=8)
+    with pytest.raises(FileNotFoundError, match="train.bin does not exist.*prepare_data.py"):
+        open_corpus(tmp_path, vocab_size=VOCAB, seq_len=8)
+
+
+@pytest.mark.parametrize("content, expected, message", [
+    (b"", None, "is empty"),
+    (b"\x01\x00\x02", None, "not a whole number of uint16 tokens"),
+    (np.arange(10, dtype=np.int32).tobytes(), 10, "has 20 uint16 tokens but meta.json says 10"),
+    (np.array([1] * 20 + [600], dtype=np.uint16).tobytes(), None, "id 600 >= .* vocab_size 512"),
+    (np.array([1, 2], dtype=np.uint16).tobytes(), None, "fewer than the 9 one batch row needs"),
+])
+def test_bad_token_files_are_refused(tmp_path, content, expected, message):
+    path = tmp_path / "train.bin"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        open_tokens(path, vocab_size=VOCAB, expected_tokens=expected, min_tokens=9)
+
+
+def test_sampler_is_deterministic_and_covers_each_window_once_per_epoch():
+    tokens = np.arange(1001, dtype=np.uint16)  # 1000 // 10 = 100 windows of 10 (+1) tokens
+    a, b = BatchSampler(tokens, 8, 10, seed=3), BatchSampler(tokens, 8, 10, seed=3)
+    first = [a.next_batch() for _ in range(25)]  # 200 samples: two epochs
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(first, (b.next_batch() for _ in first)))
+    inputs, targets = first[0]
+    assert inputs.shape == (8, 10) and torch.equal(inputs[:, 1:], targets[:, :-1])
+    starts = [int(x[0]) for inputs, _ in first[:13] for x in inputs][:100]
+    assert sorted(starts) == list(range(0, 1000, 10)), "epoch 1 is not a permutation of windows"
+    other = BatchSampler(tokens, 8, 10, seed=4).next_batch()[0]
+    assert not torch.equal(other, inputs), "another seed gave the same first batch"
+
+
+def test_sampler_resumes_exactly_and_refuses_another_shape():
+    tokens = np.arange(5001, dtype=np.uint16)
+    uninterrupted = BatchSampler(tokens, 4, 16, seed=1)
+    expected = [uninterrupted.next_batch()[0] for _ in range(30)]
+    first = BatchSampler(tokens, 4, 16, seed=1)
+    for _ in range(17):
+        first.next_batch()
+    resumed = BatchSampler(tokens, 4, 16, seed=0)
+    resumed.load_state_dict(first.state_dict())
+    rest = [resumed.next_batch()[0] for _ in range(13)]
+    assert all(torch.equal(x, y) for x, y in zip(rest, expected[17:])), "resumed order differs"
+    with pytest.raises(ValueError, match="resume with --batch-size 4"):
+        BatchSampler(tokens, 8, 16).load_state_dict(first.state_dict())
+
+
+def test_eval_batches_are_fixed_and_bounded():
+    tokens = np.arange(1001, dtype=np.uint16)
+    batches = list(eval_batches(tokens, 8, 10, max_batches=3))
+    assert len(batches) == 3 and batches[0][0][0, 0] == 0, [b[0][:, 0] for b in batches]
+
+
+def test_corpus_split_sends_every_100th_chunk_to_val():
+    docs = [list(range(5000))] * 50  # 50 docs of 5001 tokens (with EOT) -> 3 chunks each
+    train, val = corpus.split_tokens(docs)
+    # val = chunks 37 (doc 12, 2nd chunk: 2048 tokens) and 137 (doc 45, 3rd chunk: 905 tokens)
+    assert len(train) + len(val) == 50 * 5001 and len(val) == 2048 + 905, len(val)
+    assert train.dtype == np.uint16
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+
+def small_run(tmp_path, out="run", **changes) -> TrainConfig:
+    base = dict(preset="tiny", vocab_size=VOCAB, steps=12, batch_size=4, seq_len=32, lr=3e-3,
+                compile=False, device="cpu", emulate="on", data_dir=str(tmp_path / "data"),
+                out_dir=str(tmp_path / out), eval_every=0, eval_batches=2, progress="print")
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def train_losses(out_dir) -> dict[int, float]:
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert len(steps) == len(set(steps)), f"a step is logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.mark.parametrize("fp8", ["none", "tensorwise"])
+def test_a_few_steps_of_tiny_lower_the_loss(tmp_path, fp8):
+    write_corpus(tmp_path / "data")
+    summary = run(small_run(tmp_path, fp8=fp8), say=lambda *a: None)
+    losses = train_losses(tmp_path / "run")
+    assert losses[12] < losses[1] - 1.0, f"{fp8}: loss {losses[1]:.3f} -> {losses[12]:.3f}"
+    assert math.isfinite(summary["val_loss"]), summary
+
+
+def test_resume_continues_exactly_and_checkpoint_loads_weights_only(tmp_path):
+    write_corpus(tmp_path / "data")
+    quiet = dict(say=lambda *a: None)
+    run(small_run(tmp_path, out="whole", fp8="tensorwise", steps=6), **quiet)
+    run(small_run(tmp_path, out="split", fp8="tensorwise", steps=6, stop_after=3), **quiet)
+    run(small_run(tmp_path, out="split", fp8="tensorwise", steps=6, resume=True), **quiet)
+    whole, split = train_losses(tmp_path / "whole"), train_losses(tmp_path / "split")
+    assert whole == split, f"uninterrupted {whole} vs resumed {split}"
+    state = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)
+    model = TransformerLM(PRESETS["tiny"].replace(vocab_size=VOCAB))
+    model.load_state_dict(state["model"])  # the FP8 run's weights load into a plain model
+    assert state["step"] == 6 and state["data"]["step"] == 6, (state["step"], state["data"])
+
+
+def test_resume_refuses_another_preset_and_fresh_run_refuses_a_checkpoint(tmp_path):
+    write_corpus(tmp_path / "data")
+    run(small_run(tmp_path, steps=2), say=lambda *a: None)
+    with pytest.raises(ValueError, match="written by preset 'tiny'.*--preset tiny"):
+        run(small_run(tmp_path, preset="small", resume=True), say=lambda *a: None)
+    with pytest.raises(FileExistsError, match="already holds a checkpoint.*--resume"):
+        run(small_run(tmp_path, steps=2), say=lambda *a: None)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .* to resume"):
+        run(small_run(tmp_path, out="other", resume=True), say=lambda *a: None)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    kw = dict(lr=1.0, warmup=10, total=110, min_ratio=0.1)
+    assert lr_at(5, **kw) == 0.5 and lr_at(10, **kw) == 1.0
+    assert abs(lr_at(60, **kw) - 0.55) < 1e-9 and abs(lr_at(110, **kw) - 0.1) < 1e-9
+
+
+def test_bad_train_config_values_name_the_choices():
+    with pytest.raises(ValueError, match="fp8='int8' is not supported; allowed values"):
+        TrainConfig(fp8="int8")
+    with pytest.raises(ValueError, match="preset='huge' is not known"):
+        TrainConfig(preset="huge")
+
+
+def test_cpu_probe_defaults_to_emulation_and_says_why():
+    auto = hardware.probe("cpu", "auto")
+    assert auto.emulate and auto.path == "emulation" and "reference kernel" in auto.reason
+    assert hardware.probe("cpu", "off").path == "CPU real kernel"
+    assert "FP8 path: emulation" in auto.describe()
+    assert hardware.peak_flops("cpu", fp8=True) is None
+
+
+# ---- comparison -------------------------------------------------------------------------------
+
+
+def write_metrics(folder, fp8, losses, tokens_per_s, val):
+    folder.mkdir(parents=True)
+    name = "bf16" if fp8 == "none" else f"fp8-{fp8}"
+    lines = [{"event": "start", "name": name, "fp8": fp8, "preset": "tiny", "device": "cpu"}]
+    lines += [{"step": i + 1, "loss": loss, "lr": 1e-3, "tokens_per_s": tokens_per_s,
+               "mfu": None, "step_ms": 1.0} for i, loss in enumerate(losses)]
+    lines += [{"step": len(losses), "val_loss": val},
+              {"event": "end", "peak_mem_gib": 2.0, "first_step_s": 9.0}]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return folder
+
+
+def test_compare_runs_writes_table_and_plot(tmp_path):
+    fp8 = write_metrics(tmp_path / "b", "tensorwise", [5.0] * 20 + [4.04] * 10, 1500.0, 4.2)
+    bf16 = write_metrics(tmp_path / "a", "none", [5.0] * 20 + [4.0] * 10, 1000.0, 4.0)
+    markdown = compare.write_report([fp8, bf16], tmp_path / "out")
+    rows = [line for line in markdown.splitlines() if line.startswith("| bf16") or
+            line.startswith("| fp8")]
+    assert rows[0].startswith("| bf16"), markdown  # the reference comes first
+    assert "4.0400 | +1.00% | 4.2000 | +5.00% | 1,500 | 1.50x | 2.00 | 9.0 |" in rows[1], rows[1]
+    assert (tmp_path / "out" / "loss.png").stat().st_size > 10_000
+    assert (tmp_path / "out" / "comparison.md").read_text() == markdown
+
+
+def test_compare_runs_rejects_a_folder_without_metrics(tmp_path):
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl does not exist"):
+        compare.load_run(tmp_path)
+
+
+def test_import_compile_fp8_stays_light():
+    import subprocess
+    import sys
+
+    # torch itself imports tqdm when it is installed: check what compile_fp8 adds to torch
+    code = ("import sys, torch; before = set(sys.modules); import compile_fp8; "
+            "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in "
+            "('tqdm', 'tiktoken', 'matplotlib', 'numpy') or m.startswith('compile_fp8.lm')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_train_cli_flags(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "train.py"
+    spec = importlib.util.spec_from_file_location("train_cli", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    cfg = cli.parse_args(["--use_fp8", "--no-compile", "--steps", "5"])
+    assert (cfg.fp8, cfg.compile, cfg.steps, cfg.out_dir) == (
+        "tensorwise", False, 5, "runs/tiny-fp8-tensorwise"), dataclasses.asdict(cfg)
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--use_fp8", "--fp8", "rowwise"])
