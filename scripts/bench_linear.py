@@ -16,8 +16,8 @@ Every variant gets a fresh deep copy of the same initial layer and is
                          ``Float8LinearConfig.from_recipe_name("tensorwise")``
 * ``torchao-rowwise``    same with ``"rowwise"``
 
-On CUDA the step is timed with
-``triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")``.
+On CUDA the step is timed in interleaved rounds (see bench_shape) with
+``triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")``.
 With ``--small`` tiny shapes are run (on CPU when there is no GPU) and timed
 with ``time.perf_counter`` over a few iterations; that mode only checks that
 the script works.
@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of KxN, e.g. 4096x4096,8192x8192")
     p.add_argument("--m", type=int, default=None,
                    help=f"tokens (default {DEFAULT_M}, {SMALL_M} with --small)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved timing rounds per variant on CUDA (median taken)")
+    p.add_argument("--rep-ms", type=int, default=60,
+                   help="milliseconds of repetitions per do_bench call")
     p.add_argument("--out", default=None,
                    help="directory for bench_linear.md and bench_linear.json")
     p.add_argument("--fail-fast", action="store_true",
@@ -209,33 +213,37 @@ def time_simple(fn, device: str) -> float:
     return statistics.median(times)
 
 
-def time_do_bench(fn, device: str) -> float:
+def time_do_bench(fn, device: str, rep_ms: int = 100) -> float:
     from triton.testing import do_bench
 
-    for _ in range(2):  # compile forward and backward outside the timed region
-        fn()
-    sync(device)
-    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    return float(do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
 
 
-def bench_variant(name, base, x, grad, args) -> float:
-    model = build_variant(name, base, x)
-    step = make_step(model, x, grad)
-    if args.small:
-        return time_simple(step, args.device)
-    return time_do_bench(step, args.device)
+def build_step(name, base, x, grad, args):
+    """The compiled step of one variant, run twice so compilation stays out of the timing."""
+    step = make_step(build_variant(name, base, x), x, grad)
+    for _ in range(2):
+        step()
+    sync(args.device)
+    return step
 
 
 def bench_shape(k, n, args, notes: list[str]) -> dict:
-    """Time every requested variant on one (K, N); ms or None per variant."""
+    """Time every requested variant on one (K, N); ms or None per variant.
+
+    On CUDA the variants are timed in `--rounds` interleaved rounds (A B C, A B C, ...) and each
+    variant's result is the median of its rounds, so clock or thermal drift during the run
+    does not favour whichever variant happened to run first.
+    """
     dev = args.device
     base = make_base(k, n, dev)
     x = torch.randn(args.m, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(args.m, n, device=dev, dtype=torch.bfloat16)
     row = {"M": args.m, "K": k, "N": n, "ms": {}, "errors": {}}
+    steps = {}
     for name in args.variants:
         try:
-            row["ms"][name] = bench_variant(name, base, x, grad, args)
+            steps[name] = build_step(name, base, x, grad, args)
         except Skip as e:
             row["ms"][name] = None
             add_note(notes, f"skipped {name}: {e}")
@@ -245,8 +253,16 @@ def bench_shape(k, n, args, notes: list[str]) -> dict:
             row["ms"][name] = None
             row["errors"][name] = "".join(traceback.format_exception_only(e)).strip()
             add_note(notes, f"{name} failed on K={k} N={n}: {row['errors'][name]}")
-        free_memory(dev)
-        print(f"  {k}x{n} {name}: {fmt_ms(row['ms'][name])} ms", file=sys.stderr)
+    rounds = {name: [] for name in steps}
+    for _ in range(1 if args.small else args.rounds):
+        for name, step in steps.items():
+            timer = time_simple(step, dev) if args.small else time_do_bench(step, dev, args.rep_ms)
+            rounds[name].append(timer)
+    for name, times in rounds.items():
+        row["ms"][name] = statistics.median(times)
+        print(f"  {k}x{n} {name}: {fmt_ms(row['ms'][name])} ms (rounds {times})", file=sys.stderr)
+    del steps
+    free_memory(dev)
     return row
 
 

@@ -5,7 +5,7 @@
 #   bash scripts/device_check.sh [bench_linear args...]
 #
 # Logs go to $OUT (the device tool's return folder, at most 8 files come back) or ./runs/device:
-# env.txt, gpu_tests.log, cpu_suites_on_device.log, bench_linear.{md,json}, profile_linear.txt,
+# env.txt, gpu_tests.log, bench_linear.{md,json}, profile_linear.txt,
 # stderr.log.
 set -uo pipefail
 OUT=${OUT:-runs/device}
@@ -27,10 +27,6 @@ fi
 echo "== GPU tests"
 python3 -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
-
-echo "== torch 2.11 check of the CPU-independent suites"
-python3 -m pytest tests/test_api.py tests/test_weight.py tests/test_tensor.py tests/test_scaling_modes.py -q -p no:cacheprovider \
-  > "$OUT/cpu_suites_on_device.log" 2>&1; tail -n 15 "$OUT/cpu_suites_on_device.log"
 
 echo "== bench_linear"
 python3 scripts/bench_linear.py --out "$OUT" "$@" 2>>"$OUT/stderr.log"
