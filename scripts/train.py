@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import traceback
 
 from compile_fp8.lm.hardware import EMULATE_CHOICES
 from compile_fp8.lm.model import PRESETS
@@ -73,7 +74,9 @@ def main(argv=None) -> int:
     try:
         summary = run(cfg, say=say)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)  # bad input: the message says what to do
+        # bad input: the message says what to do; where it was raised helps if it is a bug
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        print(f"error: {err}\n(raised at {where.filename}:{where.lineno})", file=sys.stderr)
         return 2
     return 0 if summary["final_loss"] == summary["final_loss"] else 1  # NaN -> 1
 

@@ -92,6 +92,12 @@ def test_missing_folder_and_file_say_how_to_fix(tmp_path):
         open_corpus(tmp_path, vocab_size=VOCAB, seq_len=8)
 
 
+def test_corpus_of_a_larger_vocab_is_refused_before_reading(tmp_path):
+    write_corpus(tmp_path)
+    with pytest.raises(ValueError, match="tokenized for vocab_size 512 .* --vocab-size >= 512"):
+        open_corpus(tmp_path, vocab_size=256, seq_len=8)
+
+
 @pytest.mark.parametrize("content, expected, message", [
     (b"", None, "is empty"),
     (b"\x01\x00\x02", None, "not a whole number of uint16 tokens"),

@@ -69,7 +69,8 @@ def open_tokens(path: str | os.PathLike, *, vocab_size: int, expected_tokens: in
     if top >= vocab_size:
         raise ValueError(f"token file {path} holds token id {top} >= the model's vocab_size "
                          f"{vocab_size}: the data was tokenized for a larger vocab (pick a "
-                         f"preset or --vocab-size >= {top + 1}) or the file is corrupt")
+                         f"preset or --vocab-size >= {-(-(top + 1) // 64) * 64}) or the file is "
+                         "corrupt")
     return tokens
 
 
@@ -148,6 +149,10 @@ def open_corpus(data_dir: str | os.PathLike, *, vocab_size: int, seq_len: int):
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data folder {data_dir} does not exist; {PREPARE_HINT}")
     meta = read_meta(data_dir)
+    if meta.get("vocab_size", 0) > vocab_size:
+        raise ValueError(f"{data_dir} was tokenized for vocab_size {meta['vocab_size']} (meta.json)"
+                         f" but the model has {vocab_size}: pick a preset or --vocab-size >= "
+                         f"{meta['vocab_size']}")
     counts = meta.get("tokens", {})
     splits = [open_tokens(data_dir / f"{split}.bin", vocab_size=vocab_size,
                           expected_tokens=counts.get(split), min_tokens=seq_len + 1)
