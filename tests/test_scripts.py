@@ -21,3 +21,12 @@ def test_bench_linear_small(tmp_path, capsys):
     assert rc == 0, out
     assert "| 32 | 48 |" in out and "err" not in out, out
     assert (tmp_path / "bench_linear.json").exists() and (tmp_path / "bench_linear.md").exists()
+
+
+def test_bench_train_step_small(tmp_path, capsys):
+    bench = _load("bench_train_step")
+    rc = bench.main(["--small", "--variants", "bf16,ours-tensorwise", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "| bf16 |" in out and "| ours-tensorwise |" in out and "failed" not in out, out
+    assert (tmp_path / "bench_train_step.json").exists()

@@ -1,0 +1,204 @@
+"""Benchmark one LM training step: bf16 vs compile_fp8 vs torchao, all in one process.
+
+The default model is the 956M Llama-style LM of ../shared/ANCHORS.md (`anchor` preset: 16
+layers, d_model 2048, 16 heads, SwiGLU 5632, vocab 32768, LM head kept in bf16), batch 8 x 2048
+tokens, bf16 parameters, fused AdamW, SDPA attention, torch.compile. For every variant it builds
+the same model from the same seed, compiles it, and reports:
+
+* first step seconds (compilation + one step), step ms (median of `--steps` timed steps after
+  `--warmup`), tokens/s, speed-up over bf16, peak memory (torch.cuda.max_memory_allocated).
+
+Variants: bf16, ours-tensorwise, ours-rowwise, ours-static (calibrated on one batch), ours-delayed,
+torchao-tensorwise, torchao-rowwise (skipped with a note when torchao is missing).
+
+On the GPU (torchao carried as a wheel, see scripts/device_check.sh):
+
+    python3 scripts/bench_train_step.py --out $OUT
+    python3 scripts/bench_train_step.py --variants bf16,ours-tensorwise --preset medium --batch 16 --seq 1024
+
+On CPU, `--small` runs a one-layer toy model for a few steps so CI can check the script works
+(its timings mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+
+VARIANTS = (
+    "bf16",
+    "ours-tensorwise",
+    "ours-rowwise",
+    "ours-static",
+    "ours-delayed",
+    "torchao-tensorwise",
+    "torchao-rowwise",
+)
+
+
+def not_head(module, fqn: str) -> bool:
+    return fqn != "head"  # the LM head stays bf16, as in ANCHORS.md
+
+
+def build_model(args, device):
+    from compile_fp8.lm.model import TransformerLM, get_preset
+
+    cfg = get_preset(args.preset).replace(seq_len=args.seq)
+    if args.small:
+        cfg = cfg.replace(vocab_size=256, d_model=64, n_layers=1, n_heads=4, d_ff=176, seq_len=args.seq)
+    torch.manual_seed(0)
+    return TransformerLM(cfg).to(device, torch.bfloat16), cfg
+
+
+def convert(name: str, model, batch, emulate):
+    """`model` converted and compiled as variant `name`."""
+    if name == "bf16":
+        return torch.compile(model)
+    kind, what = name.split("-")
+    if kind == "torchao":
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        config = Float8LinearConfig.from_recipe_name(what)
+        return torch.compile(convert_to_float8_training(model, config=config, module_filter_fn=not_head))
+    from compile_fp8 import Float8Config, calibrate, compile_fp8
+
+    config = Float8Config(scaling=what, emulate=emulate) if what in ("static", "delayed") else (
+        Float8Config(recipe=what, emulate=emulate))
+    compiled = compile_fp8(model, config, module_filter_fn=not_head)
+    if what == "static":
+        calibrate(compiled, [batch[0]])
+    return compiled
+
+
+def make_step(model, batch, device):
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+    tokens, targets = batch
+
+    def step():
+        loss = model(tokens, targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def timed(fn, device) -> float:
+    """Seconds of one call, synchronized."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def bench_variant(name, base, batch, args, device) -> dict:
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    emulate = True if device.type == "cpu" else None  # CPU _scaled_mm is a slow reference kernel
+    step = make_step(convert(name, copy.deepcopy(base), batch, emulate), batch, device)
+    first_s = timed(step, device)
+    for _ in range(args.warmup):
+        step()
+    times = [timed(step, device) for _ in range(args.steps)]
+    ms = statistics.median(times) * 1e3
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return {"first_step_s": first_s, "step_ms": ms, "tokens_per_s": batch[0].numel() / ms * 1e3,
+            "peak_gib": peak}
+
+
+def run(args) -> tuple[list[dict], list[str]]:
+    device = torch.device(args.device)
+    base, cfg = build_model(args, device)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen).to(device)
+    batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+    rows, notes = [], []
+    for name in args.variants:
+        try:
+            row = {"variant": name, **bench_variant(name, base, batch, args, device)}
+        except ImportError as err:
+            notes.append(f"skipped {name}: {err}")
+            continue
+        except Exception as err:  # report, then go on with the other variants
+            notes.append(f"{name} failed: {type(err).__name__}: {err}"[:300])
+            continue
+        rows.append(row)
+        print(f"  {name}: {row['step_ms']:.1f} ms/step, first step {row['first_step_s']:.1f} s",
+              file=sys.stderr, flush=True)
+    return rows, notes
+
+
+def render(rows, notes, args) -> str:
+    bf16 = next((r for r in rows if r["variant"] == "bf16"), None)
+    lines = [
+        f"# bench_train_step {datetime.datetime.now().isoformat(timespec='seconds')} | "
+        f"{_device_name(args.device)} | torch {torch.__version__} | preset {args.preset}"
+        f"{' (small)' if args.small else ''} | batch {args.batch} x {args.seq}",
+        "",
+        "| variant | step ms | tokens/s | speed-up | first step s | peak GiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        speed = f"{bf16['step_ms'] / r['step_ms']:.2f}x" if bf16 else "-"
+        lines.append(f"| {r['variant']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {speed} | "
+                     f"{r['first_step_s']:.1f} | {r['peak_gib']:.1f} |")
+    lines += [""] + [f"- note: {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device.startswith("cuda") else device
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list from {VARIANTS}")
+    p.add_argument("--preset", default="anchor")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--small", action="store_true", help="a one-layer toy model (CI smoke test)")
+    p.add_argument("--out", default=None, help="write bench_train_step.md and .json here")
+    args = p.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; choices: {','.join(VARIANTS)}")
+    if args.small:
+        args.batch, args.seq, args.warmup, args.steps = 2, 32, 1, 2
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rows, notes = run(args)
+    text = render(rows, notes, args)
+    print(text)
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_train_step.md").write_text(text)
+        (out / "bench_train_step.json").write_text(json.dumps({"rows": rows, "notes": notes}, indent=1))
+    failed = [n for n in notes if " failed: " in n]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
