@@ -12,6 +12,10 @@ with its reason recorded for `fp8_layers`, when
   shared by several Linears is converted once, for all of them: ties stay ties).
 
 Then it returns `torch.compile(model, **compile_kwargs)` (or the model, with `compile=False`).
+
+The model may then be sharded with FSDP2 (`fully_shard`): a weight is then a DTensor whose local
+shard is the training weight; `fp8_layers`, the checkpoint hooks and
+`precompute_float8_dynamic_scale_for_fsdp` look through it (see fsdp.py).
 """
 
 from __future__ import annotations
@@ -24,6 +28,14 @@ import torch
 from torch import nn
 
 from .config import Float8Config, recipe_spec
+from .fsdp import (
+    NEXT_AMAX_ATTR,
+    all_reduce_max,
+    forget_amaxes,
+    gather_description,
+    gathers_fp8,
+    local_amax,
+)
 from .gemm import ALIGN
 from .linear import (
     attach_scaling_state,
@@ -60,13 +72,36 @@ def compile_fp8(
 
 
 def fp8_layers(model: nn.Module) -> dict[str, str]:
-    """For every nn.Linear (by fqn in the unwrapped model): its FP8 recipe, or why it is skipped."""
+    """For every nn.Linear (by fqn in the unwrapped model): its FP8 recipe, or why it is skipped.
+
+    Under FSDP2 the recipe is followed by what its all-gather moves, e.g.
+    "fp8 rowwise dynamic (FSDP all-gather in bf16)".
+    """
     model = unwrap_compiled(model)
+    gather_dtypes = _fsdp_param_dtypes(model)
     report = {}
     for fqn, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            report[fqn] = _describe(module)
+            report[fqn] = _describe(module, gather_dtypes)
     return report
+
+
+@torch.no_grad()
+def precompute_float8_dynamic_scale_for_fsdp(model: nn.Module) -> None:
+    """FSDP2: every FP8-gathered weight's amax in one all-reduce, for the next forward.
+
+    Call it right after `opt.step()` (as torchao's function of the same name). Without it each
+    weight all-reduces its own amax when it is gathered; the scales are the same either way.
+    """
+    weights = [w for w in _sharded_weights(unwrap_compiled(model)) if gathers_fp8(w[1]._recipe)]
+    if not weights:
+        return
+    meshes = {id(mesh): mesh for mesh, _ in weights}
+    for mesh_id, mesh in meshes.items():
+        group = [w for m, w in weights if id(m) == mesh_id]
+        amaxes = all_reduce_max(torch.stack([local_amax(w._hp) for w in group]), mesh)
+        for weight, amax in zip(group, amaxes):
+            setattr(weight, NEXT_AMAX_ATTR, amax)
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:
@@ -81,10 +116,49 @@ def plain_state_dict(model: nn.Module) -> dict:
     return {k: v for k, v in state.items() if not is_fp8_buffer(k)}
 
 
-def _describe(module: nn.Linear) -> str:
-    if isinstance(module.weight, Float8TrainingWeight):
-        return module.weight.describe(describe_scaling(module))
-    return getattr(module, SKIP_ATTR, "skipped: not converted (compile_fp8 was not called on it)")
+def _describe(module: nn.Linear, gather_dtypes: dict) -> str:
+    weight = training_weight(module.weight)
+    if weight is None:
+        return getattr(module, SKIP_ATTR, "skipped: not converted (compile_fp8 was not called on it)")
+    text = weight.describe(describe_scaling(module))
+    if weight is not module.weight:  # an FSDP2 shard
+        dtype = gather_dtypes.get(id(module.weight)) or weight.dtype
+        text += " " + gather_description(weight._recipe, dtype)
+    return text
+
+
+def training_weight(param) -> Optional[Float8TrainingWeight]:
+    """The training weight behind `param`: itself, or (FSDP2) its DTensor's local shard."""
+    local = getattr(param, "_local_tensor", param)  # a DTensor holds this rank's shard there
+    return local if isinstance(local, Float8TrainingWeight) else None
+
+
+def _sharded_weights(model: nn.Module) -> list:
+    """(FSDP's 1-D shard mesh, local training weight) of every FSDP2-sharded FP8 weight."""
+    found = []
+    for param in model.parameters():
+        weight = training_weight(param)
+        if weight is not None and weight is not param:
+            mesh = param.device_mesh
+            found.append((mesh if mesh.ndim == 1 else mesh[mesh.mesh_dim_names[-1]], weight))
+    return found
+
+
+def _fsdp_param_dtypes(model: nn.Module) -> dict:
+    """id(sharded parameter) -> FSDP's all-gather dtype (mp_policy.param_dtype), where set.
+
+    FSDP2 has no public getter for its mixed-precision policy: this reads its module state and
+    returns {} if that changes (fp8_layers then names the master weight's dtype).
+    """
+    dtypes = {}
+    for module in model.modules():
+        try:
+            group = module._get_fsdp_state()._fsdp_param_group
+            for fsdp_param in group.fsdp_params if group is not None else ():
+                dtypes[id(fsdp_param.sharded_param)] = group.mp_policy.param_dtype
+        except AttributeError:
+            continue
+    return dtypes
 
 
 # ---- argument checks ------------------------------------------------------------------------
@@ -104,7 +178,7 @@ def _check_args(model, config, module_filter_fn) -> Float8Config:
     _check_implemented(config)
     if module_filter_fn is not None and not callable(module_filter_fn):
         raise TypeError("module_filter_fn must be callable as module_filter_fn(module, fqn)")
-    converted = [n for n, p in model.named_parameters() if isinstance(p, Float8TrainingWeight)]
+    converted = [n for n, p in model.named_parameters() if training_weight(p) is not None]
     if converted:
         raise ValueError(
             f"model is already converted by compile_fp8 ({len(converted)} FP8 weights, e.g. "
@@ -124,7 +198,7 @@ def _check_implemented(config: Float8Config) -> None:
 
 
 def _convert_linears(model: nn.Module, config: Float8Config, module_filter_fn) -> None:
-    recipe = recipe_spec(config.recipe)
+    recipe = recipe_spec(config.recipe, dual_cast=config.cast_kernels == "triton")
     owners = _weight_owners(model)
     converted: dict[int, nn.Parameter] = {}  # id(master weight) -> its training weight
     unaligned = []
@@ -208,16 +282,39 @@ def _plain_weight_in_state_dict(module, state_dict, prefix, local_metadata):
     """Store the master weight as a plain tensor under the original key.
 
     With `keep_vars=True` the entry is the Parameter itself and is left alone: FSDP and
-    distributed checkpointing need the live parameter.
+    distributed checkpointing need the live parameter. Under FSDP2 the entry is a DTensor of
+    the rank's shard: it becomes a DTensor of the plain shard (same storage, so an in-place
+    `torch.distributed.checkpoint.load` into it writes the master weight).
     """
     key = prefix + "weight"
     value = state_dict.get(key)
-    if isinstance(value, Float8TrainingWeight) and not isinstance(value, nn.Parameter):
-        state_dict[key] = value._hp
+    weight = training_weight(value)
+    if weight is None or isinstance(value, nn.Parameter):
+        return
+    state_dict[key] = weight._hp if weight is value else _with_local(value, weight._hp)
 
 
 def _rewrap_after_assign(module, incompatible_keys):
-    """`load_state_dict(..., assign=True)` replaces the Parameter: make it FP8 again."""
-    weight = module.weight
-    if not isinstance(weight, Float8TrainingWeight):
-        module.weight = _to_training_weight(weight, *getattr(module, RECIPE_ATTR))
+    """`load_state_dict(..., assign=True)` replaces the Parameter: make it FP8 again.
+
+    Under FSDP2 the local shard is re-wrapped inside its DTensor; any amax remembered for the
+    next all-gather is forgotten (the weight just changed)."""
+    param = module.weight
+    weight = training_weight(param)
+    if weight is not None:
+        forget_amaxes(weight)
+    elif hasattr(param, "_local_tensor"):
+        local = _to_training_weight(param._local_tensor, *getattr(module, RECIPE_ATTR))
+        module.weight = nn.Parameter(_with_local(param, local.data), requires_grad=param.requires_grad)
+    else:
+        module.weight = _to_training_weight(param, *getattr(module, RECIPE_ATTR))
+
+
+def _with_local(dtensor, local: torch.Tensor):
+    """A DTensor like `dtensor` (mesh, placements, global shape) holding `local` as its shard."""
+    from torch.distributed.tensor import DTensor  # lazy: only FSDP2 users have DTensors
+
+    return DTensor.from_local(
+        local, dtensor.device_mesh, dtensor.placements, run_check=False,
+        shape=dtensor.shape, stride=dtensor.stride(),
+    ).detach()  # fmt: skip

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
 from .config import CastSpec, GemmSpec, RecipeSpec
 from .gemm import scaled_mm
 from .scaling import (
@@ -66,6 +67,8 @@ def _gemm(a_hp, b_hp, spec: GemmSpec, pow2: bool, emulate: bool, a_scale=None, b
 
 
 def _cast(hp: torch.Tensor, spec: CastSpec, rowwise_dim: int, pow2: bool, scale=None):
+    if hp.dtype == spec.dtype:  # already float8: an FSDP all-gather cast it with `scale`
+        return hp, scale
     if scale is None:
         return cast_to_fp8(hp, spec, rowwise_dim, pow2)
     return saturated_cast(hp, scale, spec.dtype), scale
@@ -103,28 +106,38 @@ class Float8LinearFn(torch.autograd.Function):
 
     `input_scale` / `weight_scale`: fixed tensorwise scales (static or delayed scaling), saved
     for backward so the re-cast there uses the forward's scale; None: dynamic.
+    `weight_fp8`: the weight already cast with `weight_scale` (an FSDP float8 all-gather,
+    `fsdp.py`): both weight GEMMs use it as is; `weight_hp` is then only the autograd input
+    that receives grad_weight.
     """
 
     @staticmethod
     def forward(
         ctx, input_hp, weight_hp, recipe: RecipeSpec, emulate: bool,
         input_scale=None, weight_scale=None, grad_amax=None, grading: GradScaling = DYNAMIC_GRADS,
+        weight_fp8=None,
     ):  # fmt: skip
+        ctx.recipe, ctx.emulate, ctx.grading = recipe, emulate, grading
+        ctx.dual_cast = recipe.dual_cast and weight_fp8 is None
+        if ctx.dual_cast:
+            return _dual_cast_forward(ctx, input_hp, weight_hp, input_scale, weight_scale, grad_amax)
         input_2d = input_hp.reshape(-1, input_hp.shape[-1])
         pow2 = recipe.pow2_scales
         if input_scale is None:  # dynamic: computed here once if backward casts alike
             input_scale = _shared_scale(input_2d, recipe.output.a, recipe.grad_weight.b, pow2)
+        weight = weight_hp if weight_fp8 is None else weight_fp8  # [N, K], hp or float8
         if weight_scale is None:
-            weight_scale = _shared_scale(weight_hp, recipe.output.b, recipe.grad_input.b, pow2)
-        ctx.save_for_backward(input_hp, weight_hp, input_scale, weight_scale, grad_amax)
-        ctx.recipe, ctx.emulate, ctx.grading = recipe, emulate, grading
+            weight_scale = _shared_scale(weight, recipe.output.b, recipe.grad_input.b, pow2)
+        ctx.save_for_backward(input_hp, weight, input_scale, weight_scale, grad_amax)
         # ---- output = input @ weight.T:  [M, K] @ [K, N] -> [M, N]
-        output = _gemm(input_2d, weight_hp.t(), recipe.output, pow2, emulate, input_scale, weight_scale)
+        output = _gemm(input_2d, weight.t(), recipe.output, pow2, emulate, input_scale, weight_scale)
         return output.reshape(*input_hp.shape[:-1], output.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        input_hp, weight_hp, input_scale, weight_scale, grad_amax = ctx.saved_tensors
+        if ctx.dual_cast:
+            return _dual_cast_backward(ctx, grad_out)
+        input_hp, weight, input_scale, weight_scale, grad_amax = ctx.saved_tensors
         recipe, emulate, pow2 = ctx.recipe, ctx.emulate, ctx.recipe.pow2_scales
         grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
         input_2d = input_hp.reshape(-1, input_hp.shape[-1])
@@ -133,7 +146,7 @@ class Float8LinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # ---- grad_input = grad_out @ weight:  [M, N] @ [N, K] -> [M, K]
             grad_input = _gemm(
-                grad_out_2d, weight_hp, recipe.grad_input, pow2, emulate, go_scale, weight_scale
+                grad_out_2d, weight, recipe.grad_input, pow2, emulate, go_scale, weight_scale
             )
             grad_input = grad_input.reshape(*input_hp.shape[:-1], grad_input.shape[-1])
         if ctx.needs_input_grad[1]:
@@ -141,20 +154,77 @@ class Float8LinearFn(torch.autograd.Function):
             grad_weight = _gemm(
                 grad_out_2d.t(), input_2d, recipe.grad_weight, pow2, emulate, go_scale, input_scale
             )
-        return grad_input, grad_weight, None, None, None, None, None, None
+        return grad_input, grad_weight, None, None, None, None, None, None, None
+
+
+# ---- the dual-cast path (Float8Config(cast_kernels="triton"), tensorwise) -------------------
+#
+# Every operand of tensorwise is the A of one GEMM and the B of another, with one scale: cast it
+# once into both layouts (kernels.cast_dual) and keep the float8 copies, not high-precision ones,
+# for backward. Same bits as the path above (scales from the same amax, same casts).
+
+
+def _dual_cast(hp_2d, scale, float8_dtype):
+    """(row-major fp8, column-major fp8, scale) of `hp_2d`; `scale=None`: dynamic."""
+    if scale is None:
+        scale = amax_to_scale(kernels.amax(hp_2d), float8_dtype)
+    row, col = kernels.cast_dual(hp_2d, scale, float8_dtype)
+    return row, col, scale
+
+
+def _dual_cast_forward(ctx, input_hp, weight_hp, input_scale, weight_scale, grad_amax):
+    recipe, e4m3 = ctx.recipe, ctx.recipe.output.a.dtype
+    input_fp8, input_fp8_col, input_scale = _dual_cast(
+        input_hp.reshape(-1, input_hp.shape[-1]), input_scale, e4m3
+    )
+    weight_fp8, weight_fp8_col, weight_scale = _dual_cast(_plain(weight_hp), weight_scale, e4m3)
+    ctx.save_for_backward(input_fp8_col, weight_fp8_col, input_scale, weight_scale, grad_amax)
+    ctx.input_shape = input_hp.shape
+    # ---- output = input @ weight.T:  [M, K] @ [K, N] -> [M, N]; weight_fp8.t() is column-major
+    output = scaled_mm(input_fp8, input_scale, weight_fp8.t(), weight_scale, input_hp.dtype,
+                       recipe.output.use_fast_accum, ctx.emulate)  # fmt: skip
+    return output.reshape(*input_hp.shape[:-1], output.shape[-1])
+
+
+def _dual_cast_backward(ctx, grad_out):
+    input_fp8_col, weight_fp8_col, input_scale, weight_scale, grad_amax = ctx.saved_tensors
+    recipe, emulate, out_dtype = ctx.recipe, ctx.emulate, grad_out.dtype
+    grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
+    fixed = None if ctx.grading.kind == "dynamic" else _grad_out_scale(
+        grad_out_2d, grad_amax, ctx.grading, recipe)  # fmt: skip
+    go_fp8, go_fp8_col, go_scale = _dual_cast(grad_out_2d, fixed, recipe.grad_input.a.dtype)
+    grad_input = grad_weight = None
+    if ctx.needs_input_grad[0]:
+        # ---- grad_input = grad_out @ weight:  [M, N] @ [N, K] -> [M, K]
+        grad_input = scaled_mm(go_fp8, go_scale, weight_fp8_col, weight_scale, out_dtype,
+                               recipe.grad_input.use_fast_accum, emulate)  # fmt: skip
+        grad_input = grad_input.reshape(*ctx.input_shape[:-1], grad_input.shape[-1])
+    if ctx.needs_input_grad[1]:
+        # ---- grad_weight = grad_out.T @ input:  [N, M] @ [M, K] -> [N, K]; go_fp8_col.t() is row-major
+        grad_weight = scaled_mm(go_fp8_col.t(), go_scale, input_fp8_col, input_scale, out_dtype,
+                                recipe.grad_weight.use_fast_accum, emulate)  # fmt: skip
+    return grad_input, grad_weight, None, None, None, None, None, None, None
+
+
+def _plain(weight):
+    """The master weight as a plain tensor (a training weight unwraps on any aten op)."""
+    return weight.view(weight.shape) if type(weight) is not torch.Tensor else weight
 
 
 def float8_linear(
     input_hp, weight, bias, recipe: RecipeSpec, emulate: bool,
     input_scale=None, weight_scale=None, grad_amax=None, grading: GradScaling = DYNAMIC_GRADS,
+    weight_fp8=None,
 ):  # fmt: skip
-    """F.linear with FP8 GEMMs; the bias is added afterwards in high precision (as torchao)."""
+    """F.linear with FP8 GEMMs; the bias is added afterwards in high precision (as torchao).
+
+    `weight_fp8`: `weight` already cast with `weight_scale` (see `Float8LinearFn`)."""
     if torch.is_autocast_enabled(input_hp.device.type):
         # F.linear's autocast runs below the __torch_function__ hook that brings us here, so
         # apply it: the FP8 GEMMs write the autocast dtype, as the layer they replace would.
         input_hp = input_hp.to(torch.get_autocast_dtype(input_hp.device.type))
     output = Float8LinearFn.apply(
-        input_hp, weight, recipe, emulate, input_scale, weight_scale, grad_amax, grading
+        input_hp, weight, recipe, emulate, input_scale, weight_scale, grad_amax, grading, weight_fp8
     )
     if bias is not None:
         output = output + bias.to(output.dtype)

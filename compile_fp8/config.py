@@ -32,12 +32,14 @@ Scaling = Literal["dynamic", "static", "delayed"]
 Mode = Literal["training", "inference"]
 Granularity = Literal["tensorwise", "rowwise"]
 AmaxFrom = Literal["max", "most_recent"]
+CastKernels = Literal["inductor", "triton"]
 
 RECIPES: tuple[str, ...] = get_args(Recipe)
 SCALINGS: tuple[str, ...] = get_args(Scaling)
 MODES: tuple[str, ...] = get_args(Mode)
 GRANULARITIES: tuple[str, ...] = get_args(Granularity)
 AMAX_FROM: tuple[str, ...] = get_args(AmaxFrom)
+CAST_KERNELS: tuple[str, ...] = get_args(CastKernels)
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
@@ -84,6 +86,13 @@ class Float8Config:
     +-max of the float8 type; a margin above 1 (e.g. 1.25) leaves headroom for growth, at the
     cost of a little resolution."""
 
+    cast_kernels: CastKernels = "inductor"
+    """Experimental, tensorwise only. "inductor" (default): torch.compile generates the amax and
+    cast kernels. "triton": hand-written Triton kernels (`kernels.py`) compute each amax and
+    write each float8 operand in both layouts in one pass; backward then keeps the float8 input
+    and weight instead of high-precision copies. Same bits either way; on CPU (no Triton) the
+    torch fallbacks run."""
+
     def __post_init__(self):
         check_choice("Float8Config.recipe", self.recipe, RECIPES)
         check_choice("Float8Config.scaling", self.scaling, SCALINGS)
@@ -91,6 +100,12 @@ class Float8Config:
         check_choice("Float8Config.emulate", self.emulate, (None, True, False))
         check_choice("Float8Config.static_grads", self.static_grads, (False, True))
         check_choice("Float8Config.amax_from", self.amax_from, AMAX_FROM)
+        check_choice("Float8Config.cast_kernels", self.cast_kernels, CAST_KERNELS)
+        if self.cast_kernels == "triton" and self.recipe != "tensorwise":
+            raise ValueError(
+                f"Float8Config.cast_kernels='triton' supports recipe='tensorwise' only "
+                f"(got recipe={self.recipe!r})"
+            )
         if self.scaling != "dynamic" and self.recipe != "tensorwise":
             raise ValueError(
                 f"Float8Config.scaling={self.scaling!r} supports recipe='tensorwise' only "
@@ -144,6 +159,9 @@ class RecipeSpec:
     grad_weight: GemmSpec
     pow2_scales: bool = False
     """Round scales down to powers of two (rowwise recipes): exact scaling, no rounding."""
+    dual_cast: bool = False
+    """Cast input, weight and grad_output once each, into both layouts (`kernels.cast_dual`),
+    and save the float8 input and weight for backward (tensorwise only)."""
 
 
 def _tensorwise() -> RecipeSpec:
@@ -185,6 +203,7 @@ _RECIPE_BUILDERS = {
 }
 
 
-def recipe_spec(name: str) -> RecipeSpec:
+def recipe_spec(name: str, dual_cast: bool = False) -> RecipeSpec:
     check_choice("recipe", name, RECIPES)
-    return _RECIPE_BUILDERS[name]()
+    spec = _RECIPE_BUILDERS[name]()
+    return dataclasses.replace(spec, dual_cast=True) if dual_cast else spec

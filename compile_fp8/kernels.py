@@ -43,8 +43,9 @@ float32 inputs are cast by the torch code even on the GPU (`CAST_KERNEL_DTYPES` 
 Each op is a `torch.library.triton_op`: eager calls launch the kernel, and under torch.compile
 inductor sees the kernel itself and schedules it with the graph (fullgraph works). The public
 `amax` / `cast_dual` dispatch to the ops on CUDA (sm89+, triton importable) and to plain torch
-code with identical results elsewhere. This module imports nothing from the package, so
-`scaling.py` can import it.
+code with identical results elsewhere. The torch fallbacks are
+`scaling.py`'s own functions; `autograd.py` uses these entry points when
+`Float8Config(cast_kernels="triton")`.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ from __future__ import annotations
 import os
 
 import torch
+
+from .scaling import amax as tensor_amax
+from .scaling import saturated_cast
 
 try:
     import triton
@@ -96,14 +100,10 @@ def _interpreting() -> bool:
 
 def amax_reference(x: torch.Tensor) -> torch.Tensor:
     """max |x| as a float32 scalar (exact: the max of values that float32 holds exactly)."""
-    return torch.max(torch.abs(x)).to(torch.float32)
+    return tensor_amax(x).to(torch.float32)
 
 
-def cast_reference(x: torch.Tensor, scale: torch.Tensor, float8_dtype: torch.dtype) -> torch.Tensor:
-    """`scaling.saturated_cast`, repeated here so that scaling.py can import this module."""
-    fmax = torch.finfo(float8_dtype).max
-    # clamp: the cast turns out-of-range values into inf (e5m2) or NaN (older torch, e4m3).
-    return (x.to(torch.float32) * scale).clamp(min=-fmax, max=fmax).to(float8_dtype)
+cast_reference = saturated_cast  # the numerics the kernel reproduces bit for bit
 
 
 def cast_dual_reference(x, scale, float8_dtype):

@@ -70,6 +70,7 @@ VARIANTS = (
     "torchao-rowwise",
     "ours-static",
     "ours-delayed",
+    "ours-triton",
 )
 DEFAULT_M = 16384
 DEFAULT_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192))
@@ -156,7 +157,8 @@ def build_variant(name: str, base: nn.Module, x: torch.Tensor) -> nn.Module:
     """Fresh deep copy of ``base`` converted and compiled for ``name``.
 
     ours-static is calibrated on ``x`` (tensorwise, static input and weight scales, dynamic
-    grads); ours-delayed is tensorwise with a 16-step amax history.
+    grads); ours-delayed is tensorwise with a 16-step amax history; ours-triton is tensorwise
+    with ``Float8Config(cast_kernels="triton")``.
     """
     model = copy.deepcopy(base)
     if name == "bf16":
@@ -165,6 +167,8 @@ def build_variant(name: str, base: nn.Module, x: torch.Tensor) -> nn.Module:
     if kind == "ours":
         from compile_fp8 import Float8Config, calibrate, compile_fp8  # lazy on purpose
 
+        if recipe == "triton":  # tensorwise with the Triton amax / dual-layout cast kernels
+            return compile_fp8(model, Float8Config(cast_kernels="triton"), dynamic=False)
         if recipe in ("static", "delayed"):
             model = compile_fp8(model, Float8Config(scaling=recipe), dynamic=False)
             if recipe == "static":
@@ -286,6 +290,7 @@ COLUMNS = (
     "torchao rw ms", "tw speedup vs bf16", "rw speedup vs bf16",
     "tw torchao/ours", "rw torchao/ours",
     "ours static ms", "ours delayed ms", "static: torchao tw/ours", "delayed: torchao tw/ours",
+    "ours triton ms", "triton: torchao tw/ours",
 )
 
 
@@ -313,6 +318,7 @@ def table_row(row: dict) -> list[str]:
         ratio(bf16, otw), ratio(bf16, orw), ratio(atw, otw), ratio(arw, orw),
         cell("ours-static"), cell("ours-delayed"),
         ratio(atw, ms.get("ours-static")), ratio(atw, ms.get("ours-delayed")),
+        cell("ours-triton"), ratio(atw, ms.get("ours-triton")),
     ]
 
 

@@ -9,7 +9,8 @@ the same model from the same seed, compiles it, and reports:
   `--warmup`), tokens/s, speed-up over bf16, peak memory (torch.cuda.max_memory_allocated).
 
 Variants: bf16, ours-tensorwise, ours-rowwise, ours-static (calibrated on one batch), ours-delayed,
-torchao-tensorwise, torchao-rowwise (skipped with a note when torchao is missing).
+ours-triton (tensorwise, `cast_kernels="triton"`), torchao-tensorwise, torchao-rowwise (skipped
+with a note when torchao is missing).
 
 On the GPU (torchao carried as a wheel, see scripts/device_check.sh):
 
@@ -39,6 +40,7 @@ VARIANTS = (
     "ours-rowwise",
     "ours-static",
     "ours-delayed",
+    "ours-triton",
     "torchao-tensorwise",
     "torchao-rowwise",
 )
@@ -70,8 +72,12 @@ def convert(name: str, model, batch, emulate):
         return torch.compile(convert_to_float8_training(model, config=config, module_filter_fn=not_head))
     from compile_fp8 import Float8Config, calibrate, compile_fp8
 
-    config = Float8Config(scaling=what, emulate=emulate) if what in ("static", "delayed") else (
-        Float8Config(recipe=what, emulate=emulate))
+    if what in ("static", "delayed"):
+        config = Float8Config(scaling=what, emulate=emulate)
+    elif what == "triton":  # tensorwise with the Triton amax / dual-layout cast kernels
+        config = Float8Config(cast_kernels="triton", emulate=emulate)
+    else:
+        config = Float8Config(recipe=what, emulate=emulate)
     compiled = compile_fp8(model, config, module_filter_fn=not_head)
     if what == "static":
         calibrate(compiled, [batch[0]])

@@ -27,8 +27,10 @@ CUDA = pytest.mark.gpu
 CASES = [
     ("tensorwise", "cpu"),
     ("rowwise", "cpu"),
+    ("tensorwise+triton", "cpu"),
     pytest.param(("tensorwise", "cuda"), marks=CUDA),
     pytest.param(("rowwise", "cuda"), marks=CUDA),
+    pytest.param(("tensorwise+triton", "cuda"), marks=CUDA),
 ]
 
 
@@ -38,7 +40,8 @@ def eager_and_compiled(request):
     torch.manual_seed(0)
     recipe, device = request.param
     base = nn.Sequential(nn.Linear(64, 48)).to(device, torch.bfloat16)
-    config = Float8Config(recipe=recipe)
+    recipe, _, kernels = recipe.partition("+")  # "+triton": Float8Config(cast_kernels="triton")
+    config = Float8Config(recipe=recipe, cast_kernels=kernels or "inductor")
     eager = compile_fp8(copy.deepcopy(base), config, compile=False)
     counter = CompileCounterWithBackend("inductor")
     compiled = compile_fp8(copy.deepcopy(base), config, backend=counter, fullgraph=True)

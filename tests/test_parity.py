@@ -32,13 +32,14 @@ def _run(model, x, grad):
     return {"output": out, "grad_input": x.grad, **grads}
 
 
-def _ours_and_torchao(recipe, dtype, bias, input_shape, device):
+def _ours_and_torchao(recipe, dtype, bias, input_shape, device, cast_kernels="inductor"):
     base = _two_layer(dtype, bias).to(device)
     theirs = torchao_float8.convert_to_float8_training(
         copy.deepcopy(base),
         config=torchao_float8.Float8LinearConfig.from_recipe_name(recipe),
     )
-    ours = compile_fp8(copy.deepcopy(base), Float8Config(recipe=recipe), compile=False)
+    config = Float8Config(recipe=recipe, cast_kernels=cast_kernels)
+    ours = compile_fp8(copy.deepcopy(base), config, compile=False)
     x = torch.randn(*input_shape, 64, dtype=dtype, device=device)
     grad = torch.randn(*input_shape, 32, dtype=dtype, device=device)
     return _run(ours, x, grad), _run(theirs, x, grad)
@@ -48,8 +49,10 @@ def _ours_and_torchao(recipe, dtype, bias, input_shape, device):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_tensorwise_bitwise_equals_torchao(device, dtype, bias, input_shape):
-    ours, theirs = _ours_and_torchao("tensorwise", dtype, bias, input_shape, device)
+@pytest.mark.parametrize("cast_kernels", ["inductor", "triton"])
+def test_tensorwise_bitwise_equals_torchao(cast_kernels, device, dtype, bias, input_shape):
+    """cast_kernels="triton": the dual-cast path (on CPU its torch fallbacks) gives the same bits."""
+    ours, theirs = _ours_and_torchao("tensorwise", dtype, bias, input_shape, device, cast_kernels)
     assert ours.keys() == theirs.keys()
     for name in ours:
         assert bits_equal(ours[name], theirs[name]), f"{name}: sqnr {sqnr(theirs[name], ours[name])}"

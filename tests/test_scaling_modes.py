@@ -133,14 +133,14 @@ def test_calibrate_needs_a_static_model():
 # ---- delayed ----------------------------------------------------------------------------
 
 
-def test_delayed_trains_compiled_with_one_warmup_recompile():
+@pytest.mark.parametrize("cast_kernels", ["inductor", "triton"])
+def test_delayed_trains_compiled_with_one_warmup_recompile(cast_kernels):
     model = _mlp()
     counter = CompileCounterWithBackend("inductor")
+    config = Float8Config(scaling="delayed", history_len=4, cast_kernels=cast_kernels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compiled = compile_fp8(
-            model, Float8Config(scaling="delayed", history_len=4), backend=counter, fullgraph=True
-        )
+        compiled = compile_fp8(model, config, backend=counter, fullgraph=True)
     losses = _train(compiled, 30)
     assert losses[-1] < 0.7 * losses[0], f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
     assert counter.frame_count == 2, f"{counter.frame_count} frames: warm-up + steady state expected"
@@ -202,6 +202,8 @@ def test_plain_checkpoint_loads_into_static_model_with_a_warning():
         ({"scaling": "delayed", "history_len": 0}, "history_len=0 must be an int >= 1"),
         ({"amax_margin": 0.0}, "amax_margin=0.0 must be > 0"),
         ({"amax_from": "mean"}, r"amax_from='mean'.*allowed values"),
+        ({"cast_kernels": "cuda"}, r"cast_kernels='cuda'.*allowed values"),
+        ({"cast_kernels": "triton", "recipe": "rowwise"}, "supports recipe='tensorwise' only"),
     ],
 )
 def test_bad_scaling_config(kwargs, match):

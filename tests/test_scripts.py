@@ -15,7 +15,7 @@ def _load(script):
 
 def test_bench_linear_small(tmp_path, capsys):
     bench = _load("bench_linear")
-    variants = "bf16,ours-tensorwise,ours-static,torchao-tensorwise"
+    variants = "bf16,ours-tensorwise,ours-static,ours-triton,torchao-tensorwise"
     rc = bench.main(["--small", "--variants", variants, "--shapes", "32x48", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0, out
