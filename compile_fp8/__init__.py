@@ -9,7 +9,7 @@ Data flow (one module per stage)::
 `config.py` holds the user's choices and the per-GEMM recipes. See docs/design.md.
 """
 
-from .api import compile_fp8, fp8_layers, plain_state_dict
+from .api import compile_fp8, fp8_layers, plain_state_dict, precompute_float8_dynamic_scale_for_fsdp
 from .calibrate import calibrate, refresh_weight_scales
 from .config import Float8Config
 from .tensor import Float8Tensor, register_safe_globals
@@ -22,6 +22,7 @@ __all__ = [
     "calibrate",
     "fp8_layers",
     "plain_state_dict",
+    "precompute_float8_dynamic_scale_for_fsdp",
     "refresh_weight_scales",
     "Float8Config",
     "Float8Tensor",

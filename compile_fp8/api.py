@@ -96,9 +96,10 @@ def precompute_float8_dynamic_scale_for_fsdp(model: nn.Module) -> None:
     weights = [w for w in _sharded_weights(unwrap_compiled(model)) if gathers_fp8(w[1]._recipe)]
     if not weights:
         return
-    meshes = {id(mesh): mesh for mesh, _ in weights}
-    for mesh_id, mesh in meshes.items():
-        group = [w for m, w in weights if id(m) == mesh_id]
+    by_mesh: dict = {}  # one collective per mesh (FSDP applied to every module with one mesh: one)
+    for mesh, weight in weights:
+        by_mesh.setdefault(mesh, []).append(weight)
+    for mesh, group in by_mesh.items():
         amaxes = all_reduce_max(torch.stack([local_amax(w._hp) for w in group]), mesh)
         for weight, amax in zip(group, amaxes):
             setattr(weight, NEXT_AMAX_ATTR, amax)

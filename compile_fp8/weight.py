@@ -15,6 +15,10 @@ return a training weight again.
 Mutable scaling state (static scales, amax histories) must not live inside this subclass:
 mutating a subclass's inner tensor in a compiled region is broken in torch. It goes to module
 buffers instead.
+
+Under FSDP2 (`fully_shard`) each rank's shard is a training weight too (inside a DTensor), and
+its `fsdp_pre_all_gather` / `fsdp_post_all_gather` decide what is all-gathered: float8 bytes
+for tensorwise, the high-precision shard otherwise (`fsdp.py`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,15 @@ from torch.utils._pytree import tree_map_only
 
 from .autograd import float8_linear
 from .config import RecipeSpec
+from .fsdp import (
+    check_fsdp_module,
+    fp8_gathered_weight,
+    fp8_shard,
+    gather_amax,
+    gathers_fp8,
+    pad_rows,
+    padded_rows,
+)
 from .gemm import choose_emulate
 
 
@@ -87,6 +100,32 @@ class Float8TrainingWeight(torch.Tensor):
         # pickling a whole model: the weight pickles as its training weight again
         return Float8TrainingWeight, (self._hp, self._recipe, self._emulate_request)
 
+    # ---- FSDP2 all-gather extension points (fsdp.py has the math) --------------------------
+
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+        """What this rank's shard sends: float8 bytes and the global scale (tensorwise), or the
+        high-precision shard (rowwise recipes). Padded to FSDP's equal shard size."""
+        check_fsdp_module(module)
+        param_dtype = getattr(mp_policy, "param_dtype", None)
+        shard_hp = self._hp if param_dtype is None else self._hp.to(param_dtype)
+        rows = padded_rows(self, outer_size, mesh)
+        if not gathers_fp8(self._recipe):
+            return (pad_rows(shard_hp, rows),), None
+        shard_u8, scale = fp8_shard(shard_hp, self._recipe, gather_amax(self, shard_hp, mesh), rows)
+        return (shard_u8,), scale
+
+    def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
+        """The full weight for forward/backward: a `Float8GatheredWeight` of the gathered bytes
+        (tensorwise), or a training weight around the gathered high-precision weight."""
+        if gathers_fp8(self._recipe):
+            return fp8_gathered_weight(
+                all_gather_outputs, metadata, param_dtype, self._recipe, self._emulate, out
+            )
+        if out is not None:
+            return None  # FSDP refilled the buffer that `out` wraps
+        (hp,) = all_gather_outputs
+        return Float8TrainingWeight(hp, self._recipe, self._emulate_request), (hp,)
+
     # ---- dispatch --------------------------------------------------------------------------
 
     @classmethod
@@ -115,12 +154,19 @@ class Float8TrainingWeight(torch.Tensor):
 
 
 aten = torch.ops.aten
-# Ops whose result is the same weight in another place or another Python object.
+# Ops whose result is the same weight in another place or another Python object, and those
+# FSDP2 uses to make a rank's padded shard (new_zeros, slice, view, as_strided, pin_memory):
+# the shard must stay a training weight, or FSDP would gather and compute in high precision.
 _KEEP_WRAPPED = {
     aten.detach.default,
     aten.alias.default,
     aten.clone.default,
     aten._to_copy.default,
+    aten.new_zeros.default,
+    aten.slice.Tensor,
+    aten.view.default,
+    aten.as_strided.default,
+    aten._pin_memory.default,
 }
 
 
