@@ -207,8 +207,9 @@ def _dual_cast_backward(ctx, grad_out):
 
 
 def _plain(weight):
-    """The master weight as a plain tensor (a training weight unwraps on any aten op)."""
-    return weight.view(weight.shape) if type(weight) is not torch.Tensor else weight
+    """The master weight as a plain tensor: a training weight's `hp` (its `view` stays wrapped,
+    since FSDP2 views a rank's shard and needs it to stay a training weight)."""
+    return getattr(weight, "hp", weight)
 
 
 def float8_linear(
