@@ -2,9 +2,10 @@
 
 One spawn runs every sharded scenario (`_worker`, each rank saves its results); the tests below
 compare them with single-process runs made here. The single-process reference of W ranks that
-each train on their own batch is one model that accumulates the W batches' gradients with
-`(loss / W).backward()`: the same float8 casts per batch, and a halved gradient is exact, so
-FSDP's averaging reduce-scatter gives the same bits.
+each train on their own batch is one model that sums the W batches' gradients and divides by
+W: the same float8 casts per batch, and FSDP's averaging reduce-scatter computes (g0 + g1) / 2,
+the same bits. A second, 3-process spawn covers uneven shards (16 rows over 3 ranks: FSDP
+pads). The tests at the end check the gathered weight in one process (no spawn).
 """
 
 import datetime
@@ -20,16 +21,22 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+import compile_fp8.autograd as fp8_autograd
 from compile_fp8 import Float8Config, compile_fp8, fp8_layers, precompute_float8_dynamic_scale_for_fsdp
-from compile_fp8.config import RECIPES
+from compile_fp8.config import RECIPES, recipe_spec
+from compile_fp8.fsdp import NEXT_AMAX_ATTR, Float8GatheredWeight
+from compile_fp8.scaling import amax, amax_to_scale, saturated_cast
+from compile_fp8.weight import Float8TrainingWeight
 from helpers import bits_equal
 
-pytestmark = [
-    pytest.mark.distributed,
-    pytest.mark.skipif(
-        not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
-    ),
-]
+HAVE_GLOO = dist.is_available() and dist.is_gloo_available()
+
+
+def distributed(test):
+    """A test that spawns processes: the `distributed` marker; skipped without gloo."""
+    test = pytest.mark.skipif(not HAVE_GLOO, reason="needs torch.distributed with gloo")(test)
+    return pytest.mark.distributed(test)
+
 
 WORLD = 2
 STEPS = 3
@@ -61,10 +68,9 @@ class MLP(nn.Module):
         return self.head(x)
 
 
-def _model(recipe="tensorwise", seed=0, checkpoint=False, scaling="dynamic"):
+def _model(recipe="tensorwise", seed=0, checkpoint=False, **config):
     torch.manual_seed(seed)
-    config = Float8Config(recipe=recipe, scaling=scaling)
-    return compile_fp8(MLP(checkpoint), config, compile=False)
+    return compile_fp8(MLP(checkpoint), Float8Config(recipe=recipe, **config), compile=False)
 
 
 def _shard(model, mp_policy=None):
@@ -76,11 +82,12 @@ def _shard(model, mp_policy=None):
     return model
 
 
-def _batches(seed=1):
+def _batches(world=WORLD, dims=DIMS, seed=1):
     """Per step: inputs [W, BATCH, d_in] and targets [W, BATCH, d_out]; rank r takes [r]."""
     gen = torch.Generator().manual_seed(seed)
     for _ in range(100):
-        yield torch.randn(WORLD, BATCH, DIMS[0], generator=gen), torch.randn(WORLD, BATCH, DIMS[-1], generator=gen)
+        x = torch.randn(world, BATCH, dims[0], generator=gen)
+        yield x, torch.randn(world, BATCH, dims[-1], generator=gen)
 
 
 def _optimizer(model):
@@ -97,8 +104,10 @@ def _train(model, opt, batches, steps, ranks, after_step=None, forward=None):
         step_losses = []
         for r in ranks:
             loss = F.mse_loss(forward(x[r]), y[r])
-            (loss / len(ranks)).backward()
+            loss.backward()  # unscaled, as on a rank: a scaled grad_output casts to other float8
             step_losses.append(loss.item())
+        for param in model.parameters():
+            param.grad /= len(ranks)  # the mean, as FSDP's reduce-scatter: (g0 + g1) / 2
         opt.step()
         opt.zero_grad()
         if after_step is not None:
@@ -188,8 +197,9 @@ def _precomputed(rank, recorder):
     return dict(losses=losses, weights=_weights(model), all_reduces=recorder.all_reduces)
 
 
-def _activation_checkpointing(rank):
-    model = _shard(_model(checkpoint=True))
+def _variant(rank, **model_kwargs):
+    """Tensorwise training with another model option (activation checkpointing, triton casts)."""
+    model = _shard(_model(**model_kwargs))
     losses = _train(model, _optimizer(model), _batches(), STEPS, [rank])
     return dict(losses=losses, weights=_weights(model))
 
@@ -263,11 +273,39 @@ def _worker(rank, world, port, out_dir):
     recorder = _Recorder()
     results = {f"train/{recipe}": _sharded_training(rank, recorder, recipe) for recipe in RECIPES}
     results["precomputed"] = _precomputed(rank, recorder)
-    results["activation_checkpointing"] = _activation_checkpointing(rank)
+    results["activation_checkpointing"] = _variant(rank, checkpoint=True)
+    results["cast_kernels=triton"] = _variant(rank, cast_kernels="triton")
     results["checkpoint"] = _checkpoint_resume(rank, os.path.join(out_dir, "dcp"))
     results["mixed_precision"] = _mixed_precision(rank, recorder)
     results["unsupported"] = _unsupported_scaling(rank)
     results["compiled"] = _compiled(rank)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+UNEVEN_WORLD, UNEVEN_DIMS = 3, (32, 16, 48)  # 16 rows over 3 ranks: 6, 6, 4 (FSDP pads to 6)
+
+
+def _uneven_model(recipe):
+    torch.manual_seed(0)
+    d_in, hidden, d_out = UNEVEN_DIMS
+    model = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
+    return compile_fp8(model, Float8Config(recipe=recipe), compile=False)
+
+
+def _uneven_worker(rank, world, port, out_dir):
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
+    results = {}
+    for recipe in ("tensorwise", "rowwise"):
+        model = _uneven_model(recipe)
+        for module in [model[0], model[2], model]:
+            fully_shard(module)
+        batches = _batches(UNEVEN_WORLD, UNEVEN_DIMS)
+        losses = _train(model, _optimizer(model), batches, 2, [rank])
+        results[recipe] = dict(losses=losses, weights=_weights(model))
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -289,15 +327,19 @@ def spawn(fn, world, timeout_s, *args):
             pytest.fail(f"distributed workers did not finish within {timeout_s} s")
 
 
+def _spawn_and_load(worker, world):
+    with tempfile.TemporaryDirectory(prefix="compile_fp8_fsdp_") as out_dir:
+        start = time.perf_counter()
+        spawn(worker, world, SPAWN_TIMEOUT_S, out_dir)
+        results = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+        print(f"\n{worker.__name__} x {world}: {time.perf_counter() - start:.1f} s")
+        return results
+
+
 @pytest.fixture(scope="module")
 def sharded():
     """rank -> results of `_worker` (one spawn for the whole module)."""
-    with tempfile.TemporaryDirectory(prefix="compile_fp8_fsdp_") as out_dir:
-        start = time.perf_counter()
-        spawn(_worker, WORLD, SPAWN_TIMEOUT_S, out_dir)
-        results = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
-        print(f"\nFSDP workers: {time.perf_counter() - start:.1f} s")
-        return results
+    return _spawn_and_load(_worker, WORLD)
 
 
 @pytest.fixture(scope="module")
@@ -330,6 +372,7 @@ def _gathered_bytes(weight_element_bytes, bias_element_bytes=4):
 # ---- the tests ---------------------------------------------------------------------------------
 
 
+@distributed
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_sharded_training_equals_single_process_bitwise(sharded, single_process, recipe):
     ref = single_process[recipe]
@@ -338,12 +381,14 @@ def test_sharded_training_equals_single_process_bitwise(sharded, single_process,
         _assert_same_run(run["losses"], run["weights"], ref["losses"], ref["weights"], rank)
 
 
+@distributed
 def test_tensorwise_all_gathers_fp8_bytes(sharded):
     run = sharded[0]["train/tensorwise"]
     assert run["gather_bytes"] == _gathered_bytes(1), run["gather_bytes"]
     assert set(run["types"].values()) == {"Float8GatheredWeight"}, run["types"]
 
 
+@distributed
 @pytest.mark.parametrize("recipe", ["rowwise", "rowwise_with_gw_hp"])
 def test_rowwise_all_gathers_high_precision_and_says_so(sharded, recipe):
     run = sharded[0][f"train/{recipe}"]
@@ -352,6 +397,7 @@ def test_rowwise_all_gathers_high_precision_and_says_so(sharded, recipe):
     assert set(run["layers"].values()) == {f"fp8 {recipe} dynamic (FSDP all-gather in fp32)"}, run["layers"]
 
 
+@distributed
 def test_fp8_layers_names_the_fp8_all_gather(sharded):
     layers = sharded[0]["train/tensorwise"]["layers"]
     assert layers == {
@@ -361,6 +407,7 @@ def test_fp8_layers_names_the_fp8_all_gather(sharded):
     }, layers
 
 
+@distributed
 def test_one_amax_all_reduce_per_layer_per_step_and_batched_with_precompute(sharded, single_process):
     layers = len(DIMS) - 1
     per_layer = sharded[0]["train/tensorwise"]["all_reduces"]
@@ -373,13 +420,16 @@ def test_one_amax_all_reduce_per_layer_per_step_and_batched_with_precompute(shar
         _assert_same_run(run["losses"], run["weights"], ref["losses"], ref["weights"], rank)
 
 
-def test_activation_checkpointing_changes_no_bit(sharded, single_process):
+@distributed
+@pytest.mark.parametrize("variant", ["activation_checkpointing", "cast_kernels=triton"])
+def test_activation_checkpointing_and_triton_casts_change_no_bit(sharded, single_process, variant):
     ref = single_process["tensorwise"]
     for rank in range(WORLD):
-        run = sharded[rank]["activation_checkpointing"]
+        run = sharded[rank][variant]
         _assert_same_run(run["losses"], run["weights"], ref["losses"], ref["weights"], rank)
 
 
+@distributed
 def test_distributed_checkpoint_resume_is_identical(sharded):
     for rank in range(WORLD):
         run = sharded[rank]["checkpoint"]
@@ -390,6 +440,7 @@ def test_distributed_checkpoint_resume_is_identical(sharded):
         assert all(t.startswith("fp8 tensorwise") for t in run["resumed_layers"].values()), run["resumed_layers"]
 
 
+@distributed
 def test_mixed_precision_bf16_params_forward_equals_a_bf16_model(sharded):
     x, _ = next(_batches())
     for recipe in ("tensorwise", "rowwise"):
@@ -406,15 +457,112 @@ def test_mixed_precision_bf16_params_forward_equals_a_bf16_model(sharded):
         assert set(run["layers"].values()) == {f"fp8 {recipe} dynamic (FSDP all-gather in {gathered})"}
 
 
+@distributed
 def test_static_and_delayed_scaling_refuse_fsdp(sharded):
     for scaling, message in sharded[0]["unsupported"].items():
         assert message is not None, f"scaling={scaling!r} ran under FSDP2 without an error"
         assert f"scaling={scaling!r}" in message and "scaling='dynamic'" in message, message
 
 
+@distributed
 def test_torch_compile_after_fully_shard(sharded, single_process):
     # inductor keeps intermediates between layers in float32 (docs/design.md): close, not bitwise
     ref = single_process["tensorwise"]
     for rank in range(WORLD):
         run = sharded[rank]["compiled"]
         _assert_same_run(run["losses"], run["weights"], ref["losses"], ref["weights"], rank, rel=1e-5)
+
+
+@distributed
+def test_uneven_shards_over_three_ranks_equal_single_process():
+    # within 1e-5, not bitwise: a sum of three gradients depends on the order gloo adds them in
+    sharded = _spawn_and_load(_uneven_worker, UNEVEN_WORLD)
+    for recipe in ("tensorwise", "rowwise"):
+        model = _uneven_model(recipe)
+        losses = _train(model, _optimizer(model), _batches(UNEVEN_WORLD, UNEVEN_DIMS), 2, range(UNEVEN_WORLD))
+        for rank in range(UNEVEN_WORLD):
+            run = sharded[rank][recipe]
+            _assert_same_run(run["losses"], run["weights"], losses, _weights(model), rank, rel=1e-5)
+
+
+# ---- one process: the gathered weight itself ---------------------------------------------------
+
+
+def _gathered_pair(out_features=48, in_features=32):
+    """The same weight as a training weight and as the FP8 all-gather's result."""
+    weight = torch.randn(out_features, in_features)
+    recipe = recipe_spec("tensorwise")
+    scale = amax_to_scale(amax(weight), recipe.output.b.dtype)
+    gathered = Float8GatheredWeight(saturated_cast(weight, scale, recipe.output.b.dtype), scale, recipe, False, weight.dtype)
+    training = Float8TrainingWeight(weight, recipe, False)
+    return nn.Parameter(training), nn.Parameter(gathered)
+
+
+def test_gathered_weight_flatten_unflatten_round_trip():
+    _, gathered = _gathered_pair()
+    names, metadata = gathered.__tensor_flatten__()
+    inner = {name: getattr(gathered, name) for name in names}
+    rebuilt = Float8GatheredWeight.__tensor_unflatten__(inner, metadata, gathered.shape, gathered.stride())
+    assert (rebuilt.shape, rebuilt.dtype, rebuilt._recipe) == (gathered.shape, gathered.dtype, gathered._recipe)
+    assert bits_equal(rebuilt.fp8_data, gathered.fp8_data) and bits_equal(rebuilt.scale, gathered.scale)
+
+
+def test_gathered_weight_linear_equals_training_weight_without_casting_the_weight(monkeypatch):
+    """Forward, grad_input and grad_weight bit for bit; the weight is never cast again."""
+    training, gathered = _gathered_pair()
+    x, bias, grad = torch.randn(2, 8, 32), torch.randn(48), torch.randn(2, 8, 48)
+    cast_shapes = []
+    real_cast = fp8_autograd.saturated_cast
+
+    def recording_cast(hp, scale, dtype):
+        cast_shapes.append(tuple(hp.shape))
+        return real_cast(hp, scale, dtype)
+
+    results = []
+    for weight in (training, gathered):
+        cast_shapes.clear()
+        monkeypatch.setattr(fp8_autograd, "saturated_cast", recording_cast)
+        x_ = x.clone().requires_grad_()
+        out = F.linear(x_, weight, bias)
+        out.backward(grad)
+        monkeypatch.undo()
+        results.append((out, x_.grad, weight.grad, list(cast_shapes)))
+    (out, grad_input, grad_weight, casts), (g_out, g_grad_input, g_grad_weight, g_casts) = results
+    assert bits_equal(out, g_out) and bits_equal(grad_input, g_grad_input), "output / grad_input differ"
+    assert type(g_grad_weight) is torch.Tensor and bits_equal(grad_weight, g_grad_weight), "grad_weight differs"
+    assert casts.count((48, 32)) + casts.count((32, 48)) == 2, casts  # the training weight: both GEMMs
+    assert (48, 32) not in g_casts and (32, 48) not in g_casts, g_casts
+
+
+def test_gathered_weight_is_read_only_and_dequantizes_for_other_ops():
+    _, gathered = _gathered_pair()
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="read-only"):
+        gathered.add_(1)
+    doubled = gathered.detach() * 2
+    assert type(doubled) is torch.Tensor and bits_equal(doubled, gathered.to_hp() * 2)
+
+
+class _FakeMesh:
+    def __init__(self, size):
+        self._size = size
+
+    def size(self):
+        return self._size
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_pre_all_gather_pads_an_uneven_shard_with_zero_bytes(recipe):
+    """Rank 2 of 3 holds 4 of 16 rows; FSDP gathers 6 rows per rank. Padding bytes are 0x00."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    full = torch.randn(16, 32)
+    shard = Float8TrainingWeight(full[12:].clone(), recipe_spec(recipe), False)
+    setattr(shard, NEXT_AMAX_ATTR, amax(full))  # the global amax, as precompute would set it
+    (sent,), scale = shard.fsdp_pre_all_gather(_FakeMesh(3), full.shape, (32, 1), nn.Linear(32, 16), MixedPrecisionPolicy())
+    assert sent.shape == (6, 32), sent.shape
+    assert not sent[4:].view(torch.uint8).any(), "padding rows are not zero bytes"
+    if recipe == "tensorwise":
+        expected = saturated_cast(full, amax_to_scale(amax(full), torch.float8_e4m3fn), torch.float8_e4m3fn)
+        assert sent.dtype == torch.uint8 and bits_equal(sent[:4], expected[12:].view(torch.uint8))
+    else:
+        assert scale is None and sent.dtype == torch.float32 and bits_equal(sent[:4], full[12:])
