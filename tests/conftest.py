@@ -34,3 +34,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_dynamo():
+    """Each test module starts with empty dynamo caches. Compiled code objects (`nn.Module`'s
+    `_call_impl`, `Sequential.forward`, ...) are shared by every test in the process, and their
+    recompiles add up across modules until one hits dynamo's recompile limit (8): seen as
+    test_compile failing after test_scaling_modes."""
+    torch._dynamo.reset()
