@@ -142,7 +142,7 @@ class Float8TrainingWeight(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _KEEP_WRAPPED:
+        if func in _KEEP_WRAPPED or _materializes_meta(func, args):
             x = args[0]
             out = func(x._hp, *args[1:], **kwargs)
             return Float8TrainingWeight(out, x._recipe, x._emulate_request)
@@ -168,6 +168,13 @@ _KEEP_WRAPPED = {
     aten.as_strided.default,
     aten._pin_memory.default,
 }
+
+
+def _materializes_meta(func, args) -> bool:
+    """`empty_like` of a meta weight: `module.to_empty(device=...)` materializing a model built
+    on the meta device. It stays a training weight, its emulation choice resolved anew for the
+    real device (a meta weight has no values, so nothing else empty_likes it)."""
+    return func is aten.empty_like.default and args[0].device.type == "meta"
 
 
 def _layout(t: torch.Tensor) -> tuple:
