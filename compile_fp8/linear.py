@@ -20,6 +20,11 @@ Two Python flags choose the graph, so each costs one recompile when it flips, ne
 `_fp8_ready` is False for a static layer until calibrated (it then runs dynamic scaling: never a
 NaN from an unset scale) and for a delayed layer until its first training step has filled the
 histories (that step runs dynamic scaling and records the amaxes).
+
+Histories move only in training forwards (grad mode on): an evaluation under `torch.no_grad()`
+reads them and records nothing. A delayed layer cannot be recomputed by activation
+checkpointing (its forward moves its own history); eager checkpointing raises a RuntimeError
+that says so.
 """
 
 from __future__ import annotations
@@ -104,13 +109,36 @@ def scaled_forward(module: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     if getattr(module, CALIBRATING_ATTR):
         return _calibrating_forward(module, input)
     config: Float8Config = getattr(module, CONFIG_ATTR)
-    if not getattr(module, READY_ATTR):
-        if config.scaling == "static":
-            return F.linear(input, module.weight, module.bias)  # dynamic until calibrated
-        return _delayed_warmup_forward(module, input, config)
+    ready = getattr(module, READY_ATTR)
     if config.scaling == "static":
+        if not ready:
+            return F.linear(input, module.weight, module.bias)  # dynamic until calibrated
         return _static_forward(module, input, config)
+    _refuse_checkpoint_recompute(module)
+    if not torch.is_grad_enabled():
+        # evaluation (no_grad, inference_mode): the history's scales, nothing recorded, so an
+        # evaluation pass never changes what the training run does next
+        if not ready:
+            return F.linear(input, module.weight, module.bias)  # dynamic until the first step
+        return _delayed_forward(module, input, config, record=False)
+    if not ready:
+        return _delayed_warmup_forward(module, input, config)
     return _delayed_forward(module, input, config)
+
+
+def _refuse_checkpoint_recompute(module: nn.Linear) -> None:
+    """Eager activation checkpointing re-runs a forward inside backward; a delayed layer's
+    recomputation would read an amax history that moved since the original forward (different
+    casts than the forward it replays, and the amaxes recorded twice). Say so instead."""
+    if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
+        return
+    raise RuntimeError(
+        f"compile_fp8: Float8Config(scaling='delayed') layer {module!r} was recomputed by "
+        "activation checkpointing (torch.utils.checkpoint): a delayed layer keeps an amax "
+        "history that its own forward updates, so the recomputed forward cannot replay the "
+        "original. Use scaling='dynamic' (or 'static') for a checkpointed model, or leave the "
+        "checkpointed blocks out of the delayed conversion (module_filter_fn)"
+    )
 
 
 def _fp8_linear(module, input, input_scale, weight_scale, grad_amax, grading):
@@ -131,13 +159,14 @@ def _static_forward(module, input, config):
     return _fp8_linear(module, input, input_scale, weight_scale, None, DYNAMIC_GRADS)
 
 
-def _delayed_forward(module, input, config):
+def _delayed_forward(module, input, config, record=True):
     margin, how = config.amax_margin, config.amax_from
     input_scale = stored_amax_to_scale(history_amax(module.fp8_amax_history_input, how), E4M3, margin)
     weight_scale = stored_amax_to_scale(history_amax(module.fp8_amax_history_weight, how), E4M3, margin)
-    # this step's amaxes only feed later steps: the casts do not wait for these reductions
-    push_amax(module.fp8_amax_history_input, amax(input))
-    push_amax(module.fp8_amax_history_weight, amax(module.weight))
+    if record:
+        # this step's amaxes only feed later steps: the casts do not wait for these reductions
+        push_amax(module.fp8_amax_history_input, amax(input))
+        push_amax(module.fp8_amax_history_weight, amax(module.weight))
     grading = GradScaling("delayed", how, margin)
     return _fp8_linear(
         module, input, input_scale, weight_scale, module.fp8_amax_history_grad_output, grading
