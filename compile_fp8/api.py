@@ -11,6 +11,9 @@ with its reason recorded for `fp8_layers`, when
 * its weight is not floating point, or is shared with a module that is not a Linear (a weight
   shared by several Linears is converted once, for all of them: ties stay ties).
 
+transformers' `Conv1D` (GPT-2's projections: a linear layer with its weight stored [in, out]) is
+converted the same way, with dynamic scaling (`conv1d.py`).
+
 Then it returns `torch.compile(model, **compile_kwargs)` (or the model, with `compile=False`).
 
 The model may then be sharded with FSDP2 (`fully_shard`): a weight is then a DTensor whose local
@@ -28,6 +31,7 @@ import torch
 from torch import nn
 
 from .config import Float8Config, recipe_spec
+from .conv1d import conv1d_skip_reason, features, is_conv1d, is_linear_like, use_fp8_forward
 from .fsdp import (
     NEXT_AMAX_ATTR,
     all_reduce_max,
@@ -81,7 +85,7 @@ def fp8_layers(model: nn.Module) -> dict[str, str]:
     gather_dtypes = _fsdp_param_dtypes(model)
     report = {}
     for fqn, module in model.named_modules():
-        if isinstance(module, nn.Linear):
+        if is_linear_like(module):
             report[fqn] = _describe(module, gather_dtypes)
     return report
 
@@ -119,9 +123,16 @@ def plain_state_dict(model: nn.Module) -> dict:
 
 def _describe(module: nn.Linear, gather_dtypes: dict) -> str:
     weight = training_weight(module.weight)
+    if weight is None and getattr(module, RECIPE_ATTR, None) is not None:
+        return (
+            "skipped: weight replaced by a plain tensor after conversion (e.g. `module.weight = "
+            "...`); convert the model once its weights are in place"
+        )
     if weight is None:
         return getattr(module, SKIP_ATTR, "skipped: not converted (compile_fp8 was not called on it)")
     text = weight.describe(describe_scaling(module))
+    if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward:
+        text += f" ({type(module).__name__} overrides forward: FP8 only where it calls F.linear)"
     if weight is not module.weight:  # an FSDP2 shard
         dtype = gather_dtypes.get(id(module.weight)) or weight.dtype
         text += " " + gather_description(weight._recipe, dtype)
@@ -204,7 +215,7 @@ def _convert_linears(model: nn.Module, config: Float8Config, module_filter_fn) -
     converted: dict[int, nn.Parameter] = {}  # id(master weight) -> its training weight
     unaligned = []
     for fqn, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not is_linear_like(module):
             continue
         reason = _skip_reason(module, fqn, owners, module_filter_fn, config)
         if reason is not None:
@@ -216,6 +227,8 @@ def _convert_linears(model: nn.Module, config: Float8Config, module_filter_fn) -
             converted[key] = _to_training_weight(module.weight, recipe, config.emulate)
         module.weight = converted[key]
         _add_state_dict_hooks(module, (recipe, config.emulate))
+        if is_conv1d(module):
+            use_fp8_forward(module)
         if config.scaling != "dynamic":
             attach_scaling_state(module, config)
     if unaligned:
@@ -250,18 +263,21 @@ def _weight_owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
     return owners
 
 
-def _skip_reason(module: nn.Linear, fqn, owners, module_filter_fn, config) -> Optional[str]:
+def _skip_reason(module: nn.Module, fqn, owners, module_filter_fn, config) -> Optional[str]:
     if module_filter_fn is not None and not module_filter_fn(module, fqn):
         return "skipped: module_filter_fn"
-    for name, size in (("in_features", module.in_features), ("out_features", module.out_features)):
+    for name, size in zip(("in_features", "out_features"), features(module)):
         if size % ALIGN:
             return f"skipped: {name}={size} is not a multiple of {ALIGN}"
     weight = module.weight
     if not weight.is_floating_point():
         return f"skipped: weight dtype {weight.dtype} is not floating point"
-    others = [n for n, m in owners.get(id(weight), []) if not isinstance(m, nn.Linear)]
+    kind = is_conv1d(module)  # a tie is shared only by layers that use the weight alike
+    others = [n for n, m in owners.get(id(weight), []) if not is_linear_like(m) or is_conv1d(m) != kind]
     if others:
-        return f"skipped: weight is tied to {others[0]} (not a Linear)"
+        return f"skipped: weight is tied to {others[0]} (not a {'Conv1D' if kind else 'Linear'})"
+    if kind:
+        return conv1d_skip_reason(module, config.scaling)
     why_not = check_scaling_config(config, module)
     if why_not:
         return f"skipped: {why_not}; scaling={config.scaling!r} needs nn.Linear.forward"
