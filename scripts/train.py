@@ -7,6 +7,7 @@
 
     python scripts/train.py --preset small --fp8 rowwise --batch-size 16 --out runs/small-rw
     python scripts/train.py ... --out runs/small-rw --resume           # continue from ckpt.pt
+    torchrun --nproc_per_node 2 scripts/train.py --fsdp --use_fp8 ...  # FSDP2, one process per GPU
 
 Writes OUT/metrics.jsonl (per-step loss, lr, tokens/s, MFU; val loss; a start and an end
 record) and OUT/ckpt.pt (atomic; loads with torch.load(weights_only=True)). The loop itself is
@@ -53,6 +54,9 @@ def parse_args(argv=None) -> TrainConfig:
         help="end after this step with a checkpoint; --resume continues the same schedule")
     add("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     add("--progress", choices=MODES, default="auto", help="tqdm bar or printed lines")
+    add("--fsdp", action="store_true",
+        help="shard with FSDP2 over the processes torchrun starts (NCCL, or gloo on CPU); "
+             "--batch-size is then per process")
     args = p.parse_args(argv)
     if args.use_fp8:
         if args.fp8 not in ("none", "tensorwise"):
@@ -65,7 +69,7 @@ def parse_args(argv=None) -> TrainConfig:
         emulate=args.emulate, device=args.device, seed=args.seed, vocab_size=args.vocab_size,
         data_dir=args.data, out_dir=args.out or f"runs/{args.preset}-{name}",
         eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
-        stop_after=args.stop_after, resume=args.resume, progress=args.progress)
+        stop_after=args.stop_after, resume=args.resume, progress=args.progress, fsdp=args.fsdp)
 
 
 def main(argv=None) -> int:

@@ -485,6 +485,36 @@ def test_uneven_shards_over_three_ranks_equal_single_process():
             _assert_same_run(run["losses"], run["weights"], losses, _weights(model), rank, rel=1e-5)
 
 
+def _lm_worker(rank, world, port, tmp_path):
+    """The training loop (`scripts/train.py --fsdp`) in each process: whole, split + resumed."""
+    from test_lm import small_run  # the LM tests' tiny run (cycle corpus, CPU emulation)
+
+    from compile_fp8.lm.train import run
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)  # shared by the three runs
+    quiet = dict(say=lambda *a: None)
+    run(small_run(tmp_path, out="whole", fp8="tensorwise", steps=6, fsdp=True), **quiet)
+    run(small_run(tmp_path, out="split", fp8="tensorwise", steps=6, stop_after=3, fsdp=True), **quiet)
+    run(small_run(tmp_path, out="split", fp8="tensorwise", steps=6, resume=True, fsdp=True), **quiet)
+    dist.destroy_process_group()
+
+
+@distributed
+def test_training_loop_fsdp_resumes_exactly_and_saves_plain_weights(tmp_path):
+    from test_lm import PRESETS, VOCAB, TransformerLM, train_losses, write_corpus
+
+    write_corpus(tmp_path / "data")
+    spawn(_lm_worker, WORLD, SPAWN_TIMEOUT_S, tmp_path)
+    whole, split = train_losses(tmp_path / "whole"), train_losses(tmp_path / "split")
+    assert whole == split, f"uninterrupted {whole} vs resumed {split}"
+    assert whole[6] < whole[1] - 0.5, f"loss {whole[1]:.3f} -> {whole[6]:.3f}"
+    state = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)
+    assert state["fsdp_world_size"] == WORLD and state["step"] == 6, (state["fsdp_world_size"], state["step"])
+    TransformerLM(PRESETS["tiny"].replace(vocab_size=VOCAB)).load_state_dict(state["model"])
+
+
 # ---- one process: the gathered weight itself ---------------------------------------------------
 
 

@@ -5,7 +5,11 @@ A checkpoint is one dict of tensors and plain Python values (so the safe unpickl
 
     {"format": 1, "step": int, "preset": str, "model_config": {field: value},
      "fp8": "none" | recipe, "model": state_dict, "optimizer": state_dict,
-     "data": BatchSampler.state_dict()}
+     "data": BatchSampler.state_dict(), "fsdp_world_size": None | int}
+
+An `--fsdp` run (`distributed.py`) stores the same full weights; its optimizer state is keyed by
+parameter name (torch.distributed.checkpoint's full state dict) and `fsdp_world_size` says over
+how many processes it ran.
 
 `compile_fp8` keeps `state_dict()` keys and plain tensors, so a checkpoint of an FP8 run loads
 into a bf16 model and the other way round: resuming with another `--fp8` is allowed (said in
@@ -34,8 +38,8 @@ def checkpoint_path(out_dir: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(path: Path, *, step: int, preset: str, model_config: ModelConfig, fp8: str,
-                    model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    data_state: dict) -> None:
+                    model_state: dict, optimizer_state: dict, data_state: dict,
+                    fsdp_world_size: int | None = None) -> None:
     """Write the checkpoint to `path` atomically (tmp file + os.replace)."""
     state = {
         "format": FORMAT,
@@ -43,9 +47,10 @@ def save_checkpoint(path: Path, *, step: int, preset: str, model_config: ModelCo
         "preset": preset,
         "model_config": dataclasses.asdict(model_config),
         "fp8": fp8,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model_state,
+        "optimizer": optimizer_state,
         "data": dict(data_state),
+        "fsdp_world_size": fsdp_world_size,
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)

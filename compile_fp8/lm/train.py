@@ -13,6 +13,9 @@ One run, start to end (`run(TrainConfig(...))`; `scripts/train.py` is its comman
 5. each step: loss, tokens/s and MFU to the progress bar and `metrics.jsonl`; the val loss every
    `eval_every` steps and at the end; an atomic checkpoint every `save_every` steps and at the end.
 
+With `fsdp=True` (`--fsdp`, under torchrun) the same loop runs in every process on an FSDP2-sharded
+model; `distributed.py` says what changes.
+
 The loss is computed inside the model's forward, so torch.compile fuses the float32 upcast of
 the logits into the cross entropy instead of materialising [tokens, vocab] float32 logits twice.
 Validation runs the uncompiled module under `no_grad` (the same weights and FP8 casts; compiling
@@ -34,7 +37,9 @@ from compile_fp8 import Float8Config, compile_fp8, fp8_layers
 from compile_fp8.api import unwrap_compiled
 from compile_fp8.config import RECIPES
 
-from . import hardware
+from compile_fp8.api import precompute_float8_dynamic_scale_for_fsdp
+
+from . import distributed, hardware
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .data import BatchSampler, eval_batches, open_corpus
 from .metrics import METRICS_NAME, MetricsLog
@@ -87,6 +92,9 @@ class TrainConfig:
     resume: bool = False
     progress: str = "auto"
     """"auto" (a tqdm bar on a terminal, else printed lines), "bar", "print"."""
+    fsdp: bool = False
+    """Shard the model with FSDP2 over the processes torchrun started (`distributed.py`);
+    `batch_size` is then per process."""
 
     def __post_init__(self):
         get_preset(self.preset)  # ValueError naming the allowed presets
@@ -131,18 +139,19 @@ def check_fits(model_cfg: ModelConfig, preset: str, device: torch.device) -> Non
 
 
 def build_model(cfg: TrainConfig, model_cfg: ModelConfig, support, device, state=None):
-    """(model to train, plain module for eval): bf16 weights, checkpoint loaded, FP8/compile."""
+    """(model to train, plain module for eval): bf16 weights, checkpoint loaded, FP8, FSDP2
+    (`cfg.fsdp`), compile."""
     torch.manual_seed(cfg.seed)
     with torch.device(device):
         model = TransformerLM(model_cfg).to(torch.bfloat16)
     if state is not None:
         model.load_state_dict(state["model"])  # plain keys and tensors, also from an FP8 run
-    if cfg.fp8 == "none":
-        return (torch.compile(model) if cfg.compile else model), model
-    config = Float8Config(recipe=cfg.fp8, emulate=support.emulate)
-    trained = compile_fp8(model, config, module_filter_fn=lambda mod, fqn: fqn != "head",
-                          compile=cfg.compile)
-    return trained, unwrap_compiled(trained)
+    if cfg.fp8 != "none":
+        config = Float8Config(recipe=cfg.fp8, emulate=support.emulate)
+        compile_fp8(model, config, module_filter_fn=lambda mod, fqn: fqn != "head", compile=False)
+    if cfg.fsdp:
+        distributed.shard(model)  # after compile_fp8, before torch.compile
+    return (torch.compile(model) if cfg.compile else model), model
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, device) -> torch.optim.AdamW:
@@ -154,7 +163,7 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, device) -> torch.o
                              fused=device.type == "cuda")
 
 
-def train_step(model, optimizer, inputs, targets, lr: float, grad_clip: float):
+def train_step(model, optimizer, inputs, targets, lr: float, grad_clip: float, after_step=None):
     """One optimizer step; returns (loss, grad norm) as 0-dim tensors (no sync here)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -163,6 +172,8 @@ def train_step(model, optimizer, inputs, targets, lr: float, grad_clip: float):
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if after_step is not None:
+        after_step()
     return loss.detach(), grad_norm
 
 
@@ -200,11 +211,16 @@ class Run:
     start_step: int
     flops_per_token: float
     peak_flops: float | None
+    ranks: distributed.Ranks | None = None
+    """Set under `--fsdp`."""
 
 
-def setup(cfg: TrainConfig, say=print) -> Run:
-    """Probe, check the data and the output folder, build model/optimizer, load a checkpoint."""
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def setup(cfg: TrainConfig, say=print, ranks: distributed.Ranks | None = None) -> Run:
+    """Probe, check the data and the output folder, build model/optimizer, load a checkpoint.
+
+    `ranks`: this process's place under `--fsdp` (`distributed.init_from_torchrun`)."""
+    device = ranks.device if ranks else torch.device(
+        cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_cfg = cfg.model_config()
     seq_len = cfg.seq_len or model_cfg.seq_len
     support = hardware.probe(device, cfg.emulate)
@@ -218,30 +234,61 @@ def setup(cfg: TrainConfig, say=print) -> Run:
         raise FileExistsError(f"{out} already holds a checkpoint ({ckpt}); pass --resume to "
                               "continue that run, or choose another --out (nothing was changed)")
     state = load_checkpoint(ckpt, preset=cfg.preset, model_config=model_cfg) if cfg.resume else None
+    _check_world_size(state, ranks, ckpt)
+    if ranks is not None:
+        distributed.barrier()  # every rank checked the folder before rank 0 writes to it
     out.mkdir(parents=True, exist_ok=True)
     model, eval_model = build_model(cfg, model_cfg, support, device, state)
     optimizer = build_optimizer(cfg, model, device)
     sampler = BatchSampler(train_tokens, cfg.batch_size, seq_len, seed=cfg.seed)
+    if ranks is not None:
+        sampler = distributed.RankBatches(sampler, ranks)
     start_step = 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if ranks is not None:
+            distributed.load_optimizer(eval_model, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["data"])
         start_step = state["step"]
         fp8_note = "" if state["fp8"] == cfg.fp8 else f" (it trained with --fp8 {state['fp8']})"
         say(f"resumed {ckpt} at step {start_step}{fp8_note}")
-    _describe_model(cfg, model_cfg, eval_model, seq_len, say)
-    log = MetricsLog(out / METRICS_NAME, resume_step=start_step if state else None)
+    _describe_model(cfg, model_cfg, eval_model, seq_len, say, ranks)
+    log = (MetricsLog(out / METRICS_NAME, resume_step=start_step if state else None)
+           if ranks is None or ranks.is_main else _NoLog())
     run = Run(cfg, device, seq_len, model, eval_model, optimizer, sampler, val_tokens, log,
               start_step, flops_per_token(model_cfg, seq_len),
-              hardware.peak_flops(device, fp8=cfg.fp8 != "none"))
+              hardware.peak_flops(device, fp8=cfg.fp8 != "none"), ranks)
     log.write(event="start", **_start_record(cfg, model_cfg, support, seq_len, start_step))
     return run
 
 
-def _describe_model(cfg, model_cfg, eval_model, seq_len, say) -> None:
+class _NoLog:
+    """The metrics log of a process other than rank 0."""
+
+    def write(self, **record) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _check_world_size(state, ranks, ckpt) -> None:
+    """An FSDP checkpoint's optimizer state resumes with the same number of processes only."""
+    theirs = None if state is None else state.get("fsdp_world_size")
+    ours = None if ranks is None else ranks.world_size
+    if state is not None and theirs != ours:
+        how = (f"under torchrun with --nproc_per_node {theirs} --fsdp" if theirs
+               else "without --fsdp, in one process")
+        raise ValueError(f"{ckpt} was written by a run {'with' if theirs else 'without'} --fsdp; "
+                         f"resume it {how} (its weights load anywhere: state['model'])")
+
+
+def _describe_model(cfg, model_cfg, eval_model, seq_len, say, ranks) -> None:
     say(f"model: preset {cfg.preset!r} {model_cfg}, {num_params(model_cfg) / 1e6:.1f}M params "
         f"({num_params(model_cfg, embedding=False) / 1e6:.1f}M without the embedding), bf16")
-    say(f"run: {cfg.name}, {cfg.steps} steps x {cfg.batch_size} x {seq_len} tokens, "
+    per = f" per process, FSDP2 over {ranks.world_size} processes" if ranks else ""
+    say(f"run: {cfg.name}, {cfg.steps} steps x {cfg.batch_size} x {seq_len} tokens{per}, "
         f"compile={cfg.compile}, seed {cfg.seed}")
     if cfg.fp8 != "none":
         layers = fp8_layers(eval_model)
@@ -263,9 +310,18 @@ def _start_record(cfg, model_cfg, support, seq_len, start_step) -> dict:
 
 
 def _save(run: Run, step: int) -> None:
-    save_checkpoint(checkpoint_path(run.cfg.out_dir), step=step, preset=run.cfg.preset,
-                    model_config=run.cfg.model_config(), fp8=run.cfg.fp8, model=run.eval_model,
-                    optimizer=run.optimizer, data_state=run.sampler.state_dict())
+    if run.ranks is None:
+        model_state, optimizer_state = run.eval_model.state_dict(), run.optimizer.state_dict()
+    else:  # gathered on every rank (a collective), written by rank 0
+        model_state, optimizer_state = distributed.full_state(run.eval_model, run.optimizer)
+    if run.ranks is None or run.ranks.is_main:
+        save_checkpoint(checkpoint_path(run.cfg.out_dir), step=step, preset=run.cfg.preset,
+                        model_config=run.cfg.model_config(), fp8=run.cfg.fp8,
+                        model_state=model_state, optimizer_state=optimizer_state,
+                        data_state=run.sampler.state_dict(),
+                        fsdp_world_size=run.ranks and run.ranks.world_size)
+    if run.ranks is not None:
+        distributed.barrier()  # when _save returns, every rank can read the checkpoint
 
 
 def _one_step(run: Run, step: int, lr: float) -> dict:
@@ -276,28 +332,52 @@ def _one_step(run: Run, step: int, lr: float) -> dict:
     inputs = inputs.to(device, non_blocking=True)
     targets = targets.to(device, non_blocking=True)
     try:
-        loss, grad_norm = train_step(run.model, run.optimizer, inputs, targets, lr, cfg.grad_clip)
+        loss, grad_norm = train_step(run.model, run.optimizer, inputs, targets, lr, cfg.grad_clip,
+                                     _after_step(run))
+        if run.ranks is not None:  # the global batch's loss; the norm of the sharded grads
+            loss, grad_norm = distributed.mean_over_ranks(loss), distributed.full_tensor(grad_norm)
         loss, grad_norm = loss.item(), grad_norm.item()
     except torch.cuda.OutOfMemoryError as err:
         raise RuntimeError(_oom_hint(cfg, run.seq_len)) from err
     _sync(device)
     seconds = time.perf_counter() - start
-    tokens_per_s = cfg.batch_size * run.seq_len / seconds
+    processes = 1 if run.ranks is None else run.ranks.world_size
+    tokens_per_s = processes * cfg.batch_size * run.seq_len / seconds
     mfu = None if run.peak_flops is None else run.flops_per_token * tokens_per_s / run.peak_flops
     return {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu,
             "step_ms": 1e3 * seconds, "grad_norm": grad_norm}
 
 
+def _after_step(run: Run):
+    """Under FSDP2 with FP8: every weight's amax for the next all-gather in one all-reduce."""
+    if run.ranks is None or run.cfg.fp8 == "none":
+        return None
+    return lambda: precompute_float8_dynamic_scale_for_fsdp(run.eval_model)
+
+
 def run(cfg: TrainConfig, say=print) -> dict:
-    """Train as `cfg` says; returns the summary record (also the last line of metrics.jsonl)."""
+    """Train as `cfg` says; returns the summary record (also the last line of metrics.jsonl).
+
+    Under `cfg.fsdp` every process calls it; rank 0 alone says and logs anything."""
+    if not cfg.fsdp:
+        return _run(cfg, say, None)
+    ranks = distributed.init_from_torchrun(cfg.device)
+    try:
+        quiet = lambda *args, **kwargs: None  # noqa: E731
+        return _run(cfg, say if ranks.is_main else quiet, ranks)
+    finally:
+        distributed.close(ranks)
+
+
+def _run(cfg: TrainConfig, say, ranks) -> dict:
     wall = time.perf_counter()
-    run_ = setup(cfg, say)
+    run_ = setup(cfg, say, ranks)
     lr_kw = dict(lr=cfg.lr or DEFAULT_LR[cfg.preset], total=cfg.steps,
                  warmup=cfg.warmup_steps if cfg.warmup_steps is not None
                  else min(200, cfg.steps // 10), min_ratio=cfg.min_lr_ratio)
     last = min(cfg.steps, cfg.stop_after or cfg.steps)
-    progress = Progress(cfg.progress, total=cfg.steps, initial=run_.start_step, desc=cfg.name,
-                        say=say)
+    mode = cfg.progress if run_.ranks is None or run_.ranks.is_main else "print"  # quiet `say`
+    progress = Progress(mode, total=cfg.steps, initial=run_.start_step, desc=cfg.name, say=say)
     val_loss, records = None, []
     for step in range(run_.start_step + 1, last + 1):
         record = _one_step(run_, step, lr_at(step, **lr_kw))
