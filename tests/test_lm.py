@@ -263,10 +263,12 @@ def test_import_compile_fp8_stays_light():
     import subprocess
     import sys
 
-    # torch itself imports tqdm when it is installed: check what compile_fp8 adds to torch
+    # torch itself imports tqdm when it is installed: check what compile_fp8 adds to torch.
+    # (numpy is not checked: where triton is installed, registering compile_fp8.kernels' triton
+    # ops makes torch's own triton support import numpy.)
     code = ("import sys, torch; before = set(sys.modules); import compile_fp8; "
             "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in "
-            "('tqdm', 'tiktoken', 'matplotlib', 'numpy') or m.startswith('compile_fp8.lm')))")
+            "('tqdm', 'tiktoken', 'matplotlib') or m.startswith('compile_fp8.lm')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 
