@@ -11,8 +11,10 @@ weights in e4m3 (more mantissa), gradients in e5m2 (more range) for tensorwise. 
 always runs along the contracted dim, so the same tensor gets different scales in different
 GEMMs (input: per token in the output GEMM, per feature in grad_weight's).
 
-The high-precision input and weight are saved for backward and re-cast there, as torchao does;
-with dynamic tensorwise scaling the re-cast reproduces the forward's bits exactly.
+The high-precision input and weight are saved for backward and re-cast there, as torchao does,
+together with any tensorwise scale computed in forward, so the re-cast uses the same scale
+(dynamic: the same bits; delayed: the history has moved on by then). With
+`Float8Config(cast_kernels="triton")` the float8 copies are saved instead (`_dual_cast_*`).
 `gemm.scaled_mm` puts each operand in the layout `_scaled_mm` needs.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from . import kernels
 from .config import CastSpec, GemmSpec, RecipeSpec
@@ -230,3 +233,20 @@ def float8_linear(
     if bias is not None:
         output = output + bias.to(output.dtype)
     return output
+
+
+def route_linear(cls, func, args, kwargs, run_fp8):
+    """`__torch_function__` body of the weight subclasses: `F.linear(input, weight, bias)` with a
+    `cls` weight runs `run_fp8(input, weight, bias)`; every other call runs as usual."""
+    kwargs = kwargs or {}
+    if func is F.linear or func is torch._C._nn.linear:
+        input, weight, bias = _linear_args(*args, **kwargs)
+        if isinstance(weight, cls) and not isinstance(input, cls):
+            with torch._C.DisableTorchFunctionSubclass():
+                return run_fp8(input, weight, bias)
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **kwargs)
+
+
+def _linear_args(input, weight, bias=None):
+    return input, weight, bias

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .autograd import float8_linear
+from .autograd import float8_linear, route_linear
 from .config import RecipeSpec
 from .linear import CONFIG_ATTR, uses_scaled_forward
 from .scaling import amax_to_scale, saturated_cast
@@ -233,17 +233,7 @@ class Float8GatheredWeight(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear or func is torch._C._nn.linear:
-            input, weight, bias = _linear_args(*args, **kwargs)
-            if isinstance(weight, cls) and not isinstance(input, cls):
-                with torch._C.DisableTorchFunctionSubclass():
-                    return float8_linear(
-                        input, weight, bias, weight._recipe, weight._emulate,
-                        weight_scale=weight.scale, weight_fp8=weight.fp8_data,
-                    )  # fmt: skip
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+        return route_linear(cls, func, args, kwargs, _run_gathered_linear)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -267,5 +257,8 @@ aten = torch.ops.aten
 _VIEWS = {aten.as_strided.default, aten.detach.default, aten.alias.default}
 
 
-def _linear_args(input, weight, bias=None):
-    return input, weight, bias
+def _run_gathered_linear(input, weight: Float8GatheredWeight, bias):
+    return float8_linear(
+        input, weight, bias, weight._recipe, weight._emulate,
+        weight_scale=weight.scale, weight_fp8=weight.fp8_data,
+    )  # fmt: skip

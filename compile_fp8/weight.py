@@ -24,10 +24,9 @@ for tensorwise, the high-precision shard otherwise (`fsdp.py`).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.utils._pytree import tree_map_only
 
-from .autograd import float8_linear
+from .autograd import float8_linear, route_linear
 from .config import RecipeSpec
 from .fsdp import (
     check_fsdp_module,
@@ -130,14 +129,7 @@ class Float8TrainingWeight(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear or func is torch._C._nn.linear:
-            input, weight, bias = _linear_args(*args, **kwargs)
-            if isinstance(weight, cls) and not isinstance(input, cls):
-                with torch._C.DisableTorchFunctionSubclass():
-                    return _run_fp8_linear(input, weight, bias)
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+        return route_linear(cls, func, args, kwargs, _run_fp8_linear)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -183,10 +175,6 @@ def _layout(t: torch.Tensor) -> tuple:
 
 def _unwrap(x: Float8TrainingWeight) -> torch.Tensor:
     return x._hp
-
-
-def _linear_args(input, weight, bias=None):
-    return input, weight, bias
 
 
 def _run_fp8_linear(input, weight: Float8TrainingWeight, bias):

@@ -64,8 +64,6 @@ def _timers(small: bool):
     (the GPU's time alone); `launch` is plain do_bench, which also counts the Python launch cost
     (it records the start event before `fn` runs, so a slow host shows up in the time)."""
     if not small:
-        import triton.testing
-
         from triton.testing import do_bench, do_bench_cudagraph
 
         return {
