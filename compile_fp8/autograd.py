@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .config import CastSpec, GemmSpec, RecipeSpec
+from .config import CastSpec, GemmSpec, RecipeSpec, same_tensorwise_cast
 from .gemm import scaled_mm
 from .scaling import (
     amax,
@@ -83,7 +83,7 @@ def _shared_scale(hp: torch.Tensor, first: CastSpec, second: CastSpec, pow2: boo
     The same amax gives the same scale, so computing it once (and saving it for backward)
     changes no bit; it saves re-reading the tensor for a second amax.
     """
-    if first == second and first.is_fp8 and first.granularity == "tensorwise":
+    if same_tensorwise_cast(first, second):
         return amax_to_scale(amax(hp), first.dtype, pow2)
     return None
 

@@ -140,6 +140,12 @@ class CastSpec:
 HIGH_PRECISION = CastSpec(None)
 
 
+def same_tensorwise_cast(first: CastSpec, second: CastSpec) -> bool:
+    """Two GEMMs cast an operand identically with one tensorwise scale: one cast can serve both
+    (the scale saved from forward, an FSDP weight gathered once in float8)."""
+    return first == second and first.is_fp8 and first.granularity == "tensorwise"
+
+
 @dataclass(frozen=True)
 class GemmSpec:
     """Casts for A and B of `A @ B`, and the accumulation mode of `_scaled_mm`."""

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .autograd import float8_linear, route_linear
-from .config import RecipeSpec
+from .config import RecipeSpec, same_tensorwise_cast
 from .linear import CONFIG_ATTR, uses_scaled_forward
 from .scaling import amax_to_scale, saturated_cast
 
@@ -58,8 +58,7 @@ FORWARD_AMAX_ATTR = "_fsdp_forward_amax"  # the last forward all-gather's amax, 
 
 def gathers_fp8(recipe: RecipeSpec) -> bool:
     """Whether a weight of `recipe` all-gathers in float8 (see [Note] What each recipe all-gathers)."""
-    forward_b, backward_b = recipe.output.b, recipe.grad_input.b
-    return forward_b == backward_b and forward_b.is_fp8 and forward_b.granularity == "tensorwise"
+    return same_tensorwise_cast(recipe.output.b, recipe.grad_input.b)
 
 
 def gather_description(recipe: RecipeSpec, gather_dtype: torch.dtype) -> str:
