@@ -146,6 +146,7 @@ def run(args) -> tuple[list[dict], list[str]]:
         rows.append(row)
         print(f"  {name}: {row['step_ms']:.1f} ms/step, first step {row['first_step_s']:.1f} s",
               file=sys.stderr, flush=True)
+        save(rows, notes, args)  # after every variant: a run cut short by a time limit keeps its rows
     return rows, notes
 
 
@@ -165,6 +166,17 @@ def render(rows, notes, args) -> str:
                      f"{r['first_step_s']:.1f} | {r['peak_gib']:.1f} |")
     lines += [""] + [f"- note: {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def save(rows, notes, args) -> str:
+    """The table as text; also written to `--out` (bench_train_step.md and .json) if given."""
+    text = render(rows, notes, args)
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_train_step.md").write_text(text)
+        (out / "bench_train_step.json").write_text(json.dumps({"rows": rows, "notes": notes}, indent=1))
+    return text
 
 
 def _device_name(device: str) -> str:
@@ -195,13 +207,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     rows, notes = run(args)
-    text = render(rows, notes, args)
-    print(text)
-    if args.out:
-        out = pathlib.Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_train_step.md").write_text(text)
-        (out / "bench_train_step.json").write_text(json.dumps({"rows": rows, "notes": notes}, indent=1))
+    print(save(rows, notes, args))
     failed = [n for n in notes if " failed: " in n]
     return 1 if failed else 0
 
