@@ -71,7 +71,12 @@ def compile_fp8(
     happened to each layer.
     """
     config = _check_args(model, config, module_filter_fn)
-    _convert_linears(model, config, module_filter_fn)
+    if config.mode == "inference":
+        from .inference import convert_for_inference  # lazy: inference.py builds on this module
+
+        convert_for_inference(model, config, module_filter_fn)
+    else:
+        _convert_linears(model, config, module_filter_fn)
     return torch.compile(model, **compile_kwargs) if compile else model
 
 
@@ -122,6 +127,10 @@ def plain_state_dict(model: nn.Module) -> dict:
 
 
 def _describe(module: nn.Linear, gather_dtypes: dict) -> str:
+    if getattr(module, "_compile_fp8_inference", None) is not None:
+        from .inference import describe  # lazy: inference.py builds on this module
+
+        return describe(module)
     weight = training_weight(module.weight)
     if weight is None and getattr(module, RECIPE_ATTR, None) is not None:
         return (
@@ -187,23 +196,18 @@ def _check_args(model, config, module_filter_fn) -> Float8Config:
     config = Float8Config() if config is None else config
     if not isinstance(config, Float8Config):
         raise TypeError(f"config must be a Float8Config, got {type(config).__name__}")
-    _check_implemented(config)
     if module_filter_fn is not None and not callable(module_filter_fn):
         raise TypeError("module_filter_fn must be callable as module_filter_fn(module, fqn)")
+    from .inference import check_not_inference_model  # lazy: inference.py builds on this module
+
+    check_not_inference_model(model, config.mode)
     converted = [n for n, p in model.named_parameters() if training_weight(p) is not None]
-    if converted:
+    if converted and config.mode == "training":  # inference quantizes a trained model's masters
         raise ValueError(
             f"model is already converted by compile_fp8 ({len(converted)} FP8 weights, e.g. "
             f"{converted[0]!r}); call compile_fp8 once, on the plain model"
         )
     return config
-
-
-def _check_implemented(config: Float8Config) -> None:
-    if config.mode != "training":
-        raise NotImplementedError(
-            f"Float8Config.mode={config.mode!r} is not implemented yet; use 'training'"
-        )
 
 
 # ---- conversion ---------------------------------------------------------------------------

@@ -7,7 +7,9 @@
 Each static layer switches to a high-precision forward that records the running max of |input|
 and |weight| (and, with `static_grads=True`, of |grad_output| through a backward of `loss_fn`)
 into its `fp8_amax_*` buffers; then the layers switch back and are marked ready. Re-running
-calibrate starts from zero again.
+calibrate starts from zero again. Inference layers (`Float8Config(mode="inference",
+scaling="static")`, `inference.py`) record max |input| only (`fp8_amax_input`): their weight is
+already float8 with its own scale.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from . import inference
 from .api import unwrap_compiled
 from .linear import CALIBRATING_ATTR, CONFIG_ATTR, buffer_names, refresh_ready, uses_scaled_forward
 from .scaling import amax
@@ -39,7 +42,7 @@ def calibrate(
     `loss_fn(output, batch) -> loss` is needed only with `Float8Config(static_grads=True)`.
     """
     layers = _static_layers(unwrap_compiled(model))
-    needs_grads = any(getattr(m, CONFIG_ATTR).static_grads for _, m in layers)
+    needs_grads = any(getattr(m, CONFIG_ATTR, None) and getattr(m, CONFIG_ATTR).static_grads for _, m in layers)
     _check_calibrate_args(layers, num_batches, needs_grads, loss_fn)
     seen = 0
     with _calibrating(layers), torch.enable_grad() if needs_grads else torch.no_grad():
@@ -51,7 +54,7 @@ def calibrate(
             logger.info("compile_fp8: calibrate batch %d%s", seen, f"/{num_batches}" if num_batches else "")
     if seen == 0:
         raise ValueError("calibrate got no batches: pass an iterable with at least one batch")
-    uncalibrated = [fqn for fqn, m in layers if not refresh_ready(m)]
+    uncalibrated = [fqn for fqn, m in layers if not _refresh_ready(m)]
     if uncalibrated:
         logger.warning(
             "compile_fp8: %d layer(s) saw no data (or only zeros) and stay dynamic: %s",
@@ -60,18 +63,32 @@ def calibrate(
         )
 
 
-def _static_layers(model: nn.Module) -> list:
+def _static_layers(model: nn.Module, training_only: bool = False) -> list:
+    """(fqn, layer) of every static-scaled layer: training ones, and inference ones unless
+    `training_only`."""
     return [
         (fqn, m)
         for fqn, m in model.named_modules()
-        if uses_scaled_forward(m) and getattr(m, CONFIG_ATTR).scaling == "static"
+        if (uses_scaled_forward(m) and getattr(m, CONFIG_ATTR).scaling == "static")
+        or (inference.is_static_layer(m) and not training_only)
     ]
+
+
+def _amax_buffers(module: nn.Module) -> tuple[str, ...]:
+    if inference.is_static_layer(module):
+        return (inference.INPUT_AMAX,)
+    return buffer_names(getattr(module, CONFIG_ATTR))
+
+
+def _refresh_ready(module: nn.Module) -> bool:
+    return inference.refresh_ready(module) if inference.is_static_layer(module) else refresh_ready(module)
 
 
 def _check_calibrate_args(layers, num_batches, needs_grads, loss_fn):
     if not layers:
         raise ValueError(
             "calibrate needs a model converted with compile_fp8(model, Float8Config(scaling='static'))"
+            " (mode 'training' or 'inference')"
         )
     if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
         raise ValueError(f"num_batches={num_batches!r} must be None or an int >= 1")
@@ -85,7 +102,7 @@ def _check_calibrate_args(layers, num_batches, needs_grads, loss_fn):
 @contextlib.contextmanager
 def _calibrating(layers):
     for _, module in layers:
-        for name in buffer_names(getattr(module, CONFIG_ATTR)):
+        for name in _amax_buffers(module):
             getattr(module, name).zero_()
         setattr(module, CALIBRATING_ATTR, True)
     try:
@@ -118,5 +135,5 @@ def refresh_weight_scales(model: nn.Module) -> None:
     buffer: no recompile). Without it the calibrated weight scale stays fixed, and weight values
     that grow past `amax * amax_margin` saturate.
     """
-    for _, module in _static_layers(unwrap_compiled(model)):
+    for _, module in _static_layers(unwrap_compiled(model), training_only=True):  # inference: frozen
         module.fp8_amax_weight.copy_(amax(module.weight.hp).float())

@@ -64,8 +64,9 @@ class Float8Config:
     amaxes, updated every step inside the compiled graph). static and delayed: tensorwise only."""
 
     mode: Mode = "training"
-    """"training" (master weights stay high precision) or "inference" (weights stored in FP8).
-    Only "training" is implemented so far."""
+    """"training" (master weights stay high precision) or "inference" (weights stored once as
+    FP8 `Float8Tensor`s, activations cast per call; scaling "dynamic" or "static"; see
+    `inference.py`)."""
 
     emulate: Optional[bool] = None
     """Run the same numerics without `torch._scaled_mm` (for GPUs below sm89). None (default):
@@ -93,6 +94,12 @@ class Float8Config:
     and weight instead of high-precision copies. Same bits either way; on CPU (no Triton) the
     torch fallbacks run."""
 
+    weight_only_max_m: int = 64
+    """mode="inference": a linear whose input has at most this many rows M (tokens: batch x
+    sequence, e.g. a decode step) runs the weight-only FP8 kernel (float8 weight, high-precision
+    activation; `fp8_gemv.py`); larger M runs `_scaled_mm` with a float8 activation. 0: always
+    `_scaled_mm`. Ignored in training."""
+
     def __post_init__(self):
         check_choice("Float8Config.recipe", self.recipe, RECIPES)
         check_choice("Float8Config.scaling", self.scaling, SCALINGS)
@@ -115,6 +122,27 @@ class Float8Config:
             raise ValueError(f"Float8Config.history_len={self.history_len!r} must be an int >= 1")
         if not self.amax_margin > 0:
             raise ValueError(f"Float8Config.amax_margin={self.amax_margin!r} must be > 0")
+        if type(self.weight_only_max_m) is not int or self.weight_only_max_m < 0:
+            raise ValueError(
+                f"Float8Config.weight_only_max_m={self.weight_only_max_m!r} must be an int >= 0"
+            )
+        if self.mode == "inference":
+            self._check_inference()
+
+    def _check_inference(self) -> None:
+        """Training-only choices are refused for mode="inference", naming the field."""
+        if self.scaling == "delayed":
+            raise ValueError(
+                "Float8Config.scaling='delayed' is not supported with mode='inference' (its amax "
+                "history moves with training steps); allowed values: ['dynamic', 'static']"
+            )
+        if self.static_grads:
+            raise ValueError("Float8Config.static_grads=True applies to mode='training' only")
+        if self.cast_kernels != "inductor":
+            raise ValueError(
+                f"Float8Config.cast_kernels={self.cast_kernels!r} applies to mode='training' only; "
+                "inference uses 'inductor' (and the weight-only kernel for small M)"
+            )
 
     @classmethod
     def from_recipe(cls, name: str, **kwargs) -> "Float8Config":

@@ -131,11 +131,6 @@ def test_config_of_wrong_type():
         compile_fp8(nn.Linear(16, 16), "tensorwise")
 
 
-def test_not_yet_implemented_mode_says_so():
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
-        compile_fp8(nn.Linear(16, 16), Float8Config(mode="inference"))
-
-
 # ---- checkpoints --------------------------------------------------------------------------
 
 

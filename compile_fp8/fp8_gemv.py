@@ -1,0 +1,160 @@
+"""Weight-only FP8 linear for small M (decode): read float8 weights, multiply in high precision.
+
+A decode step pushes a handful of tokens (M = batch x 1) through every linear layer::
+
+    output = input @ weight.T        # [M, K] @ [K, N] -> [M, N]
+
+With M = 16 the GEMM does 2 * 16 FLOPs per weight element read: it is bound by reading the
+weight, not by arithmetic. Storing the weight in float8 halves those bytes, but `_scaled_mm`
+also needs a float8 *activation*: an amax reduction and a cast per layer, plus a GEMM kernel
+tuned for large tiles. At M = 16 that costs more than the bytes it saves (torchao's float8
+inference decodes ~3x slower than bf16 on an H200; `../shared/ANCHORS.md`).
+
+The weight-only path keeps the activation in high precision and dequantizes the weight inside
+the GEMM, in registers::
+
+    out[m, n] = sum_k x[m, k] * w_fp8[n, k]  /  w_scale[n]  +  bias[n]    # w_scale: [] or [N, 1]
+
+Every float8 e4m3 value is exactly a bf16 (and fp16) value, so `w_fp8.to(x.dtype)` is exact and
+the products run on the tensor cores (`tl.dot`) with a float32 accumulator; the scale divides the
+accumulator once per output (it is constant along the contracted K), and the bias is added to
+the float32 accumulator before the one rounding to x's dtype. One kernel per layer, no
+activation cast, half the bytes of a bf16 GEMM: the numerics are those of `x @ dequant(w).T`
+(no activation quantization at all, so it is *more* accurate than the `_scaled_mm` path).
+
+Work split: a program owns BLOCK_N output columns (weight rows) for all M rows (BLOCK_M, M <=
+64 in one block, so each weight byte is read once) and walks K in BLOCK_K steps; the weight tile
+[BLOCK_N, BLOCK_K] is contiguous along K (row-major [N, K]), so loads are coalesced. SPLIT_K > 1
+cuts K into interleaved slices run by separate programs (more programs for small N) that add
+their float32 partial sums atomically; the result is then not bit-deterministic run to run.
+
+The op is a `torch.library.triton_op` (the pattern of `kernels.py`): eager calls launch the
+kernel, torch.compile (fullgraph, CUDA graphs) sees the kernel itself. `weight_only_linear` uses
+it on CUDA sm89+ with triton importable and falls back to the same math in torch elsewhere
+(CPU, CI without triton). The kernel runs on CPU under Triton's interpreter (TRITON_INTERPRET=1)
+for the tests.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .kernels import _interpreting, triton, triton_available
+
+if triton is not None:
+    import triton.language as tl
+
+KERNEL_X_DTYPES = (torch.bfloat16, torch.float16)  # float32 x would run tl.dot in tf32: torch
+# Tuning (to be swept on the H200, scripts/bench_inference.py --sweep): output columns per
+# program, K per step, K slices, warps and pipeline stages.
+WEIGHT_ONLY_CONFIG = {"block_n": 16, "block_k": 512, "split_k": 1, "num_warps": 4, "num_stages": 3}
+MAX_BLOCK_M = 64  # M above this runs in several M blocks (each re-reads the weight)
+
+
+def weight_only_linear(
+    x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`x @ (weight_fp8 / weight_scale).T + bias` in x's dtype: [M, K] @ [K, N] -> [M, N].
+
+    `weight_fp8` is float8 [N, K]; `weight_scale` the float32 hp -> fp8 scale, [] (tensorwise)
+    or [N, 1] (rowwise); `bias` [N] or None. Runs the Triton kernel where it can (see module
+    docstring).
+    """
+    if triton_available(x.device) and x.dtype in KERNEL_X_DTYPES and x.numel() > 0:
+        return torch.ops.compile_fp8.weight_only_mm(x, weight_fp8, weight_scale, bias)
+    return weight_only_reference(x, weight_fp8, weight_scale, bias)
+
+
+def weight_only_reference(x, weight_fp8, weight_scale, bias=None):
+    """The kernel's math in torch: float32 products and sums, one divide by the scale, the
+    bias in float32, one rounding (so eager and inductor agree bit for bit)."""
+    # [M, K] @ [K, N] -> [M, N]; the [N, 1] scale becomes [1, N] (one per output column)
+    out = torch.mm(x.to(torch.float32), weight_fp8.to(torch.float32).t())
+    out = out / weight_scale.reshape(1, -1)
+    return (out if bias is None else out + bias.to(torch.float32)).to(x.dtype)
+
+
+def _block_sizes(m: int, k: int, config: dict) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_K): M rounded up to a power of two (>= 16, tl.dot's minimum), K capped."""
+    block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(m)))
+    block_k = min(config["block_k"], max(16, triton.next_power_of_2(k)))
+    return block_m, block_k
+
+
+if triton is not None:
+
+    @triton.jit
+    def _weight_only_kernel(
+        x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K,
+        stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
+        K_TILES: tl.constexpr, SPLIT_K: tl.constexpr, ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        FP32_DOT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """One [BLOCK_M, BLOCK_N] tile of out, over K slice `program_id(1)` of SPLIT_K."""
+        pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        # K_TILES is a constexpr: the interpreter (triton 3.6) cannot loop to a runtime bound
+        for i in range(K_TILES):
+            offs_k = ((pid_k + i * SPLIT_K) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+            x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=x_mask, other=0.0)  # [BLOCK_M, BLOCK_K], bf16/fp16  # fmt: skip
+            w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                        mask=w_mask, other=0.0)  # [BLOCK_N, BLOCK_K], float8  # fmt: skip
+            # dequantize in registers: float8 -> x's dtype is exact (the scale comes at the end)
+            w = w.to(x.dtype)
+            if FP32_DOT:  # the interpreter's bf16 tl.dot is wrong (triton 3.6); float32 is exact
+                x, w = x.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(x, tl.trans(w), acc)  # [BM, BK] @ [BK, BN] -> [BM, BN]
+        if ROWWISE:
+            scale = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=1.0)  # [BLOCK_N]
+            acc = acc / scale[None, :]
+        else:
+            acc = acc / tl.load(scale_ptr)
+        if HAS_BIAS:  # added once: by the first K slice's program
+            bias = tl.load(bias_ptr + offs_n, mask=(offs_n < N) & (pid_k == 0), other=0.0)
+            acc = acc + bias.to(tl.float32)[None, :]
+        out_offs = offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        if SPLIT_K == 1:
+            tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            tl.atomic_add(out_ptr + out_offs, acc, mask=out_mask)  # float32 partial sums
+
+    def _launch_weight_only(x, weight_fp8, weight_scale, bias, block_n, block_k, split_k, num_warps, num_stages):
+        m, k = x.shape
+        n = weight_fp8.shape[0]
+        block_m, block_k = _block_sizes(m, k, {"block_k": block_k})
+        split_k = max(1, min(split_k, triton.cdiv(k, block_k)))
+        k_tiles = triton.cdiv(triton.cdiv(k, block_k), split_k)
+        if split_k == 1:
+            out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        else:
+            out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
+        grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
+        launch = {} if _interpreting() else {"num_warps": num_warps, "num_stages": num_stages}
+        torch.library.wrap_triton(_weight_only_kernel)[grid](
+            x, weight_fp8, weight_scale, weight_scale if bias is None else bias, out, m, n, k,
+            x.stride(0), x.stride(1), weight_fp8.stride(0), weight_fp8.stride(1),
+            out.stride(0), out.stride(1),
+            K_TILES=k_tiles, SPLIT_K=split_k, ROWWISE=weight_scale.numel() != 1, HAS_BIAS=bias is not None,
+            FP32_DOT=_interpreting(),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch,
+        )  # fmt: skip
+        return out if split_k == 1 else out.to(x.dtype)
+
+    @torch.library.triton_op("compile_fp8::weight_only_mm", mutates_args=())
+    def _weight_only_op(
+        x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        return _launch_weight_only(x, weight_fp8, weight_scale, bias, **WEIGHT_ONLY_CONFIG)
+
+    @_weight_only_op.register_fake
+    def _(x, weight_fp8, weight_scale, bias):
+        return x.new_empty((x.shape[0], weight_fp8.shape[0]))

@@ -1,0 +1,447 @@
+"""FP8 inference (`inference.py`, `fp8_gemv.py`): accuracy, bytes, checkpoints, compile, errors.
+
+CPU tests run torch's CPU `_scaled_mm` for large M and the weight-only path's torch fallback for
+small M (the Triton kernel runs in Triton's interpreter with TRITON_INTERPRET=1, and on CUDA under
+the `gpu` marker). torchao's float8 inference refuses CPU: the parity test is GPU-only.
+"""
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from compile_fp8 import Float8Config, Float8Tensor, calibrate, compile_fp8, fp8_gemv, fp8_layers
+from compile_fp8 import inference
+from compile_fp8.inference import parameter_bytes
+from compile_fp8.kernels import _interpreting
+from compile_fp8.lm.model import TransformerLM, get_preset
+from helpers import bits_equal, sqnr
+
+BF16 = torch.bfloat16
+RECIPES = ["tensorwise", "rowwise"]
+SCALED_MM = dict(weight_only_max_m=0)  # every M through _scaled_mm
+WEIGHT_ONLY = dict(weight_only_max_m=10**6)  # every M through the weight-only path
+PATHS = {"scaled_mm": SCALED_MM, "weight_only": WEIGHT_ONLY}
+INTERPRETING = fp8_gemv.triton is not None and _interpreting()
+interpreter = pytest.mark.skipif(
+    not INTERPRETING, reason="Triton's CPU interpreter: needs triton and TRITON_INTERPRET=1"
+)
+
+
+def _mlp(dtype=BF16):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 48), nn.GELU(), nn.Linear(48, 32)).to(dtype)
+
+
+def _tiny_lm():
+    torch.manual_seed(0)
+    cfg = get_preset("tiny").replace(vocab_size=256, n_layers=2, seq_len=32)
+    return TransformerLM(cfg).to(BF16)
+
+
+def _inference(model, recipe="tensorwise", **kwargs):
+    return compile_fp8(model, Float8Config(mode="inference", recipe=recipe, **kwargs), compile=False)
+
+
+def _x(*shape):
+    return torch.randn(*shape, dtype=BF16)
+
+
+def _linear_bytes(model):
+    return sum(parameter_bytes(m) for m in model.modules() if isinstance(m, nn.Linear))
+
+
+# ---- accuracy and bytes -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_mlp_close_to_bf16(recipe, path):
+    model = _mlp()
+    x = _x(3, 40, 64)
+    with torch.no_grad():
+        expected = model(x)
+        actual = _inference(model, recipe, **PATHS[path])(x)
+    assert actual.dtype == BF16 and actual.shape == expected.shape, (actual.dtype, actual.shape)
+    assert sqnr(expected, actual) >= 25, f"sqnr {sqnr(expected, actual):.1f} dB"
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_tiny_transformer_close_to_bf16(recipe):
+    model = _tiny_lm()
+    tokens = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        expected = model(tokens)
+        converted = _inference(model, recipe)
+        prefill, decode = converted(tokens), converted(tokens[:, :4])  # M = 64 and 8
+    assert sqnr(expected, prefill) >= 25, f"prefill sqnr {sqnr(expected, prefill):.1f} dB"
+    with torch.no_grad():
+        expected_decode = _tiny_lm()(tokens[:, :4])
+    assert sqnr(expected_decode, decode) >= 25, f"decode sqnr {sqnr(expected_decode, decode):.1f} dB"
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_linear_parameter_bytes_about_half(recipe):
+    """Weights [N, K] become N*K bytes + a float32 scale (per row: 4 bytes per K; K = 256 here)."""
+    model = nn.Sequential(nn.Linear(256, 128), nn.GELU(), nn.Linear(128, 256)).to(BF16)
+    bf16_bytes = _linear_bytes(model)
+    converted = _inference(model, recipe)
+    ratio = _linear_bytes(converted) / bf16_bytes
+    assert ratio <= 0.52, f"linear parameter bytes {ratio:.3f}x bf16"
+    weight = converted[0].weight
+    assert isinstance(weight, Float8Tensor) and weight.fp8_data.dtype == torch.float8_e4m3fn, repr(weight)
+    assert not weight.requires_grad and converted[0].bias.dtype == BF16, converted[0].bias.dtype
+    expected_scale = () if recipe == "tensorwise" else (128, 1)  # [N, 1]
+    assert tuple(weight.scale.shape) == expected_scale, weight.scale.shape
+
+
+def test_scales_follow_torchao_inference():
+    """[Note] Inference scales: inverse scale = amax / 448 rounded to the tensor's dtype."""
+    x = _x(8, 64) * 3
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    torchao_inv_scale = (amax / 448).float()  # bf16 quotient, as torchao's _choose_scale_float8
+    scale = inference.inference_scale(x, "rowwise")
+    assert torch.allclose(1 / scale, torchao_inv_scale, rtol=1e-7, atol=0), (1 / scale, torchao_inv_scale)
+    assert inference.inference_scale(torch.zeros(4, 16, dtype=BF16), "tensorwise").isfinite()
+
+
+# ---- which kernel runs ----------------------------------------------------------------------
+
+
+def test_small_m_runs_weight_only_large_m_runs_scaled_mm(monkeypatch):
+    calls = []
+    original = fp8_gemv.weight_only_linear
+    monkeypatch.setattr(fp8_gemv, "weight_only_linear", lambda *a: calls.append(a[0].shape[0]) or original(*a))
+    model = _inference(nn.Linear(64, 32).to(BF16), weight_only_max_m=16)
+    with torch.no_grad():
+        model(_x(2, 8, 64)), model(_x(2, 9, 64)), model(_x(16, 64))
+    assert calls == [16, 16], f"weight-only path ran for M = {calls}, want [16, 16] (not 18)"
+
+
+def test_weight_only_fallback_is_exact_dequantized_matmul():
+    x = _x(5, 64)
+    for granularity in RECIPES:
+        w = inference.quantize_weight(torch.randn(48, 64, dtype=BF16), granularity)
+        out = fp8_gemv.weight_only_linear(x, w.fp8_data, w.scale)
+        expected = (x.float() @ w.to_hp(torch.float32).t()).to(BF16)
+        assert sqnr(expected, out) > 50, f"{granularity}: sqnr {sqnr(expected, out):.1f} dB"
+
+
+@interpreter
+@pytest.mark.parametrize("granularity", RECIPES)
+@pytest.mark.parametrize("m, k, n", [(16, 64, 48), (5, 100, 40), (33, 256, 96)], ids=str)
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_interpreted_weight_only_kernel(m, k, n, granularity, split_k, monkeypatch):
+    monkeypatch.setitem(fp8_gemv.WEIGHT_ONLY_CONFIG, "split_k", split_k)
+    monkeypatch.setitem(fp8_gemv.WEIGHT_ONLY_CONFIG, "block_k", 32)  # several K steps
+    x = _x(m, k)
+    w = inference.quantize_weight(torch.randn(n, k, dtype=BF16) * 0.05, granularity)
+    for w_fp8, w_scale in ((w.fp8_data, w.scale), (w.t().contiguous().t().fp8_data, w.scale)):
+        bias = _x(n)
+        out = torch.ops.compile_fp8.weight_only_mm(x, w_fp8, w_scale, bias)
+        expected = fp8_gemv.weight_only_reference(x, w_fp8, w_scale, bias)
+        assert out.dtype == BF16 and out.shape == (m, n), (out.dtype, out.shape)
+        # float32 sums in another order, then one bf16 rounding: at most one bf16 step apart
+        assert torch.allclose(out.float(), expected.float(), rtol=2**-7, atol=1e-6), (out - expected).abs().max()
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+
+def _saved(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_state_dict_round_trip_is_bit_identical(recipe):
+    model = _inference(_mlp(), recipe)
+    x = _x(2, 40, 64)
+    with torch.no_grad():
+        expected = model(x)
+    state = _saved(model.state_dict())
+    assert isinstance(state["0.weight"], Float8Tensor), type(state["0.weight"])
+    fresh = _inference(_mlp().apply(lambda m: m.reset_parameters() if isinstance(m, nn.Linear) else None), recipe)
+    assert fresh.load_state_dict(state) is not None  # strict: no missing / unexpected keys
+    assign = _inference(_mlp(), recipe)
+    assign.load_state_dict(_saved(model.state_dict()), assign=True)
+    with torch.no_grad():
+        for loaded in (fresh, assign):
+            assert bits_equal(loaded(x), expected), "outputs after load differ"
+
+
+def test_plain_checkpoint_loads_into_inference_model_quantized():
+    plain = _mlp()
+    converted = _inference(_mlp().apply(lambda m: m.reset_parameters() if isinstance(m, nn.Linear) else None))
+    converted.load_state_dict(_saved(plain.state_dict()))
+    x = _x(2, 40, 64)
+    with torch.no_grad():
+        assert bits_equal(converted(x), _inference(plain)(x)), "plain checkpoint not quantized like a conversion"
+
+
+def test_checkpoint_of_other_granularity_is_a_clear_error():
+    state = _inference(_mlp(), "rowwise").state_dict()
+    with pytest.raises(RuntimeError, match="checkpoint holds a rowwise"):
+        _inference(_mlp(), "tensorwise").load_state_dict(state)
+
+
+def test_deepcopy_and_to_keep_fp8_weights():
+    model = _inference(_mlp())
+    for copied in (copy.deepcopy(model), model.to(torch.device("cpu"))):
+        assert isinstance(copied[0].weight, Float8Tensor), type(copied[0].weight)
+        x = _x(4, 64)
+        with torch.no_grad():
+            assert bits_equal(copied(x), model(x))
+
+
+# ---- fp8_layers -----------------------------------------------------------------------------
+
+
+def test_fp8_layers_reports_inference_recipe_and_skips():
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 10), nn.Linear(10, 16)).to(BF16)
+    with pytest.warns(UserWarning, match="multiples of 16"):
+        converted = compile_fp8(
+            model, Float8Config(mode="inference", recipe="rowwise", emulate=True),
+            module_filter_fn=lambda m, fqn: fqn != "2", compile=False,
+        )  # fmt: skip
+    assert fp8_layers(converted) == {
+        "0": "fp8 rowwise inference dynamic (emulated)",
+        "1": "skipped: out_features=10 is not a multiple of 16",
+        "2": "skipped: module_filter_fn",
+    }, fp8_layers(converted)
+
+
+def test_fp8_layers_through_compiled_model():
+    compiled = compile_fp8(_mlp(), Float8Config(mode="inference"))
+    assert set(fp8_layers(compiled).values()) == {"fp8 tensorwise inference dynamic"}, fp8_layers(compiled)
+
+
+# ---- compile, no_grad, inference_mode, autograd -------------------------------------------
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_compiled_fullgraph_equals_eager(recipe):
+    """One layer (between layers inductor keeps float32 intermediates, see design.md): bitwise,
+    both paths, one frame per input shape."""
+    model = _inference(nn.Linear(64, 48).to(BF16), recipe, weight_only_max_m=16)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    for x in (_x(4, 20, 64), _x(16, 64)):  # _scaled_mm, then weight-only
+        with torch.no_grad():
+            assert bits_equal(compiled(x), model(x)), f"M={x.numel() // 64}: compiled != eager"
+    assert counter.frame_count == 2, f"{counter.frame_count} frames"
+
+
+def test_no_grad_and_inference_mode_match_grad_mode():
+    model = _inference(_mlp())
+    x = _x(3, 40, 64)
+    expected = model(x).detach()
+    with torch.no_grad():
+        assert bits_equal(model(x), expected)
+    with torch.inference_mode():
+        assert bits_equal(model(x), expected)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    # several layers: inductor keeps float32 between them (design.md), so not bit for bit
+    assert sqnr(expected, compiled) >= 30, f"compiled under inference_mode: {sqnr(expected, compiled):.1f} dB"
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_backward_reaches_input_straight_through(path):
+    """grad_input = grad_out @ dequantized weight; the frozen weight gets none."""
+    layer = _inference(nn.Linear(64, 32).to(BF16), **PATHS[path])
+    x = _x(40, 64).requires_grad_()
+    grad_out = _x(40, 32)
+    layer(x).backward(grad_out)
+    expected = grad_out @ layer.weight.to_hp()
+    assert bits_equal(x.grad, expected), f"sqnr {sqnr(expected, x.grad):.1f} dB"
+    assert layer.bias.grad is not None and layer.weight.grad is None, (layer.bias.grad, layer.weight.grad)
+
+
+def test_unfrozen_weight_is_a_clear_error():
+    layer = _inference(nn.Linear(64, 32).to(BF16))
+    layer.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="inference weights are frozen"):
+        layer(_x(4, 64))
+
+
+# ---- static scaling -------------------------------------------------------------------------
+
+
+def test_static_scales_after_calibrate():
+    model = _mlp()
+    x = _x(3, 40, 64)
+    with torch.no_grad():
+        expected = model(x)
+    converted = _inference(model, scaling="static", **SCALED_MM)
+    assert fp8_layers(converted)["0"] == "fp8 tensorwise inference static (uncalibrated: dynamic until calibrate())"
+    calibrate(converted, [x])
+    assert fp8_layers(converted)["0"] == "fp8 tensorwise inference static", fp8_layers(converted)
+    assert converted[0].fp8_amax_input == x.abs().max().float(), converted[0].fp8_amax_input
+    with torch.no_grad():
+        actual = converted(x)
+    assert sqnr(expected, actual) >= 25, f"sqnr {sqnr(expected, actual):.1f} dB"
+    reloaded = _inference(_mlp(), scaling="static", **SCALED_MM)
+    reloaded.load_state_dict(_saved(converted.state_dict()))
+    with torch.no_grad():
+        assert bits_equal(reloaded(x), actual), "static model differs after load"
+
+
+def test_static_checkpoint_without_amax_warns():
+    state = _inference(_mlp()).state_dict()
+    static = _inference(_mlp(), scaling="static")
+    with pytest.warns(UserWarning, match="fp8_amax_input"):
+        static.load_state_dict(state)
+    assert "uncalibrated" in fp8_layers(static)["0"], fp8_layers(static)
+
+
+# ---- models: a trained one, ties, transformers ------------------------------------------
+
+
+@pytest.mark.parametrize("scaling", ["dynamic", "static"])
+def test_model_trained_with_compile_fp8_converts(scaling):
+    trained = compile_fp8(_mlp(torch.float32), Float8Config(emulate=True, scaling=scaling), compile=False)
+    x = torch.randn(8, 64)
+    if scaling == "static":
+        calibrate(trained, [x])
+    opt = torch.optim.SGD(trained.parameters(), lr=0.1)
+    for _ in range(2):
+        trained(x).square().mean().backward()
+        opt.step()
+    masters = {k: v.clone() for k, v in trained.state_dict().items() if not k.split(".")[-1].startswith("fp8")}
+    converted = _inference(trained)
+    assert set(fp8_layers(converted).values()) == {"fp8 tensorwise inference dynamic"}, fp8_layers(converted)
+    state = converted.state_dict()
+    assert set(state) == set(masters), sorted(state)  # no fp8_amax_* left over
+    plain = _mlp(torch.float32)
+    plain.load_state_dict(masters)
+    with torch.no_grad():
+        assert bits_equal(converted(x), _inference(plain)(x)), "not the trained master weights"
+    converted.load_state_dict(_saved(state))  # the training hooks are gone: loads as inference
+    assert isinstance(converted[0].weight, Float8Tensor), type(converted[0].weight)
+
+
+def test_tied_linears_stay_tied():
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32)).to(BF16)
+    model[1].weight = model[0].weight
+    converted = _inference(model)
+    assert converted[0].weight is converted[1].weight, "tie broken"
+    assert len(list(converted.parameters())) == 3, [n for n, _ in converted.named_parameters()]
+
+
+def test_linear_subclass_overriding_forward_is_skipped():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    converted = _inference(nn.Sequential(Scaled(32, 32)).to(BF16))
+    assert fp8_layers(converted)["0"].startswith("skipped: Scaled overrides forward"), fp8_layers(converted)
+
+
+def test_hf_gpt2_conv1d_and_llama():
+    transformers = pytest.importorskip("transformers")
+    small = dict(vocab_size=128, num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=64)
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=1, n_head=4, n_positions=64)
+    )
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_key_value_heads=2, **small)
+    )
+    ids = torch.randint(0, 128, (2, 40))
+    for name, model in (("gpt2", gpt2), ("llama", llama)):
+        model = model.to(BF16).eval()
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits
+            converted = _inference(model)
+            actual = converted(input_ids=ids).logits
+        report = fp8_layers(converted)
+        fp8 = [k for k, v in report.items() if v == "fp8 tensorwise inference dynamic"]
+        assert len(fp8) >= 4, report
+        assert sqnr(expected, actual) >= 25, f"{name}: sqnr {sqnr(expected, actual):.1f} dB"
+    assert tuple(gpt2.transformer.h[0].attn.c_attn.weight.shape) == (64, 192), "Conv1D keeps [in, out]"
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+
+def test_converting_an_inference_model_again_is_an_error():
+    converted = _inference(_mlp())
+    with pytest.raises(ValueError, match="converted for inference twice"):
+        _inference(converted)
+    with pytest.raises(ValueError, match="cannot be trained"):
+        compile_fp8(converted, compile=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(scaling="delayed"), "scaling='delayed' is not supported with mode='inference'"),
+        (dict(static_grads=True), "static_grads=True applies to mode='training' only"),
+        (dict(cast_kernels="triton"), "cast_kernels='triton' applies to mode='training' only"),
+        (dict(weight_only_max_m=-1), "weight_only_max_m=-1 must be an int >= 0"),
+        (dict(weight_only_max_m=True), "weight_only_max_m=True must be an int >= 0"),
+        (dict(recipe="rowwise", scaling="static"), "supports recipe='tensorwise' only"),
+    ],
+    ids=lambda v: str(v)[:30],
+)
+def test_bad_config_is_a_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Float8Config(mode="inference", **kwargs)
+
+
+# ---- GPU ------------------------------------------------------------------------------------
+
+
+def _torchao_inference(model, granularity):
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
+
+    kind = PerTensor() if granularity == "tensorwise" else PerRow()
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=kind))
+    return model
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_gpu_matches_torchao_inference(recipe):
+    pytest.importorskip("torchao")
+    model = _mlp().cuda()
+    x = _x(4, 256, 64).cuda()
+    with torch.no_grad():
+        expected = _torchao_inference(copy.deepcopy(model), recipe)(x)
+        actual = _inference(model, recipe, **SCALED_MM)(x)
+    assert sqnr(expected, actual) >= 40, f"sqnr vs torchao {sqnr(expected, actual):.1f} dB"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_gpu_weight_only_kernel_agrees_with_scaled_mm(recipe):
+    layer = nn.Linear(2048, 1024).to(BF16).cuda()
+    x = _x(16, 2048).cuda()
+    with torch.no_grad():
+        hp = layer(x)
+        weight_only = _inference(copy.deepcopy(layer), recipe)(x)
+        scaled = _inference(copy.deepcopy(layer), recipe, **SCALED_MM)(x)
+        w = _inference(copy.deepcopy(layer), recipe).weight
+        kernel = torch.ops.compile_fp8.weight_only_mm(x, w.fp8_data, w.scale, None)
+    reference = fp8_gemv.weight_only_reference(x, w.fp8_data, w.scale)
+    assert sqnr(reference, kernel) >= 45, f"kernel vs torch reference {sqnr(reference, kernel):.1f} dB"
+    assert sqnr(weight_only, scaled) >= 28, f"weight-only vs _scaled_mm {sqnr(weight_only, scaled):.1f} dB"
+    assert sqnr(hp, weight_only) >= sqnr(hp, scaled), "weight-only (no activation cast) is the more accurate"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [16, 512], ids=["decode", "prefill"])
+def test_gpu_reduce_overhead_compile(m):
+    model = _inference(_tiny_lm().cuda(), "rowwise")
+    tokens = torch.randint(0, 256, (m // 16, 16), device="cuda")
+    with torch.inference_mode():
+        eager = model(tokens)
+        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):  # warm-up, record, replay
+            out = compiled(tokens)
+    assert sqnr(eager, out) >= 30, f"reduce-overhead vs eager {sqnr(eager, out):.1f} dB"
