@@ -30,3 +30,13 @@ def test_bench_train_step_small(tmp_path, capsys):
     assert rc == 0, out
     assert "| bf16 |" in out and "| ours-tensorwise |" in out and "failed" not in out, out
     assert (tmp_path / "bench_train_step.json").exists()
+
+
+def test_bench_inference_small(tmp_path, capsys):
+    bench = _load("bench_inference")
+    rc = bench.main(["--small", "--variants", "bf16,ours-tensorwise", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "| prefill | 2x32 | default | ours-tensorwise |" in out and "failed" not in out, out
+    assert "| decode | 4x1 | default | bf16 |" in out, out
+    assert (tmp_path / "bench_inference.json").exists() and (tmp_path / "bench_inference.md").exists()

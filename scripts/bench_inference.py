@@ -1,0 +1,352 @@
+"""Benchmark FP8 inference forwards: bf16 vs compile_fp8 inference vs torchao, in one process.
+
+The default model is the 956M Llama-style LM of ../shared/ANCHORS.md (`anchor` preset, bf16
+parameters, LM head kept in bf16 for every variant), forward only under torch.inference_mode and
+torch.compile. Cases (no KV cache: a decode step is a forward of 1 token per sequence):
+
+* prefill: 4 x 2048 tokens (M = 8192 rows per linear), compile mode "default";
+* decode:  16 sequences x 1 token (M = 16), compile mode "default" and "reduce-overhead" (CUDA
+  graphs; launch overhead dominates "default" at this size).
+
+Within one row (case, compile mode) every variant is compiled the same way. Columns: ms per
+forward (CUDA events over `--iters` calls after `--warmup`, median of `--repeats` rounds),
+speed-up over bf16, bytes of the converted linear weights (every Linear but the head) relative
+to bf16, and the logits' SQNR against bf16.
+
+Variants: bf16, ours-tensorwise, ours-rowwise (`Float8Config(mode="inference")`; small M runs
+the weight-only kernel, `--weight-only-max-m` overrides the threshold), torchao-tensorwise,
+torchao-rowwise (`Float8DynamicActivationFloat8WeightConfig`, PerTensor / PerRow).
+
+On the GPU:
+
+    python3 scripts/bench_inference.py --out $OUT
+    python3 scripts/bench_inference.py --sweep --out $OUT      # tune the weight-only kernel / M
+
+`--sweep [tiles|m|all]` times, per linear shape of the model (replayed from CUDA graphs, so
+without launch overhead), the weight-only kernel for a grid of tile configs at M = 16, and/or a
+compiled rowwise layer on each path (bf16, weight-only, `_scaled_mm`) for M = 16 .. 256, to
+choose `fp8_gemv.WEIGHT_ONLY_CONFIG` and `Float8Config.weight_only_max_m`.
+
+On CPU, `--small` runs a one-layer toy model for a few iterations so CI can check the script
+works (its timings mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+VARIANTS = ("bf16", "ours-tensorwise", "ours-rowwise", "torchao-tensorwise", "torchao-rowwise")
+DEFAULT_VARIANTS = ("bf16", "ours-tensorwise", "ours-rowwise", "torchao-tensorwise")
+CASES = {"prefill": ("default",), "decode": ("default", "reduce-overhead")}
+
+
+def is_body_linear(module, fqn: str) -> bool:
+    return isinstance(module, nn.Linear) and fqn != "head"  # the LM head stays bf16
+
+
+def build_model(args, device):
+    from compile_fp8.lm.model import TransformerLM, get_preset
+
+    cfg = get_preset(args.preset).replace(seq_len=max(args.prefill_seq, 1))
+    if args.small:
+        cfg = cfg.replace(vocab_size=256, d_model=64, n_layers=1, n_heads=4, d_ff=176, seq_len=args.prefill_seq)
+    torch.manual_seed(0)
+    model = TransformerLM(cfg).to(device, torch.bfloat16).eval().requires_grad_(False)
+    return model, cfg
+
+
+def convert(name: str, model, args, device):
+    """`model` converted (not compiled) as variant `name`."""
+    if name == "bf16":
+        return model
+    kind, recipe = name.split("-")
+    if kind == "torchao":
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
+
+        granularity = PerTensor() if recipe == "tensorwise" else PerRow()
+        quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=granularity), filter_fn=is_body_linear)
+        return model
+    from compile_fp8 import Float8Config, compile_fp8
+
+    extra = {} if args.weight_only_max_m is None else {"weight_only_max_m": args.weight_only_max_m}
+    emulate = True if device.type == "cpu" else None  # CPU _scaled_mm is a slow reference kernel
+    config = Float8Config(mode="inference", recipe=recipe, emulate=emulate, **extra)
+    return compile_fp8(model, config, module_filter_fn=lambda m, fqn: fqn != "head", compile=False)
+
+
+def linear_weight_bytes(model) -> int:
+    from compile_fp8.inference import parameter_bytes
+
+    return sum(parameter_bytes(m) for fqn, m in model.named_modules() if is_body_linear(m, fqn))
+
+
+def time_ms(fn, args, device) -> float:
+    """ms per call: `--repeats` rounds of `--iters` calls, the median round."""
+    for _ in range(args.warmup):
+        fn()
+    rounds = []
+    for _ in range(args.repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(args.iters):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            rounds.append(start.elapsed_time(end) / args.iters)
+        else:
+            begin = time.perf_counter()
+            for _ in range(args.iters):
+                fn()
+            rounds.append((time.perf_counter() - begin) * 1e3 / args.iters)
+    return statistics.median(rounds)
+
+
+def sqnr(ref: torch.Tensor, actual: torch.Tensor) -> float:
+    ref, actual = ref.double(), actual.double()
+    noise = (ref - actual).norm()
+    return float("inf") if noise == 0 else (20 * torch.log10(ref.norm() / noise)).item()
+
+
+def bench_variant(name, base, tokens, mode, reference, args, device) -> dict:
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    model = convert(name, copy.deepcopy(base), args, device)
+    compiled = torch.compile(model, mode=None if mode == "default" else mode)
+    with torch.inference_mode():
+        first = time.perf_counter()
+        logits = compiled(tokens).clone()  # reduce-overhead reuses its output buffer
+        first_s = time.perf_counter() - first
+        ms = time_ms(lambda: compiled(tokens), args, device)
+    return {
+        "ms": ms,
+        "first_call_s": first_s,
+        "linear_weight_bytes": linear_weight_bytes(model),
+        "sqnr_db": sqnr(reference, logits) if reference is not None else float("inf"),
+        "logits": logits,
+    }
+
+
+def run(args) -> tuple[list[dict], list[str]]:
+    device = torch.device(args.device)
+    base, cfg = build_model(args, device)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    shapes = {"prefill": (args.prefill_batch, args.prefill_seq), "decode": (args.decode_batch, 1)}
+    rows, notes = [], []
+    for case in args.cases:
+        tokens = torch.randint(0, cfg.vocab_size, shapes[case], generator=gen).to(device)
+        for mode in CASES[case]:
+            if mode == "reduce-overhead" and device.type != "cuda":
+                notes.append(f"skipped {case} reduce-overhead: CUDA graphs need a GPU")
+                continue
+            reference = None
+            for name in args.variants:
+                try:
+                    result = bench_variant(name, base, tokens, mode, reference, args, device)
+                except ImportError as err:
+                    notes.append(f"skipped {name}: {err}")
+                    continue
+                except Exception as err:  # report, then go on with the other variants
+                    notes.append(f"{case} {mode} {name} failed: {type(err).__name__}: {err}"[:300])
+                    continue
+                logits = result.pop("logits")
+                reference = logits if name == "bf16" else reference
+                rows.append({"case": case, "tokens": "x".join(map(str, shapes[case])), "mode": mode,
+                             "variant": name, **result})  # fmt: skip
+                print(f"  {case} {mode} {name}: {result['ms']:.3f} ms", file=sys.stderr, flush=True)
+                write(rows, notes, args)  # a run cut short by its time limit keeps its rows
+    return rows, notes
+
+
+def render(rows, notes, args) -> str:
+    lines = [
+        f"# bench_inference {datetime.datetime.now().isoformat(timespec='seconds')} | "
+        f"{_device_name(args.device)} | torch {torch.__version__} | preset {args.preset}"
+        f"{' (small)' if args.small else ''} | forward only, inference_mode, torch.compile",
+        "",
+        "| case | tokens | compile mode | variant | ms | speed-up | linear weight bytes | logits SQNR dB |",
+        "|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        bf16 = next((b for b in rows if b["variant"] == "bf16" and (b["case"], b["mode"]) == (r["case"], r["mode"])), None)
+        speed = f"{bf16['ms'] / r['ms']:.2f}x" if bf16 else "-"
+        ratio = f"{r['linear_weight_bytes'] / bf16['linear_weight_bytes']:.3f}x" if bf16 else "-"
+        lines.append(f"| {r['case']} | {r['tokens']} | {r['mode']} | {r['variant']} | {r['ms']:.3f} | {speed} | "
+                     f"{ratio} | {r['sqnr_db']:.1f} |")  # fmt: skip
+    lines += [""] + [f"- note: {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def write(rows, notes, args, name="bench_inference", text=None) -> str:
+    text = render(rows, notes, args) if text is None else text
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.md").write_text(text)
+        (out / f"{name}.json").write_text(json.dumps({"rows": rows, "notes": notes}, indent=1))
+    return text
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device.startswith("cuda") else device
+
+
+# ---- --sweep: the weight-only kernel's tiles, and the M threshold -----------------------------
+
+SWEEP_TILES = [
+    dict(block_n=bn, block_k=bk, split_k=sk, num_warps=4, num_stages=3)
+    for bn in (16, 32, 64) for bk in (128, 256, 512) for sk in (1, 2, 4)
+]  # fmt: skip
+SWEEP_M = (16, 32, 64, 128, 256)
+GRAPH_CALLS = 10  # calls per captured CUDA graph: kernel time without launch overhead
+
+
+def graph_ms(fn, args, device) -> float:
+    """ms per call of `fn`, replayed from a CUDA graph of GRAPH_CALLS calls (CPU: plain)."""
+    if device.type != "cuda":
+        return time_ms(fn, args, device)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm up (compiles, autotuning) outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPH_CALLS):
+            fn()
+    return time_ms(graph.replay, args, device) / GRAPH_CALLS
+
+
+def sweep(args) -> tuple[list[dict], list[str]]:
+    from compile_fp8 import fp8_gemv
+
+    device = torch.device(args.device)
+    base, cfg = build_model(args, device)
+    shapes = sorted({tuple(m.weight.shape) for fqn, m in base.named_modules() if is_body_linear(m, fqn)})
+    rows, notes = [], []
+    if args.sweep in ("tiles", "all") and not fp8_gemv.triton_available(device):
+        notes.append("tile sweep skipped: the Triton kernel needs CUDA sm89+ and triton")
+    elif args.sweep in ("tiles", "all"):
+        for n, k in shapes:
+            rows += _sweep_tiles(n, k, args, device)
+    if args.sweep in ("m", "all"):
+        for n, k in shapes:
+            rows += _sweep_m(n, k, args, device)
+    return rows, notes
+
+
+def _sweep_tiles(n, k, args, device) -> list[dict]:
+    from compile_fp8 import fp8_gemv
+    from compile_fp8.inference import quantize_weight
+
+    x = torch.randn(16, k, device=device, dtype=torch.bfloat16)
+    w = quantize_weight(torch.randn(n, k, device=device, dtype=torch.bfloat16), "rowwise")
+    results = []
+    for tiles in SWEEP_TILES:
+        try:
+            ms = graph_ms(lambda: fp8_gemv._launch_weight_only(x, w.fp8_data, w.scale, None, **tiles), args, device)
+        except Exception as err:  # e.g. out of shared memory for a large tile
+            print(f"  tiles {tiles}: {type(err).__name__}", file=sys.stderr)
+            continue
+        results.append({"sweep": "tiles", "n": n, "k": k, "m": 16, **tiles, "ms": ms, "gb_s": n * k / ms / 1e6})
+    results.sort(key=lambda r: r["ms"])
+    for r in results[:3]:
+        print(f"  [{n}, {k}] best tiles: {r}", file=sys.stderr, flush=True)
+    return results[:10]
+
+
+def _sweep_m(n, k, args, device) -> list[dict]:
+    """Compiled forward of one converted Linear(k, n) for each path and M; bf16 for reference."""
+    from compile_fp8 import Float8Config, compile_fp8
+
+    rows = []
+    layer = nn.Linear(k, n, bias=False).to(device, torch.bfloat16).requires_grad_(False)
+    paths = {"bf16": None, "weight-only": 10**9, "scaled_mm": 0}
+    for path, max_m in paths.items():
+        torch._dynamo.reset()
+        model = copy.deepcopy(layer)
+        if max_m is not None:
+            model = compile_fp8(model, Float8Config(mode="inference", recipe="rowwise", weight_only_max_m=max_m), compile=False)
+        compiled = torch.compile(model, dynamic=False)
+        for m in SWEEP_M:
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            with torch.inference_mode():
+                ms = graph_ms(lambda: compiled(x), args, device)
+            rows.append({"sweep": "m", "n": n, "k": k, "m": m, "path": path, "ms": ms})
+            print(f"  [{n}, {k}] M={m} {path}: {ms:.4f} ms", file=sys.stderr, flush=True)
+    return rows
+
+
+def render_sweep(rows, notes, args) -> str:
+    lines = [f"# bench_inference --sweep | {_device_name(args.device)} | torch {torch.__version__}", ""]
+    lines += ["| N | K | block_n | block_k | split_k | warps | stages | ms (M=16) | GB/s |", "|---|---|---|---|---|---|---|---:|---:|"]
+    for r in (r for r in rows if r["sweep"] == "tiles"):
+        lines.append(f"| {r['n']} | {r['k']} | {r['block_n']} | {r['block_k']} | {r['split_k']} | {r['num_warps']} | "
+                     f"{r['num_stages']} | {r['ms']:.4f} | {r['gb_s']:.0f} |")  # fmt: skip
+    lines += ["", "| N | K | M | bf16 ms | weight-only ms | scaled_mm ms |", "|---|---|---:|---:|---:|---:|"]
+    by_key = {(r["n"], r["k"], r["m"], r["path"]): r["ms"] for r in rows if r["sweep"] == "m"}
+    for n, k, m in sorted({key[:3] for key in by_key}):
+        cells = [f"{by_key[(n, k, m, p)]:.4f}" if (n, k, m, p) in by_key else "-" for p in ("bf16", "weight-only", "scaled_mm")]
+        lines.append(f"| {n} | {k} | {m} | " + " | ".join(cells) + " |")
+    lines += [""] + [f"- note: {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list from {VARIANTS}")
+    p.add_argument("--cases", default="prefill,decode", help=f"comma list from {tuple(CASES)}")
+    p.add_argument("--preset", default="anchor")
+    p.add_argument("--prefill-batch", type=int, default=4)
+    p.add_argument("--prefill-seq", type=int, default=2048)
+    p.add_argument("--decode-batch", type=int, default=16)
+    p.add_argument("--weight-only-max-m", type=int, default=None, help="Float8Config.weight_only_max_m")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--small", action="store_true", help="a one-layer toy model (CI smoke test)")
+    p.add_argument("--sweep", nargs="?", const="all", choices=("tiles", "m", "all"),
+                   help="tune the weight-only kernel's tiles (at M=16) and/or the M threshold")
+    p.add_argument("--out", default=None, help="write bench_inference.md and .json here")
+    args = p.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    args.cases = [c for c in args.cases.split(",") if c]
+    unknown = [v for v in args.variants if v not in VARIANTS] + [c for c in args.cases if c not in CASES]
+    if unknown:
+        p.error(f"unknown variant(s) or case(s) {unknown}; variants: {','.join(VARIANTS)}; cases: {','.join(CASES)}")
+    if args.small:
+        args.prefill_batch, args.prefill_seq, args.decode_batch = 2, 32, 4
+        args.warmup, args.iters, args.repeats = 1, 2, 1
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.sweep:
+        rows, notes = sweep(args)
+        print(write(rows, notes, args, "bench_inference_sweep", render_sweep(rows, notes, args)))
+        return 0
+    rows, notes = run(args)
+    print(write(rows, notes, args))
+    failed = [n for n in notes if " failed: " in n]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
