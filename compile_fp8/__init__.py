@@ -6,7 +6,9 @@ Data flow (one module per stage)::
           -> autograd.Float8LinearFn (three GEMMs) -> scaling (amax -> scale -> float8 cast)
           -> gemm.scaled_mm (torch._scaled_mm, layouts) ; tensor.Float8Tensor (data + scale)
 
-`config.py` holds the user's choices and the per-GEMM recipes. See docs/design.md.
+`config.py` holds the user's choices and the per-GEMM recipes. Inference
+(`Float8Config(mode="inference")`): `inference.py` stores weights as Float8Tensors once,
+`fp8_gemv.py` is the weight-only kernel for small M. See docs/design.md, docs/inference.md.
 """
 
 from .api import compile_fp8, fp8_layers, plain_state_dict, precompute_float8_dynamic_scale_for_fsdp

@@ -42,7 +42,8 @@ def calibrate(
     `loss_fn(output, batch) -> loss` is needed only with `Float8Config(static_grads=True)`.
     """
     layers = _static_layers(unwrap_compiled(model))
-    needs_grads = any(getattr(m, CONFIG_ATTR, None) and getattr(m, CONFIG_ATTR).static_grads for _, m in layers)
+    configs = [getattr(m, CONFIG_ATTR, None) for _, m in layers]  # None: an inference layer
+    needs_grads = any(c is not None and c.static_grads for c in configs)
     _check_calibrate_args(layers, num_batches, needs_grads, loss_fn)
     seen = 0
     with _calibrating(layers), torch.enable_grad() if needs_grads else torch.no_grad():

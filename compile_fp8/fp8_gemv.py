@@ -127,7 +127,9 @@ if triton is not None:
         else:
             tl.atomic_add(out_ptr + out_offs, acc, mask=out_mask)  # float32 partial sums
 
-    def _launch_weight_only(x, weight_fp8, weight_scale, bias, block_n, block_k, split_k, num_warps, num_stages):
+    def _launch_weight_only(
+        x, weight_fp8, weight_scale, bias, block_n, block_k, split_k, num_warps, num_stages
+    ):
         m, k = x.shape
         n = weight_fp8.shape[0]
         block_m, block_k = _block_sizes(m, k, {"block_k": block_k})

@@ -262,7 +262,8 @@ def convert_for_inference(model: nn.Module, config: Float8Config, module_filter_
         key = id(module.weight)
         if key not in converted:
             master = _master_weight(module.weight)
-            converted[key] = nn.Parameter(quantize_weight(master, granularity, is_conv1d(module)), requires_grad=False)
+            weight = quantize_weight(master, granularity, transposed=is_conv1d(module))
+            converted[key] = nn.Parameter(weight, requires_grad=False)
         spec = InferenceSpec(
             granularity, config.scaling, config.weight_only_max_m,
             choose_emulate(module.weight.device, config.emulate), config.amax_margin,
@@ -299,7 +300,10 @@ def _master_weight(weight: nn.Parameter) -> torch.Tensor:
 
 def _drop_training_state(module: nn.Module) -> None:
     """Undo what a training conversion attached (a layer trained with compile_fp8)."""
-    for hooks in (module._state_dict_hooks, module._load_state_dict_pre_hooks, module._load_state_dict_post_hooks):
+    hook_dicts = (
+        module._state_dict_hooks, module._load_state_dict_pre_hooks, module._load_state_dict_post_hooks,
+    )  # fmt: skip
+    for hooks in hook_dicts:
         for handle_id, hook in list(hooks.items()):
             fn = getattr(hook, "hook", hook)  # pre-hooks are wrapped (_WrappedHook)
             if getattr(fn, "__module__", None) in _TRAINING_HOOK_MODULES:
