@@ -1,0 +1,122 @@
+"""Where does one LM training step's GPU time go? Kernel time per category, per variant.
+
+    python3 scripts/profile_train_step.py --layers 2 [--variants bf16,ours-tensorwise,torchao-tensorwise]
+
+Builds bench_train_step's model (the ANCHORS 956M shape; `--layers` cuts its depth so it
+compiles fast: every layer runs the same kernels), profiles `--steps` steps after warm-up and
+sums CUDA kernel time into categories: GEMMs (cuBLAS), attention, amax reductions, float8 casts,
+other inductor kernels, optimizer, other. Per step, in ms, plus each variant's top kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import pathlib
+import sys
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import bench_train_step  # noqa: E402
+
+CATEGORIES = (  # first match wins; names lower-cased
+    ("gemm", ("nvjet", "gemm", "xmma", "cutlass", "sm90_", "cublas")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("amax", ("abs_max", "amax")),
+    ("fp8 cast", ("clamp",)),
+    ("other inductor", ("triton_",)),
+)
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for label, keys in CATEGORIES:
+        if any(key in low for key in keys):
+            return label
+    return "other"
+
+
+def kernel_times(prof, device) -> dict[str, float]:
+    """Kernel name -> total microseconds: CUDA kernels, or (CPU smoke run) top-level CPU ops."""
+    times: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if device.type == "cpu":
+            if event.cpu_parent is None:
+                times[event.name] += event.cpu_time_total
+        elif str(getattr(event, "device_type", "")).endswith("CUDA"):
+            times[event.name] += event.device_time if hasattr(event, "device_time") else event.cuda_time
+    return times
+
+
+def profile_variant(name, base, batch, args, device) -> tuple[dict, list]:
+    torch._dynamo.reset()
+    emulate = True if device.type == "cpu" else None
+    model = bench_train_step.convert(name, copy.deepcopy(base), batch, emulate)
+    step = bench_train_step.make_step(model, batch, device)
+    for _ in range(3):
+        step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        for _ in range(args.steps):
+            step()
+        sync()
+    times = kernel_times(prof, device)
+    per_cat: dict[str, float] = defaultdict(float)
+    for kernel, us in times.items():
+        per_cat[category(kernel)] += us / args.steps / 1e3
+    top = sorted(times.items(), key=lambda kv: -kv[1])[: args.top]
+    return per_cat, [(k, us / args.steps / 1e3) for k, us in top]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default="bf16,ours-tensorwise,torchao-tensorwise")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--out", default=None)
+    p.add_argument("--small", action="store_true", help="toy model, on CPU if no GPU (smoke test)")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.small:
+        print("profile_train_step.py profiles CUDA kernels; no GPU here (--small: a CPU smoke run)",
+              file=sys.stderr)
+        return 2
+    targs = bench_train_step.parse_args(["--small"] if args.small else [])
+    from compile_fp8.lm.model import TransformerLM, get_preset
+
+    cfg = get_preset("anchor").replace(seq_len=targs.seq, n_layers=args.layers)
+    if args.small:
+        cfg = cfg.replace(vocab_size=256, d_model=64, n_heads=4, d_ff=176)
+    torch.manual_seed(0)
+    base = TransformerLM(cfg).to(device, torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, cfg.vocab_size, (targs.batch, targs.seq + 1), generator=gen).to(device)
+    batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+    cats, lines = {}, []
+    for name in args.variants.split(","):
+        cats[name], top = profile_variant(name, base, batch, args, device)
+        lines += [f"## {name}: top kernels (ms per step)", ""]
+        lines += [f"- {ms:8.3f}  {category(k):14s} {k[:110]}" for k, ms in top] + [""]
+    labels = [c for c, _ in CATEGORIES] + ["other"]
+    head = [f"# profile_train_step: anchor shape, {args.layers} layers, batch {targs.batch} x "
+            f"{targs.seq}, CUDA kernel ms per step", "",
+            "| category | " + " | ".join(cats) + " |", "|---|" + "---:|" * len(cats)]  # fmt: skip
+    for label in labels + ["total"]:
+        vals = [sum(c.values()) if label == "total" else c.get(label, 0.0) for c in cats.values()]
+        head.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
+    text = "\n".join(head + [""] + lines) + "\n"
+    print(text)
+    if args.out:
+        pathlib.Path(args.out, "profile_train_step.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
