@@ -8,7 +8,8 @@ the same model from the same seed, compiles it, and reports:
 * first step seconds (compilation + one step), step ms (median of `--steps` timed steps after
   `--warmup`), tokens/s, speed-up over bf16, peak memory (torch.cuda.max_memory_allocated).
 
-Variants: bf16, ours-tensorwise, ours-rowwise, ours-static (calibrated on one batch), ours-delayed,
+Variants: bf16, ours-tensorwise, ours-rowwise, ours-static (calibrated on one batch; weight scales
+refreshed after every optimizer step, whose cost is also timed alone), ours-delayed,
 ours-triton (tensorwise, `cast_kernels="triton"`), torchao-tensorwise, torchao-rowwise (skipped
 with a note when torchao is missing).
 
@@ -84,7 +85,9 @@ def convert(name: str, model, batch, emulate):
     return compiled
 
 
-def make_step(model, batch, device):
+def make_step(model, batch, device, refresh=None):
+    """One training step; `refresh` (static scaling: `refresh_weight_scales`) runs after
+    `opt.step()`, as a user keeps static weight scales exact."""
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
     tokens, targets = batch
@@ -93,6 +96,8 @@ def make_step(model, batch, device):
         loss = model(tokens, targets)
         loss.backward()
         opt.step()
+        if refresh is not None:
+            refresh(model)
         opt.zero_grad(set_to_none=True)
         return loss
 
@@ -116,15 +121,22 @@ def bench_variant(name, base, batch, args, device) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     emulate = True if device.type == "cpu" else None  # CPU _scaled_mm is a slow reference kernel
-    step = make_step(convert(name, copy.deepcopy(base), batch, emulate), batch, device)
+    refresh = None
+    if name == "ours-static":
+        from compile_fp8 import refresh_weight_scales as refresh
+    model = convert(name, copy.deepcopy(base), batch, emulate)
+    step = make_step(model, batch, device, refresh)
     first_s = timed(step, device)
     for _ in range(args.warmup):
         step()
     times = [timed(step, device) for _ in range(args.steps)]
     ms = statistics.median(times) * 1e3
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"first_step_s": first_s, "step_ms": ms, "tokens_per_s": batch[0].numel() / ms * 1e3,
-            "peak_gib": peak}
+    row = {"first_step_s": first_s, "step_ms": ms, "tokens_per_s": batch[0].numel() / ms * 1e3,
+           "peak_gib": peak}
+    if refresh is not None:  # what keeping the weight scales exact costs per step (in step_ms)
+        row["refresh_ms"] = statistics.median(timed(lambda: refresh(model), device) for _ in range(5)) * 1e3
+    return row
 
 
 def run(args) -> tuple[list[dict], list[str]]:
@@ -165,6 +177,8 @@ def render(rows, notes, args) -> str:
         lines.append(f"| {r['variant']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {speed} | "
                      f"{r['first_step_s']:.1f} | {r['peak_gib']:.1f} |")
     lines += [""] + [f"- note: {n}" for n in notes]
+    lines += [f"- {r['variant']}: refresh_weight_scales after each opt.step() takes {r['refresh_ms']:.2f} ms "
+              "(included in its step ms)" for r in rows if "refresh_ms" in r]
     return "\n".join(lines) + "\n"
 
 
