@@ -24,7 +24,6 @@ from torch import nn
 from . import inference
 from .api import unwrap_compiled
 from .linear import CALIBRATING_ATTR, CONFIG_ATTR, buffer_names, refresh_ready, uses_scaled_forward
-from .scaling import amax
 
 logger = logging.getLogger("compile_fp8")
 
@@ -136,5 +135,11 @@ def refresh_weight_scales(model: nn.Module) -> None:
     buffer: no recompile). Without it the calibrated weight scale stays fixed, and weight values
     that grow past `amax * amax_margin` saturate.
     """
-    for _, module in _static_layers(unwrap_compiled(model), training_only=True):  # inference: frozen
-        module.fp8_amax_weight.copy_(amax(module.weight.hp).float())
+    layers = [m for _, m in _static_layers(unwrap_compiled(model), training_only=True)]  # not inference
+    if not layers:
+        return
+    # All weights in one multi-tensor kernel (max |w| is the inf-norm; exact, NaN propagates):
+    # one amax launch per layer cost 4.03 ms per step for the 80 linears of the 956M model on
+    # the H200 (bench_train_step.py, ours-static), mostly launches: reading them takes ~0.5 ms.
+    amaxes = torch._foreach_norm([m.weight.hp for m in layers], ord=float("inf"))
+    torch._foreach_copy_([m.fp8_amax_weight for m in layers], amaxes)
