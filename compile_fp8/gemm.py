@@ -61,17 +61,18 @@ def _pad_inner_dim(a_fp8, b_fp8):
     return a_fp8, b_fp8
 
 
-def _mm_emulated(a_fp8, b_fp8, a_inv_scale, b_inv_scale, out_dtype):
-    # [M, K] @ [K, N] -> [M, N] in float32, then the scales on the accumulator, as cuBLAS does:
-    # [M, 1] * [1, N] (or scalars) -> [M, N]
+def _mm_emulated(a_fp8, b_fp8, a_inv_scale, b_inv_scale, out_dtype, bias=None):
+    # [M, K] @ [K, N] -> [M, N] in float32, then the scales (and bias) on the accumulator, as
+    # cuBLAS does: [M, 1] * [1, N] (or scalars) -> [M, N]
     a_hp = a_fp8.to(torch.float32) * a_inv_scale
     b_hp = b_fp8.to(torch.float32) * b_inv_scale
-    return torch.mm(a_hp, b_hp).to(out_dtype)
+    out = torch.mm(a_hp, b_hp)
+    return (out if bias is None else out + bias.to(torch.float32)).to(out_dtype)
 
 
-def _mm_fp8(a_fp8, b_fp8, a_inv_scale, b_inv_scale, out_dtype, use_fast_accum, emulate):
+def _mm_fp8(a_fp8, b_fp8, a_inv_scale, b_inv_scale, out_dtype, use_fast_accum, emulate, bias=None):
     if emulate:
-        return _mm_emulated(a_fp8, b_fp8, a_inv_scale, b_inv_scale, out_dtype)
+        return _mm_emulated(a_fp8, b_fp8, a_inv_scale, b_inv_scale, out_dtype, bias)
     a_fp8, b_fp8 = _row_major(a_fp8), _col_major(b_fp8)
     if a_fp8.device.type != "cpu" and a_fp8.shape[1] % ALIGN:
         a_fp8, b_fp8 = _pad_inner_dim(a_fp8, b_fp8)
@@ -80,6 +81,7 @@ def _mm_fp8(a_fp8, b_fp8, a_inv_scale, b_inv_scale, out_dtype, use_fast_accum, e
         b_fp8,
         scale_a=a_inv_scale,
         scale_b=b_inv_scale,
+        bias=bias,
         out_dtype=out_dtype,
         use_fast_accum=use_fast_accum,
     )
@@ -93,11 +95,15 @@ def scaled_mm(
     out_dtype: torch.dtype,
     use_fast_accum: bool = False,
     emulate: bool = False,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[M, K] @ [K, N] -> [M, N] in `out_dtype`, from float8 operands and their (forward) scales.
+    """[M, K] @ [K, N] (+ bias [N]) -> [M, N] in `out_dtype`, from float8 operands and their
+    (forward) scales.
 
     Scales are scalars (tensorwise) or [M, 1] / [1, N] (rowwise); one of each kind is allowed
-    (the scalar is broadcast). Rowwise choices follow torchao so the bits match it.
+    (the scalar is broadcast). Rowwise choices follow torchao so the bits match it. `bias` is
+    added on the float32 accumulator in the GEMM's epilogue (one rounding, as torchao's float8
+    inference does) where the kernel writes `out_dtype` directly, and after the GEMM otherwise.
     """
     a_inv_scale, b_inv_scale = a_scale.reciprocal(), b_scale.reciprocal()
     rowwise = not (_is_scalar(a_scale) and _is_scalar(b_scale))
@@ -113,10 +119,14 @@ def scaled_mm(
         a_inv_scale = b_inv_scale = a_inv_scale.new_ones(())
     # The rowwise kernel writes bf16 only: compute in bf16, then upcast.
     mm_dtype = torch.bfloat16 if rowwise and out_dtype != torch.bfloat16 else out_dtype
-    out = _mm_fp8(a_fp8, b_fp8, a_inv_scale, b_inv_scale, mm_dtype, use_fast_accum, emulate)
+    # _scaled_mm takes a bias only for a bf16/fp16 output of the kernel's own scales
+    in_epilogue = bias is not None and post_inv_scale is None and mm_dtype == out_dtype != torch.float32
+    out = _mm_fp8(a_fp8, b_fp8, a_inv_scale, b_inv_scale, mm_dtype, use_fast_accum, emulate,
+                  bias.to(out_dtype) if in_epilogue else None)  # fmt: skip
     if post_inv_scale is not None:
         out = (out * post_inv_scale).to(mm_dtype)
-    return out.to(out_dtype)
+    out = out.to(out_dtype)
+    return out + bias.to(out_dtype) if bias is not None and not in_epilogue else out
 
 
 @functools.lru_cache(maxsize=None)

@@ -196,12 +196,11 @@ def fp8_linear_2d(x, weight_fp8, weight_scale, bias, input_scale, spec: Inferenc
         input_scale = inference_scale(x, spec.granularity)  # [] or [M, 1]
     x_fp8 = saturated_cast(x, input_scale, E4M3)
     # weight [N, K] row-major -> B = weight.T [K, N], column-major: no copy; scale [N, 1] -> [1, N]
-    out = scaled_mm(
+    # bias on the float32 accumulator in the GEMM's epilogue (one rounding), as torchao does
+    return scaled_mm(
         x_fp8, input_scale, weight_fp8.t(), weight_scale.t(), x.dtype,
-        use_fast_accum=True, emulate=spec.emulate,
+        use_fast_accum=True, emulate=spec.emulate, bias=bias,
     )  # fmt: skip
-    # bias added after the GEMM, in high precision (as torchao does)
-    return out if bias is None else out + bias.to(out.dtype)
 
 
 class _InferenceLinearFn(torch.autograd.Function):

@@ -109,35 +109,23 @@ def test_scales_follow_torchao_inference():
     assert inference.inference_scale(torch.zeros(4, 16, dtype=BF16), "tensorwise").isfinite()
 
 
-def _torchao_numerics(model, x, rowwise):
-    """torchao's float8 inference forward written out in torch (torchao refuses CPU): scale =
-    amax / 448 in bf16, quantize by dividing, `_scaled_mm` to bf16, then the bias."""
-
-    def quantize(t):
-        inv_scale = (t.abs().amax(dim=-1, keepdim=True) if rowwise else t.abs().amax()) / 448
-        inv_scale = inv_scale.float()
-        return (t.float() / inv_scale).clamp(-448, 448).to(torch.float8_e4m3fn), inv_scale
-
-    for layer in model:
-        if not isinstance(layer, nn.Linear):
-            x = layer(x)
-            continue
-        (x_fp8, x_inv), (w_fp8, w_inv) = quantize(x.reshape(-1, x.shape[-1])), quantize(layer.weight)
-        out = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_inv, scale_b=w_inv.t() if rowwise else w_inv,
-                               out_dtype=BF16, use_fast_accum=True)  # fmt: skip
-        x = (out + layer.bias).reshape(*x.shape[:-1], -1)
-    return x
-
-
-@pytest.mark.parametrize("recipe", RECIPES)
-def test_matches_torchao_inference_numerics_on_cpu(recipe):
-    """The CPU stand-in for the GPU parity test (measured: tensorwise bitwise, rowwise ~51 dB)."""
+@pytest.mark.parametrize("recipe, min_db", [("tensorwise", 80), ("rowwise", 45)])
+def test_matches_torchao_inference_on_cpu(recipe, min_db, monkeypatch):
+    """torchao's own float8 inference, run on CPU with its hardware check bypassed (the CPU
+    `_scaled_mm` runs its kernel path). Measured: tensorwise ~97 dB (a few ulps; bitwise per
+    layer), rowwise ~53 dB (its row scales round differently). It adds the bias inside
+    `_scaled_mm` (one rounding): a bias added after the GEMM measured 32 dB here, and failed the
+    40 dB GPU test."""
+    quant_api = pytest.importorskip("torchao.quantization.quant_api")
+    if not hasattr(quant_api, "_check_hardware_support"):
+        pytest.skip("torchao changed: no _check_hardware_support to bypass")
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
     model = _mlp()
-    x = _x(4, 64, 64)
+    x = _x(4, 256, 64)
     with torch.no_grad():
-        expected = _torchao_numerics(model, x, recipe == "rowwise")
+        expected = _torchao_inference(copy.deepcopy(model), recipe)(x)
         actual = _inference(model, recipe, **SCALED_MM)(x)
-    assert sqnr(expected, actual) >= 45, f"sqnr vs torchao's numerics {sqnr(expected, actual):.1f} dB"
+    assert sqnr(expected, actual) >= min_db, f"sqnr vs torchao {sqnr(expected, actual):.1f} dB"
 
 
 # ---- which kernel runs ----------------------------------------------------------------------
