@@ -64,7 +64,8 @@ def compile_fp8(
     compile: bool = True,
     **compile_kwargs,
 ) -> nn.Module:
-    """Convert `model`'s linear layers to FP8 training, in place, and torch.compile it.
+    """Convert `model`'s linear layers to FP8, in place, and torch.compile it: FP8 training, or
+    with `Float8Config(mode="inference")` frozen float8 weights (`inference.py`).
 
     Returns `torch.compile(model, **compile_kwargs)`, or the converted model if `compile=False`
     (for FSDP2, activation checkpointing or your own compile call). See `fp8_layers` for what
@@ -217,15 +218,8 @@ def _convert_linears(model: nn.Module, config: Float8Config, module_filter_fn) -
     recipe = recipe_spec(config.recipe, dual_cast=config.cast_kernels == "triton")
     owners = _weight_owners(model)
     converted: dict[int, nn.Parameter] = {}  # id(master weight) -> its training weight
-    unaligned = []
-    for fqn, module in model.named_modules():
-        if not is_linear_like(module):
-            continue
-        reason = _skip_reason(module, fqn, owners, module_filter_fn, config)
-        if reason is not None:
-            setattr(module, SKIP_ATTR, reason)
-            unaligned += [f"{fqn} ({reason[len('skipped: '):]})"] if "multiple of" in reason else []
-            continue
+    skip_reason = lambda module, fqn: _skip_reason(module, fqn, owners, module_filter_fn, config)  # noqa: E731
+    for _, module in linears_to_convert(model, skip_reason):
         key = id(module.weight)
         if key not in converted:
             converted[key] = _to_training_weight(module.weight, recipe, config.emulate)
@@ -235,14 +229,6 @@ def _convert_linears(model: nn.Module, config: Float8Config, module_filter_fn) -
             use_fp8_forward(module)
         if config.scaling != "dynamic":
             attach_scaling_state(module, config)
-    if unaligned:
-        warnings.warn(
-            f"compile_fp8: {len(unaligned)} linear layer(s) stay in high precision because "
-            f"torch._scaled_mm needs dimensions that are multiples of {ALIGN}: "
-            + ", ".join(unaligned),
-            UserWarning,
-            stacklevel=3,
-        )
     logger.info("compile_fp8: %d FP8 weight(s), recipe %s", len(converted), config.recipe)
     if config.scaling == "static" and converted:
         warnings.warn(
@@ -251,6 +237,34 @@ def _convert_linears(model: nn.Module, config: Float8Config, module_filter_fn) -
             UserWarning,
             stacklevel=3,
         )
+
+
+def linears_to_convert(model: nn.Module, skip_reason) -> list[tuple[str, nn.Module]]:
+    """(fqn, layer) of every linear-like layer that `skip_reason(layer, fqn)` lets through (None).
+
+    Every other one keeps its reason for `fp8_layers`; one UserWarning (pointing at the caller of
+    `compile_fp8`) names the layers whose dimensions `_scaled_mm` cannot take.
+    """
+    chosen, unaligned = [], []
+    for fqn, module in model.named_modules():
+        if not is_linear_like(module):
+            continue
+        reason = skip_reason(module, fqn)
+        if reason is None:
+            chosen.append((fqn, module))
+            continue
+        setattr(module, SKIP_ATTR, reason)
+        if "multiple of" in reason:
+            unaligned.append(f"{fqn} ({reason[len('skipped: '):]})")
+    if unaligned:
+        warnings.warn(
+            f"compile_fp8: {len(unaligned)} linear layer(s) stay in high precision because "
+            f"torch._scaled_mm needs dimensions that are multiples of {ALIGN}: "
+            + ", ".join(unaligned),
+            UserWarning,
+            stacklevel=4,  # here <- the converter <- compile_fp8 <- the user's line
+        )
+    return chosen
 
 
 def _to_training_weight(weight: nn.Parameter, recipe, emulate) -> nn.Parameter:

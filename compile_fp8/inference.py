@@ -52,10 +52,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fp8_gemv
-from .api import SKIP_ATTR, _skip_reason, _weight_owners, training_weight
+from .api import _skip_reason, _weight_owners, linears_to_convert, training_weight
 from .config import E4M3, Float8Config, recipe_spec
-from .conv1d import is_conv1d, is_linear_like
-from .gemm import ALIGN, choose_emulate, scaled_mm
+from .conv1d import is_conv1d
+from .gemm import choose_emulate, scaled_mm
 from .linear import CALIBRATING_ATTR, READY_ATTR, is_fp8_buffer
 from .scaling import EPS, amax, saturated_cast
 from .tensor import Float8Tensor
@@ -249,15 +249,8 @@ def convert_for_inference(model: nn.Module, config: Float8Config, module_filter_
     granularity = recipe_spec(config.recipe).output.b.granularity
     owners = _weight_owners(model)
     converted: dict[int, nn.Parameter] = {}  # id(original weight) -> its Float8Tensor Parameter
-    unaligned = []
-    for fqn, module in model.named_modules():
-        if not is_linear_like(module):
-            continue
-        reason = _inference_skip_reason(module, fqn, owners, module_filter_fn, config)
-        if reason is not None:
-            setattr(module, SKIP_ATTR, reason)
-            unaligned += [f"{fqn} ({reason[len('skipped: '):]})"] if "multiple of" in reason else []
-            continue
+    skip_reason = lambda module, fqn: _inference_skip_reason(module, fqn, owners, module_filter_fn, config)  # noqa: E731
+    for _, module in linears_to_convert(model, skip_reason):
         key = id(module.weight)
         if key not in converted:
             master = _master_weight(module.weight)
@@ -270,13 +263,6 @@ def convert_for_inference(model: nn.Module, config: Float8Config, module_filter_
         _drop_training_state(module)
         module.weight = converted[key]
         _attach(module, spec)
-    if unaligned:
-        warnings.warn(
-            f"compile_fp8: {len(unaligned)} linear layer(s) stay in high precision because "
-            f"torch._scaled_mm needs dimensions that are multiples of {ALIGN}: " + ", ".join(unaligned),
-            UserWarning,
-            stacklevel=3,
-        )
 
 
 def _inference_skip_reason(module, fqn, owners, module_filter_fn, config) -> Optional[str]:
