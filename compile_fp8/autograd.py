@@ -32,7 +32,7 @@ from .scaling import (
     amax,
     amax_to_scale,
     cast_to_fp8,
-    history_amax,
+    delayed_scale,
     push_amax,
     saturated_cast,
     stored_amax_to_scale,
@@ -44,8 +44,8 @@ class GradScaling:
     """Where grad_output's scale comes from in backward (constant metadata of the function).
 
     dynamic: this step's amax. static: `grad_amax` (a calibrated scalar). delayed: `grad_amax` is
-    an amax history; the scale comes from it, then this step's amax is pushed. delayed_warmup:
-    the history is still empty: dynamic scale, and the amax is pushed.
+    an amax history; the scale comes from it (from this step's amax while it is empty), then
+    this step's amax is pushed.
     """
 
     kind: str = "dynamic"
@@ -96,10 +96,7 @@ def _grad_out_scale(grad_out, grad_amax, grading: GradScaling, recipe: RecipeSpe
     if grading.kind == "static":
         return stored_amax_to_scale(grad_amax, dtype, grading.margin)
     amax_now = amax(grad_out)
-    if grading.kind == "delayed_warmup":
-        scale = amax_to_scale(amax_now, dtype)
-    else:
-        scale = stored_amax_to_scale(history_amax(grad_amax, grading.amax_from), dtype, grading.margin)
+    scale = delayed_scale(grad_amax, amax_now, dtype, grading.amax_from, grading.margin)
     push_amax(grad_amax, amax_now)  # a buffer mutated in backward: supported by AOT autograd
     return scale
 

@@ -16,10 +16,11 @@ keep it bound to the right module) that reads the buffers and passes fixed scale
 autograd function; the histories are updated in place inside the compiled graph (forward for
 input and weight, backward for grad_output).
 
-Two Python flags choose the graph, so each costs one recompile when it flips, never more:
-`_fp8_ready` is False for a static layer until calibrated (it then runs dynamic scaling: never a
-NaN from an unset scale) and for a delayed layer until its first training step has filled the
-histories (that step runs dynamic scaling and records the amaxes).
+A static layer is uncalibrated (`_fp8_ready` False) until `calibrate`: it then runs dynamic
+scaling (never a NaN from an unset scale), and calibrating flips that Python flag: one
+recompile. A delayed layer needs no flag: while a history is empty (the first step) its scale
+comes from the current amax, chosen by a `where` inside the graph (`scaling.delayed_scale`), so
+the first step and every later one run one compiled graph.
 
 Histories move only in training forwards (grad mode on): an evaluation under `torch.no_grad()`
 reads them and records nothing. A delayed layer cannot be recomputed by activation
@@ -38,7 +39,7 @@ from torch import nn
 
 from .autograd import DYNAMIC_GRADS, GradScaling, float8_linear
 from .config import E4M3, Float8Config
-from .scaling import amax, amax_to_scale, history_amax, push_amax, stored_amax_to_scale
+from .scaling import amax, delayed_scale, push_amax, stored_amax_to_scale
 
 OPERANDS = ("input", "weight", "grad_output")
 CONFIG_ATTR = "_fp8_config"
@@ -94,7 +95,7 @@ def describe_scaling(module: nn.Module) -> str:
     if config is None or config.scaling == "dynamic":
         return "dynamic"
     if config.scaling == "delayed":
-        warm = "" if getattr(module, READY_ATTR) else ", warm-up step pending"
+        warm = "" if refresh_ready(module) else ", dynamic until the first training step"
         return f"delayed (history {config.history_len}, {config.amax_from}{warm})"
     grads = "static grads" if config.static_grads else "dynamic grads"
     state = grads if getattr(module, READY_ATTR) else "uncalibrated: dynamic until calibrate()"
@@ -109,21 +110,14 @@ def scaled_forward(module: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     if getattr(module, CALIBRATING_ATTR):
         return _calibrating_forward(module, input)
     config: Float8Config = getattr(module, CONFIG_ATTR)
-    ready = getattr(module, READY_ATTR)
     if config.scaling == "static":
-        if not ready:
+        if not getattr(module, READY_ATTR):
             return F.linear(input, module.weight, module.bias)  # dynamic until calibrated
         return _static_forward(module, input, config)
     _refuse_checkpoint_recompute(module)
-    if not torch.is_grad_enabled():
-        # evaluation (no_grad, inference_mode): the history's scales, nothing recorded, so an
-        # evaluation pass never changes what the training run does next
-        if not ready:
-            return F.linear(input, module.weight, module.bias)  # dynamic until the first step
-        return _delayed_forward(module, input, config, record=False)
-    if not ready:
-        return _delayed_warmup_forward(module, input, config)
-    return _delayed_forward(module, input, config)
+    # evaluation (no_grad, inference_mode) records nothing, so an evaluation pass never changes
+    # what the training run does next
+    return _delayed_forward(module, input, config, record=torch.is_grad_enabled())
 
 
 def _refuse_checkpoint_recompute(module: nn.Linear) -> None:
@@ -161,30 +155,16 @@ def _static_forward(module, input, config):
 
 def _delayed_forward(module, input, config, record=True):
     margin, how = config.amax_margin, config.amax_from
-    input_scale = stored_amax_to_scale(history_amax(module.fp8_amax_history_input, how), E4M3, margin)
-    weight_scale = stored_amax_to_scale(history_amax(module.fp8_amax_history_weight, how), E4M3, margin)
+    amax_input, amax_weight = amax(input), amax(module.weight)
+    input_scale = delayed_scale(module.fp8_amax_history_input, amax_input, E4M3, how, margin)
+    weight_scale = delayed_scale(module.fp8_amax_history_weight, amax_weight, E4M3, how, margin)
     if record:
-        # this step's amaxes only feed later steps: the casts do not wait for these reductions
-        push_amax(module.fp8_amax_history_input, amax(input))
-        push_amax(module.fp8_amax_history_weight, amax(module.weight))
+        push_amax(module.fp8_amax_history_input, amax_input)
+        push_amax(module.fp8_amax_history_weight, amax_weight)
     grading = GradScaling("delayed", how, margin)
     return _fp8_linear(
         module, input, input_scale, weight_scale, module.fp8_amax_history_grad_output, grading
     )
-
-
-def _delayed_warmup_forward(module, input, config):
-    """First training step: dynamic scales, and every amax recorded to start the histories."""
-    amax_input, amax_weight = amax(input), amax(module.weight)
-    push_amax(module.fp8_amax_history_input, amax_input)
-    push_amax(module.fp8_amax_history_weight, amax_weight)
-    if torch.is_grad_enabled() and module.weight.requires_grad:
-        setattr(module, READY_ATTR, True)  # backward below fills grad_output's history
-    grading = GradScaling("delayed_warmup", config.amax_from, config.amax_margin)
-    return _fp8_linear(
-        module, input, amax_to_scale(amax_input, E4M3), amax_to_scale(amax_weight, E4M3),
-        module.fp8_amax_history_grad_output, grading,
-    )  # fmt: skip
 
 
 # ---- calibration (eager, high precision) --------------------------------------------------

@@ -88,6 +88,18 @@ def history_amax(history: torch.Tensor, amax_from: str) -> torch.Tensor:
     return history.max() if amax_from == "max" else history[0]
 
 
+def delayed_scale(
+    history: torch.Tensor, amax_now: torch.Tensor, float8_dtype: torch.dtype, amax_from: str, margin: float
+) -> torch.Tensor:
+    """Delayed scaling's scale: from the history's amax (with `margin`), or from `amax_now` (as
+    dynamic scaling would) while the history is empty, i.e. on the first step. The choice is a
+    `where` inside the graph, so the first step runs the same compiled graph as every later one.
+    """
+    remembered = history_amax(history, amax_from)
+    from_history = stored_amax_to_scale(remembered, float8_dtype, margin)
+    return torch.where(remembered > 0, from_history, amax_to_scale(amax_now, float8_dtype))
+
+
 def push_amax(history: torch.Tensor, amax_now: torch.Tensor) -> None:
     """In place: newest amax first, the oldest dropped (the buffer keeps its size and identity)."""
     newest = amax_now.detach().reshape(1).to(history.dtype)
