@@ -17,7 +17,9 @@ Every variant gets a fresh deep copy of the same initial layer and is
 * ``torchao-rowwise``    same with ``"rowwise"``
 
 On CUDA the step is timed in interleaved rounds (see bench_shape) with
-``triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")``.
+``triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")``, or with
+``--timer kernels`` as the sum of its CUDA kernel times (torch profiler, 20 steps): for small
+layers, which alone are bound by the host on the clock.
 With ``--small`` tiny shapes are run (on CPU when there is no GPU) and timed
 with ``time.perf_counter`` over a few iterations; that mode only checks that
 the script works.
@@ -128,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interleaved timing rounds per variant on CUDA (median taken)")
     p.add_argument("--rep-ms", type=int, default=60,
                    help="milliseconds of repetitions per do_bench call")
+    p.add_argument("--timer", choices=("wall", "kernels"), default="wall",
+                   help="wall: do_bench's clock time of the step; kernels: the sum of its CUDA "
+                        "kernel times from the profiler (what a layer costs inside a model whose "
+                        "GPU queue stays full; small layers alone are host-bound on the clock)")
     p.add_argument("--out", default=None,
                    help="directory for bench_linear.md and bench_linear.json")
     p.add_argument("--fail-fast", action="store_true",
@@ -223,6 +229,31 @@ def time_do_bench(fn, device: str, rep_ms: int = 100) -> float:
     return float(do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
 
 
+def time_kernels(fn, steps: int = 20) -> float:
+    """ms of CUDA kernel time per call of `fn` (profiler, `steps` calls): no launch or host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(
+        event.device_time if hasattr(event, "device_time") else event.cuda_time
+        for event in prof.events()
+        if str(getattr(event, "device_type", "")).endswith("CUDA")
+    )
+    return total_us / steps / 1e3
+
+
+def time_step(step, args) -> float:
+    if args.small:
+        return time_simple(step, args.device)
+    if args.timer == "kernels":
+        return time_kernels(step)
+    return time_do_bench(step, args.device, args.rep_ms)
+
+
 def build_step(name, base, x, grad, args):
     """The compiled step of one variant, run twice so compilation stays out of the timing."""
     step = make_step(build_variant(name, base, x), x, grad)
@@ -260,8 +291,7 @@ def bench_shape(k, n, args, notes: list[str]) -> dict:
     rounds = {name: [] for name in steps}
     for _ in range(1 if args.small else args.rounds):
         for name, step in steps.items():
-            timer = time_simple(step, dev) if args.small else time_do_bench(step, dev, args.rep_ms)
-            rounds[name].append(timer)
+            rounds[name].append(time_step(step, args))
     for name, times in rounds.items():
         row["ms"][name] = statistics.median(times)
         print(f"  {k}x{n} {name}: {fmt_ms(row['ms'][name])} ms (rounds {times})", file=sys.stderr)
@@ -344,7 +374,8 @@ def header(args) -> dict:
         "device": device_name(args.device),
         "versions": versions(),
         "M": args.m,
-        "timer": "perf_counter (small)" if args.small else "do_bench median",
+        "timer": "perf_counter (small)" if args.small else (
+            "CUDA kernel time per step (profiler)" if args.timer == "kernels" else "do_bench median"),
     }
 
 
