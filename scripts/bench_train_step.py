@@ -9,7 +9,8 @@ the same model from the same seed, compiles it, and reports:
   `--warmup`), tokens/s, speed-up over bf16, peak memory (torch.cuda.max_memory_allocated).
 
 Variants: bf16, ours-tensorwise, ours-rowwise, ours-static (calibrated on one batch; weight scales
-refreshed after every optimizer step, whose cost is also timed alone), ours-delayed,
+refreshed after every optimizer step, whose cost is also timed alone), ours-staticgrads (the same
+with `static_grads=True`: calibrated grad_output scales too), ours-delayed,
 ours-triton (tensorwise, `cast_kernels="triton"`), torchao-tensorwise, torchao-rowwise (skipped
 with a note when torchao is missing).
 
@@ -40,6 +41,7 @@ VARIANTS = (
     "ours-tensorwise",
     "ours-rowwise",
     "ours-static",
+    "ours-staticgrads",
     "ours-delayed",
     "ours-triton",
     "torchao-tensorwise",
@@ -75,6 +77,8 @@ def convert(name: str, model, batch, emulate):
 
     if what in ("static", "delayed"):
         config = Float8Config(scaling=what, emulate=emulate)
+    elif what == "staticgrads":  # static scales for grad_output too: no amax pass at all
+        config = Float8Config(scaling="static", static_grads=True, emulate=emulate)
     elif what == "triton":  # tensorwise with the Triton amax / dual-layout cast kernels
         config = Float8Config(cast_kernels="triton", emulate=emulate)
     else:
@@ -82,6 +86,8 @@ def convert(name: str, model, batch, emulate):
     compiled = compile_fp8(model, config, module_filter_fn=not_head)
     if what == "static":
         calibrate(compiled, [batch[0]])
+    elif what == "staticgrads":  # the model returns the loss given targets: backward it
+        calibrate(compiled, [batch], loss_fn=lambda loss, _: loss)
     return compiled
 
 
@@ -122,7 +128,7 @@ def bench_variant(name, base, batch, args, device) -> dict:
         torch.cuda.reset_peak_memory_stats()
     emulate = True if device.type == "cpu" else None  # CPU _scaled_mm is a slow reference kernel
     refresh = None
-    if name == "ours-static":
+    if name in ("ours-static", "ours-staticgrads"):
         from compile_fp8 import refresh_weight_scales as refresh
     model = convert(name, copy.deepcopy(base), batch, emulate)
     step = make_step(model, batch, device, refresh)
