@@ -14,7 +14,7 @@ Its `forward` (an instance attribute, as for static scaling in `linear.py`) then
                      (gemm.scaled_mm: row-major A, column-major B, fast accumulation)
     M <= weight_only_max_m (decode):       the weight-only path (`fp8_gemv.py`)
         output     = input @ (weight_fp8 / weight_scale).T      # dequantized in registers
-    then  output + bias                                         # bias stays high precision
+    both add the bias on the float32 accumulator, before the one rounding (as torchao does)
 
 Recipes map to granularities: "tensorwise" casts weight and activation with one scale each;
 "rowwise" (and "rowwise_with_gw_hp", whose output GEMM is the same) scales each weight row
