@@ -25,7 +25,7 @@ fi
 } 2>&1 | tee "$OUT/env.txt"
 
 echo "== GPU tests"
-python3 -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+python3 -m pytest tests -m gpu -q -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 
 echo "== bench_linear"
