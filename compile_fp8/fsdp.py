@@ -51,6 +51,7 @@ from .autograd import float8_linear, route_linear
 from .config import RecipeSpec, same_tensorwise_cast
 from .linear import CONFIG_ATTR, uses_scaled_forward
 from .scaling import amax_to_scale, saturated_cast
+from .tensor import wrapper_like
 
 NEXT_AMAX_ATTR = "_fsdp_next_amax"  # set by precompute_float8_dynamic_scale_for_fsdp
 FORWARD_AMAX_ATTR = "_fsdp_forward_amax"  # the last forward all-gather's amax, for backward
@@ -188,15 +189,7 @@ class Float8GatheredWeight(torch.Tensor):
 
     @staticmethod
     def __new__(cls, fp8_data, scale, recipe: RecipeSpec, emulate: bool, dtype: torch.dtype):
-        return torch.Tensor._make_wrapper_subclass(
-            cls,
-            fp8_data.shape,
-            strides=fp8_data.stride(),
-            storage_offset=fp8_data.storage_offset(),
-            dtype=dtype,
-            device=fp8_data.device,
-            requires_grad=False,
-        )
+        return wrapper_like(cls, fp8_data, dtype)
 
     def __init__(self, fp8_data, scale, recipe: RecipeSpec, emulate: bool, dtype: torch.dtype):
         self.fp8_data = fp8_data

@@ -27,6 +27,20 @@ from .scaling import amax, amax_to_scale, saturated_cast
 FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
+def wrapper_like(cls, inner: torch.Tensor, dtype: torch.dtype, requires_grad: bool = False):
+    """A storage-less `cls` instance with `inner`'s shape, strides and device, reporting `dtype`:
+    the outer tensor of a wrapper subclass (this module's, and the weights' in weight.py/fsdp.py)."""
+    return torch.Tensor._make_wrapper_subclass(
+        cls,
+        inner.shape,
+        strides=inner.stride(),
+        storage_offset=inner.storage_offset(),
+        dtype=dtype,
+        device=inner.device,
+        requires_grad=requires_grad,
+    )
+
+
 class Float8Tensor(torch.Tensor):
     """float8 data and its float32 scale; shape and dtype are those of the original tensor."""
 
@@ -36,15 +50,7 @@ class Float8Tensor(torch.Tensor):
 
     @staticmethod
     def __new__(cls, data: torch.Tensor, scale: torch.Tensor, orig_dtype: torch.dtype):
-        return torch.Tensor._make_wrapper_subclass(
-            cls,
-            data.shape,
-            strides=data.stride(),
-            storage_offset=data.storage_offset(),
-            dtype=orig_dtype,
-            device=data.device,
-            requires_grad=False,
-        )
+        return wrapper_like(cls, data, orig_dtype)
 
     def __init__(self, data: torch.Tensor, scale: torch.Tensor, orig_dtype: torch.dtype):
         assert data.dtype in FLOAT8_DTYPES, data.dtype

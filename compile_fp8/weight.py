@@ -38,6 +38,7 @@ from .fsdp import (
     padded_rows,
 )
 from .gemm import choose_emulate
+from .tensor import wrapper_like
 
 
 class Float8TrainingWeight(torch.Tensor):
@@ -50,15 +51,7 @@ class Float8TrainingWeight(torch.Tensor):
 
     @staticmethod
     def __new__(cls, hp: torch.Tensor, recipe: RecipeSpec, emulate_request: bool | None = None):
-        return torch.Tensor._make_wrapper_subclass(
-            cls,
-            hp.shape,
-            strides=hp.stride(),
-            storage_offset=hp.storage_offset(),
-            dtype=hp.dtype,
-            device=hp.device,
-            requires_grad=hp.requires_grad,
-        )
+        return wrapper_like(cls, hp, hp.dtype, hp.requires_grad)
 
     def __init__(self, hp: torch.Tensor, recipe: RecipeSpec, emulate_request: bool | None = None):
         assert not isinstance(hp, Float8TrainingWeight)
