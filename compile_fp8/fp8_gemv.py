@@ -50,6 +50,14 @@ KERNEL_X_DTYPES = (torch.bfloat16, torch.float16)  # float32 x would run tl.dot 
 # Tuning (to be swept on the H200, scripts/bench_inference.py --sweep): output columns per
 # program, K per step, K slices, warps and pipeline stages.
 WEIGHT_ONLY_CONFIG = {"block_n": 16, "block_k": 512, "split_k": 1, "num_warps": 4, "num_stages": 3}
+# Per weight shape (N, K) overrides of WEIGHT_ONLY_CONFIG, e.g. the winners of the tile sweep
+# (scripts/bench_inference.py --weight-only-tuning sweep.json installs them).
+TUNED_CONFIGS: dict[tuple[int, int], dict] = {}
+
+
+def config_for(n: int, k: int) -> dict:
+    """The tile config the kernel uses for a weight of shape [N, K]."""
+    return TUNED_CONFIGS.get((n, k), WEIGHT_ONLY_CONFIG)
 MAX_BLOCK_M = 64  # M above this runs in several M blocks (each re-reads the weight)
 
 
@@ -155,7 +163,8 @@ if triton is not None:
     def _weight_only_op(
         x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor]
     ) -> torch.Tensor:
-        return _launch_weight_only(x, weight_fp8, weight_scale, bias, **WEIGHT_ONLY_CONFIG)
+        config = config_for(*weight_fp8.shape)
+        return _launch_weight_only(x, weight_fp8, weight_scale, bias, **config)
 
     @_weight_only_op.register_fake
     def _(x, weight_fp8, weight_scale, bias):

@@ -21,6 +21,7 @@ On the GPU:
 
     python3 scripts/bench_inference.py --out $OUT
     python3 scripts/bench_inference.py --sweep --out $OUT      # tune the weight-only kernel / M
+    python3 scripts/bench_inference.py --weight-only-tuning $OUT/bench_inference_sweep.json
 
 `--sweep [tiles|m|all]` times, per linear shape of the model (replayed from CUDA graphs, so
 without launch overhead), the weight-only kernel for a grid of tile configs at M = 16, and/or a
@@ -146,7 +147,7 @@ def run(args) -> tuple[list[dict], list[str]]:
     rows, notes = [], []
     for case in args.cases:
         tokens = torch.randint(0, cfg.vocab_size, shapes[case], generator=gen).to(device)
-        for mode in CASES[case]:
+        for mode in (m for m in CASES[case] if m in args.modes):
             if mode == "reduce-overhead" and device.type != "cuda":
                 notes.append(f"skipped {case} reduce-overhead: CUDA graphs need a GPU")
                 continue
@@ -198,6 +199,12 @@ def write(rows, notes, args, name="bench_inference", text=None) -> str:
     return text
 
 
+def fp8_gemv_tuned() -> str:
+    from compile_fp8 import fp8_gemv
+
+    return ", ".join(f"{n}x{k}: {c}" for (n, k), c in sorted(fp8_gemv.TUNED_CONFIGS.items()))
+
+
 def _device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device.startswith("cuda") else device
 
@@ -206,7 +213,7 @@ def _device_name(device: str) -> str:
 
 SWEEP_TILES = [
     dict(block_n=bn, block_k=bk, split_k=sk, num_warps=4, num_stages=3)
-    for bn in (16, 32, 64) for bk in (128, 256, 512) for sk in (1, 2, 4)
+    for bn in (16, 32, 64) for bk in (128, 256, 512) for sk in (1, 2, 4, 8)
 ]  # fmt: skip
 SWEEP_M = (16, 32, 64, 128, 256)
 GRAPH_CALLS = 10  # calls per captured CUDA graph: kernel time without launch overhead
@@ -241,10 +248,25 @@ def sweep(args) -> tuple[list[dict], list[str]]:
     elif args.sweep in ("tiles", "all"):
         for n, k in shapes:
             rows += _sweep_tiles(n, k, args, device)
+            write(rows, notes, args, "bench_inference_sweep", render_sweep(rows, notes, args))
     if args.sweep in ("m", "all"):
         for n, k in shapes:
             rows += _sweep_m(n, k, args, device)
+            write(rows, notes, args, "bench_inference_sweep", render_sweep(rows, notes, args))
     return rows, notes
+
+
+def install_tuning(path) -> dict:
+    """Set `fp8_gemv.TUNED_CONFIGS` to the fastest tiles per (N, K) of a `--sweep` json file."""
+    from compile_fp8 import fp8_gemv
+
+    best = {}
+    for r in json.loads(pathlib.Path(path).read_text())["rows"]:
+        if r["sweep"] == "tiles" and ((r["n"], r["k"]) not in best or r["ms"] < best[r["n"], r["k"]]["ms"]):
+            best[r["n"], r["k"]] = r
+    keys = ("block_n", "block_k", "split_k", "num_warps", "num_stages")
+    fp8_gemv.TUNED_CONFIGS.update({nk: {key: r[key] for key in keys} for nk, r in best.items()})
+    return dict(fp8_gemv.TUNED_CONFIGS)
 
 
 def _sweep_tiles(n, k, args, device) -> list[dict]:
@@ -311,6 +333,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list from {VARIANTS}")
     p.add_argument("--cases", default="prefill,decode", help=f"comma list from {tuple(CASES)}")
+    p.add_argument("--modes", default="default,reduce-overhead", help="compile modes to run (where a case has them)")
     p.add_argument("--preset", default="anchor")
     p.add_argument("--prefill-batch", type=int, default=4)
     p.add_argument("--prefill-seq", type=int, default=2048)
@@ -323,11 +346,15 @@ def parse_args(argv):
     p.add_argument("--small", action="store_true", help="a one-layer toy model (CI smoke test)")
     p.add_argument("--sweep", nargs="?", const="all", choices=("tiles", "m", "all"),
                    help="tune the weight-only kernel's tiles (at M=16) and/or the M threshold")
+    p.add_argument("--weight-only-tuning", default=None, metavar="SWEEP_JSON",
+                   help="use the fastest tiles per weight shape from a --sweep run's json")
     p.add_argument("--out", default=None, help="write bench_inference.md and .json here")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     args.cases = [c for c in args.cases.split(",") if c]
+    args.modes = [m for m in args.modes.split(",") if m]
     unknown = [v for v in args.variants if v not in VARIANTS] + [c for c in args.cases if c not in CASES]
+    unknown += [m for m in args.modes if m not in ("default", "reduce-overhead")]
     if unknown:
         p.error(f"unknown variant(s) or case(s) {unknown}; variants: {','.join(VARIANTS)}; cases: {','.join(CASES)}")
     if args.small:
@@ -342,7 +369,12 @@ def main(argv=None) -> int:
         rows, notes = sweep(args)
         print(write(rows, notes, args, "bench_inference_sweep", render_sweep(rows, notes, args)))
         return 0
+    if args.weight_only_tuning:
+        tuned = install_tuning(args.weight_only_tuning)
+        print(f"weight-only tiles from {args.weight_only_tuning}: {tuned}", file=sys.stderr)
     rows, notes = run(args)
+    if args.weight_only_tuning:
+        notes.append(f"weight-only tiles per (N, K): {fp8_gemv_tuned()}")
     print(write(rows, notes, args))
     failed = [n for n in notes if " failed: " in n]
     return 1 if failed else 0

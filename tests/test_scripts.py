@@ -40,3 +40,21 @@ def test_bench_inference_small(tmp_path, capsys):
     assert "| prefill | 2x32 | default | ours-tensorwise |" in out and "failed" not in out, out
     assert "| decode | 4x1 | default | bf16 |" in out, out
     assert (tmp_path / "bench_inference.json").exists() and (tmp_path / "bench_inference.md").exists()
+
+
+def test_bench_inference_installs_fastest_tiles_per_shape(tmp_path, monkeypatch):
+    from compile_fp8 import fp8_gemv
+
+    bench = _load("bench_inference")
+    monkeypatch.setattr(fp8_gemv, "TUNED_CONFIGS", {})
+    tiles = dict(block_k=256, split_k=1, num_warps=4, num_stages=3)
+    rows = [
+        {"sweep": "tiles", "n": 64, "k": 32, "block_n": 16, "ms": 0.02, **tiles},
+        {"sweep": "tiles", "n": 64, "k": 32, "block_n": 32, "ms": 0.01, **tiles},
+        {"sweep": "m", "n": 64, "k": 32, "m": 16, "path": "bf16", "ms": 0.001},
+    ]
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(bench.json.dumps({"rows": rows, "notes": []}))
+    assert bench.install_tuning(sweep) == {(64, 32): {"block_n": 32, **tiles}}
+    assert fp8_gemv.config_for(64, 32)["block_n"] == 32
+    assert fp8_gemv.config_for(32, 64) == fp8_gemv.WEIGHT_ONLY_CONFIG
