@@ -41,6 +41,7 @@ from .fsdp import (
     local_amax,
 )
 from .gemm import ALIGN
+from .kernels import launch_statically
 from .linear import (
     attach_scaling_state,
     check_scaling_config,
@@ -216,6 +217,8 @@ def _check_args(model, config, module_filter_fn) -> Float8Config:
 
 def _convert_linears(model: nn.Module, config: Float8Config, module_filter_fn) -> None:
     recipe = recipe_spec(config.recipe, dual_cast=config.cast_kernels == "triton")
+    if config.cast_kernels == "triton":
+        launch_statically()
     owners = _weight_owners(model)
     converted: dict[int, nn.Parameter] = {}  # id(master weight) -> its training weight
     skip_reason = lambda module, fqn: _skip_reason(module, fqn, owners, module_filter_fn, config)  # noqa: E731

@@ -47,17 +47,24 @@ if triton is not None:
     import triton.language as tl
 
 KERNEL_X_DTYPES = (torch.bfloat16, torch.float16)  # float32 x would run tl.dot in tf32: torch
-# Tuning (to be swept on the H200, scripts/bench_inference.py --sweep): output columns per
-# program, K per step, K slices, warps and pipeline stages.
-WEIGHT_ONLY_CONFIG = {"block_n": 16, "block_k": 512, "split_k": 1, "num_warps": 4, "num_stages": 3}
-# Per weight shape (N, K) overrides of WEIGHT_ONLY_CONFIG, e.g. the winners of the tile sweep
+# Tiles, from the H200 sweep (`scripts/bench_inference.py --sweep tiles`, M = 16, the 956M
+# model's shapes; docs/benchmarks.md): 32 output columns per program won at every shape; BLOCK_K
+# 128-512 came within 5%; K slices paid only where K is long (down projection [2048, 5632]:
+# 0.0102 ms with 4-8 slices, 0.0113 with 2) and cost ~10% at K = 2048.
+WEIGHT_ONLY_CONFIG = {"block_n": 32, "block_k": 256, "split_k": 1, "num_warps": 4, "num_stages": 3}
+LONG_K, SPLIT_K_LONG = 4096, 4  # K from which the kernel cuts K into SPLIT_K_LONG slices
+# Per weight shape (N, K) overrides, e.g. the winners of a tile sweep on another GPU
 # (scripts/bench_inference.py --weight-only-tuning sweep.json installs them).
 TUNED_CONFIGS: dict[tuple[int, int], dict] = {}
 
 
 def config_for(n: int, k: int) -> dict:
     """The tile config the kernel uses for a weight of shape [N, K]."""
-    return TUNED_CONFIGS.get((n, k), WEIGHT_ONLY_CONFIG)
+    if (n, k) in TUNED_CONFIGS:
+        return TUNED_CONFIGS[n, k]
+    return {**WEIGHT_ONLY_CONFIG, "split_k": SPLIT_K_LONG} if k >= LONG_K else WEIGHT_ONLY_CONFIG
+
+
 MAX_BLOCK_M = 64  # M above this runs in several M blocks (each re-reads the weight)
 
 

@@ -56,6 +56,7 @@ from .api import _skip_reason, _weight_owners, linears_to_convert, training_weig
 from .config import E4M3, Float8Config, recipe_spec
 from .conv1d import is_conv1d
 from .gemm import choose_emulate, scaled_mm
+from .kernels import launch_statically
 from .linear import CALIBRATING_ATTR, READY_ATTR, is_fp8_buffer
 from .scaling import EPS, amax, saturated_cast
 from .tensor import Float8Tensor
@@ -247,6 +248,7 @@ def is_static_layer(module: nn.Module) -> bool:
 def convert_for_inference(model: nn.Module, config: Float8Config, module_filter_fn) -> None:
     """Replace every eligible layer's weight by a Float8Tensor, in place (module docstring)."""
     granularity = recipe_spec(config.recipe).output.b.granularity
+    launch_statically()  # the weight-only kernel (decode) is a user-defined Triton kernel
     owners = _weight_owners(model)
     converted: dict[int, nn.Parameter] = {}  # id(original weight) -> its Float8Tensor Parameter
     skip_reason = lambda module, fqn: _inference_skip_reason(module, fqn, owners, module_filter_fn, config)  # noqa: E731

@@ -10,7 +10,6 @@ import io
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -456,11 +455,23 @@ def test_gpu_weight_only_kernel_agrees_with_scaled_mm(recipe):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [16, 512], ids=["decode", "prefill"])
 def test_gpu_reduce_overhead_compile(m):
-    model = _inference(_tiny_lm().cuda(), "rowwise")
+    """CUDA graphs give FP8-quality logits. Not compared bit for bit with eager: inductor keeps
+    float32 between fused ops where eager rounds to bf16, which flips some float8 roundings
+    (measured on this tiny random LM, M = 512: eager vs compiled 27 dB, both 25 dB from bf16)."""
+    base = _tiny_lm().cuda()
+    model = _inference(copy.deepcopy(base), "rowwise")
     tokens = torch.randint(0, 256, (m // 16, 16), device="cuda")
     with torch.inference_mode():
-        eager = model(tokens)
+        reference, eager = base(tokens), model(tokens)
         compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
         for _ in range(3):  # warm-up, record, replay
             out = compiled(tokens)
-    assert sqnr(eager, out) >= 30, f"reduce-overhead vs eager {sqnr(eager, out):.1f} dB"
+    eager_db, compiled_db = sqnr(reference, eager), sqnr(reference, out)
+    assert eager_db >= 20, f"eager FP8 vs bf16 {eager_db:.1f} dB"
+    assert compiled_db >= eager_db - 1, f"reduce-overhead {compiled_db:.1f} dB vs eager {eager_db:.1f} dB from bf16"
+
+
+def test_conversion_lets_inductor_launch_our_kernels_statically(monkeypatch):
+    monkeypatch.setattr(torch._inductor.config, "static_launch_user_defined_triton_kernels", False)
+    _inference(nn.Linear(64, 48).to(BF16))
+    assert torch._inductor.config.static_launch_user_defined_triton_kernels

@@ -268,5 +268,5 @@ def test_compiled_training_on_cuda(scaling):
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
-    expected_frames = 1 if scaling == "static" else 2
-    assert counter.frame_count == expected_frames, f"{counter.frame_count} frames"
+    # one graph for both: delayed scaling's empty-history first step is a `where` in the graph
+    assert counter.frame_count == 1, f"{counter.frame_count} frames"
