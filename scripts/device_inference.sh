@@ -5,7 +5,8 @@
 #   run(command="bash scripts/device_inference.sh", carry=[".whl"], timeout_s=600)
 #   bash scripts/device_inference.sh [STAGE...]     # default: tests sweep decode prefill
 #
-#   tests    pytest -m gpu: tests/test_inference.py and the scaling-mode GPU tests (issue 5)
+#   tests    pytest -m gpu: tests/test_inference.py and the scaling-mode GPU tests (issue 5),
+#            or the test ids in $TESTS
 #   sweep    the weight-only kernel's tiles at M = 16, per weight shape of the 956M model
 #   decode   16 x 1 tokens, compile modes $DECODE_MODES (default: reduce-overhead)
 #   prefill  4 x 2048 tokens, compile mode default
@@ -39,8 +40,8 @@ step() {  # step SECONDS NAME COMMAND...: run capped, log to $OUT/NAME.log
 for stage in "${@:-tests sweep decode prefill}"; do
   for s in $stage; do
     case $s in
-      tests) step "${TESTS_S:-170}" gpu_tests python3 -m pytest tests/test_inference.py \
-               tests/test_scaling_modes.py -m gpu -q -p no:cacheprovider --durations=10 ;;
+      tests) step "${TESTS_S:-170}" gpu_tests python3 -m pytest ${TESTS:-tests/test_inference.py \
+               tests/test_scaling_modes.py} -m gpu -q -p no:cacheprovider --durations=10 ;;
       sweep) step "${SWEEP_S:-120}" sweep $BENCH --sweep tiles --warmup 2 --iters 10 --repeats 3 --out "$WORK/sweep"
              cp "$WORK/sweep/bench_inference_sweep.md" "$OUT/sweep.md" 2>/dev/null ;;
       decode) step "${DECODE_S:-150}" decode $BENCH --cases decode --modes "${DECODE_MODES:-reduce-overhead}" \
