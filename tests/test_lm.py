@@ -36,7 +36,7 @@ def test_preset_param_count_matches_the_module(name):
     assert flops_per_token(cfg, cfg.seq_len) > 6 * num_params(cfg, embedding=False)
 
 
-@pytest.mark.parametrize("name, millions", [("tiny", 13.7), ("small", 162.2), ("anchor", 956.3)])
+@pytest.mark.parametrize("name, millions", [("tiny", 13.7), ("small", 162.2), ("wide", 411.6), ("anchor", 956.3)])
 def test_preset_sizes(name, millions):
     got = num_params(PRESETS[name]) / 1e6
     assert abs(got - millions) < 0.1, f"{name}: {got:.2f}M params"

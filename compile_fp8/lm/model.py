@@ -85,6 +85,10 @@ PRESETS: dict[str, ModelConfig] = {
     "small": ModelConfig(d_model=768, n_layers=12, n_heads=12, d_ff=2048, seq_len=1024),
     # GPT-2 medium's shape; ANCHORS.md's 375M model with the GPT-2 vocab (411M in all).
     "medium": ModelConfig(d_model=1024, n_layers=24, n_heads=16, d_ff=2816, seq_len=1024),
+    # The anchor model's layer shapes (d_model 2048, SwiGLU 5632) in 4 layers: 309M parameters
+    # without the embedding (412M in all). The GPU training demo's size: FP8 pays where the
+    # GEMMs are large (docs/training.md: at d_model 1024 casts cost what FP8 GEMMs save).
+    "wide": ModelConfig(d_model=2048, n_layers=4, n_heads=16, d_ff=5632, seq_len=2048),
     # The 956M benchmark model of ANCHORS.md (its vocab 32768 is smaller than GPT-2's: train it
     # on the GPT-2 corpus with --vocab-size 50304).
     "anchor": ModelConfig(vocab_size=32768, d_model=2048, n_layers=16, n_heads=16, d_ff=5632,

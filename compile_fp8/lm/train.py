@@ -45,7 +45,7 @@ from .model import ModelConfig, TransformerLM, flops_per_token, get_preset, num_
 from .progress import Progress
 
 FP8_CHOICES = ("none", *RECIPES)  # the CLI offers exactly what Float8Config takes, plus bf16
-DEFAULT_LR = {"tiny": 3e-3, "small": 6e-4, "medium": 3e-4, "anchor": 3e-4}
+DEFAULT_LR = {"tiny": 3e-3, "small": 6e-4, "medium": 3e-4, "wide": 3e-4, "anchor": 3e-4}
 BYTES_PER_PARAM = 8  # bf16 weight + bf16 grad + two bf16 AdamW moments, before activations
 
 
