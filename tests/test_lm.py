@@ -52,6 +52,18 @@ def test_forward_shapes_and_initial_loss():
     assert abs(loss - math.log(VOCAB)) < 0.5, f"initial loss {loss} vs ln(vocab) {math.log(VOCAB)}"
 
 
+def test_rope_tables_are_built_where_the_weights_are():
+    """`with torch.device(d): TransformerLM(cfg)` (train.py on the GPU) must not leave the RoPE
+    tables on the CPU: seen on the H200 as a cuda/cpu device mismatch inside the compiled step."""
+    with torch.device("meta"):
+        model = TransformerLM(PRESETS["tiny"]).to(torch.bfloat16)
+    assert model.rope_cos.device.type == "meta" and model.rope_sin.device.type == "meta"
+    assert model.rope_cos.dtype == torch.float32
+    model.to_empty(device="cpu")
+    assert torch.equal(model.rope_cos, rope_tables(PRESETS["tiny"].seq_len, PRESETS["tiny"].head_dim,
+                                                   PRESETS["tiny"].rope_base, "cpu")[0])
+
+
 def test_rope_scores_depend_on_relative_position_only():
     cos, sin = rope_tables(8, 16, 10000.0, "cpu")
     q, k = torch.randn(16), torch.randn(16)

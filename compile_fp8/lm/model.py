@@ -201,7 +201,7 @@ class TransformerLM(nn.Module):
         # Non-persistent buffers (not in state_dict); `_apply` keeps them float32.
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
-        self._build_rope(torch.device("cpu"))
+        self._build_rope(self.head.weight.device)  # where `with torch.device(...)` put the weights
         self.reset_parameters()
 
     def _build_rope(self, device) -> None:
