@@ -211,9 +211,11 @@ def _device_name(device: str) -> str:
 
 # ---- --sweep: the weight-only kernel's tiles, and the M threshold -----------------------------
 
+# 2026-11-29 on the H200 block_n 16 never won and 32 always did, at 0.7-1.5 TB/s: the next sweep
+# tries more bytes in flight per program (block_k 1024, 8 warps) around the winners.
 SWEEP_TILES = [
-    dict(block_n=bn, block_k=bk, split_k=sk, num_warps=4, num_stages=3)
-    for bn in (16, 32, 64) for bk in (128, 256, 512) for sk in (1, 2, 4, 8)
+    dict(block_n=bn, block_k=bk, split_k=sk, num_warps=w, num_stages=3)
+    for bn in (32, 64) for bk in (128, 256, 512, 1024) for sk in (1, 2, 4, 8) for w in (4, 8)
 ]  # fmt: skip
 SWEEP_M = (16, 32, 64, 128, 256)
 GRAPH_CALLS = 10  # calls per captured CUDA graph: kernel time without launch overhead
