@@ -98,7 +98,8 @@ def launch_statically() -> None:
     unless `torch._inductor.config.static_launch_user_defined_triton_kernels` is set (off by
     default in torch 2.11-2.13). Measured on the H200 (docs/benchmarks.md): a 16 x 1 decode of the
     956M model in compile mode "default", 80 weight-only launches, took 4.02 ms with the Python
-    launcher and 3.03 ms with the static one. Called when a conversion puts our kernels in the
+    launcher and 3.03 ms with the static one (two processes; that mode is launch-bound and
+    noisy). Called when a conversion puts our kernels in the
     model; the environment variable TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=0
     overrides it (inductor's `env_name_force`). A kernel the static launcher cannot take falls
     back to Triton's launcher.
