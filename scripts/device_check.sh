@@ -10,12 +10,7 @@
 set -uo pipefail
 OUT=${OUT:-runs/device}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=.
-
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.
-fi
+source scripts/device_env.sh  # PYTHONPATH, carried wheels
 
 {
   date -u

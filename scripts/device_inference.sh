@@ -18,11 +18,7 @@ set -uo pipefail
 OUT=${OUT:-runs/device_inference}
 WORK=/tmp/bench
 mkdir -p "$OUT" "$WORK"
-export PYTHONUNBUFFERED=1 PYTHONPATH=.
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.
-fi
+source scripts/device_env.sh  # PYTHONPATH, carried wheels
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv

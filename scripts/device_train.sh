@@ -27,7 +27,7 @@ DEVICE=${DEVICE:-cuda}  # DEVICE=cpu SEQ=128 ... 10 4 tiny: a CPU dry run of thi
 OUT=${OUT:-runs/device_train}
 RUNS=/tmp/runs
 mkdir -p "$OUT" "$RUNS"
-export PYTHONUNBUFFERED=1 PYTHONPATH=.
+source scripts/device_env.sh  # PYTHONPATH, carried wheels
 
 if [ ! -s data/corpus/train.bin ]; then
   echo "data/corpus/train.bin is missing: run 'python scripts/prepare_data.py' on the CPU side" \

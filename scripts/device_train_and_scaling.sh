@@ -13,7 +13,7 @@
 set -uo pipefail
 OUT=${OUT:-runs/device_train_and_scaling}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=.
+source scripts/device_env.sh  # PYTHONPATH, carried wheels
 STEPS=${STEPS:-500} BATCH=${BATCH:-8} PRESET=${PRESET:-wide}
 SEQ=${SEQ:-2048} RUN_LIMIT=${RUN_LIMIT:-110} OUT=$OUT bash scripts/device_train.sh "$STEPS" "$BATCH" "$PRESET"
 echo "== device_train exit $?"
