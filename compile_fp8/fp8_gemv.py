@@ -27,6 +27,9 @@ Work split: a program owns BLOCK_N output columns (weight rows) for all M rows (
 [BLOCK_N, BLOCK_K] is contiguous along K (row-major [N, K]), so loads are coalesced. SPLIT_K > 1
 cuts K into interleaved slices run by separate programs (more programs for small N) that add
 their float32 partial sums atomically; the result is then not bit-deterministic run to run.
+SWAP_AB computes out.T = w @ x.T instead: the same products and sums, with the weight tile as the
+MMA's first operand, so a program can own 64-128 weight rows against M = 16 tokens (the
+small-M trick of GEMM libraries); `config_for` and the H200 tile sweep choose between the two.
 
 The op is a `torch.library.triton_op` (the pattern of `kernels.py`): eager calls launch the
 kernel, torch.compile (fullgraph, CUDA graphs) sees the kernel itself. `weight_only_linear` uses
@@ -105,14 +108,17 @@ if triton is not None:
         x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K,
         stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
         K_TILES: tl.constexpr, SPLIT_K: tl.constexpr, ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
-        FP32_DOT: tl.constexpr,
+        FP32_DOT: tl.constexpr, SWAP_AB: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         """One [BLOCK_M, BLOCK_N] tile of out, over K slice `program_id(1)` of SPLIT_K."""
         pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if SWAP_AB:  # out.T = w @ x.T: the weight tile is the MMA's tall operand (BLOCK_N >= 64)
+            acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         # K_TILES is a constexpr: the interpreter (triton 3.6) cannot loop to a runtime bound
         for i in range(K_TILES):
             offs_k = ((pid_k + i * SPLIT_K) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
@@ -126,7 +132,12 @@ if triton is not None:
             w = w.to(x.dtype)
             if FP32_DOT:  # the interpreter's bf16 tl.dot is wrong (triton 3.6); float32 is exact
                 x, w = x.to(tl.float32), w.to(tl.float32)
-            acc = tl.dot(x, tl.trans(w), acc)  # [BM, BK] @ [BK, BN] -> [BM, BN]
+            if SWAP_AB:
+                acc_t = tl.dot(w, tl.trans(x), acc_t)  # [BN, BK] @ [BK, BM] -> [BN, BM]
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)  # [BM, BK] @ [BK, BN] -> [BM, BN]
+        if SWAP_AB:
+            acc = tl.trans(acc_t)
         if ROWWISE:
             scale = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=1.0)  # [BLOCK_N]
             acc = acc / scale[None, :]
@@ -143,7 +154,7 @@ if triton is not None:
             tl.atomic_add(out_ptr + out_offs, acc, mask=out_mask)  # float32 partial sums
 
     def _launch_weight_only(
-        x, weight_fp8, weight_scale, bias, block_n, block_k, split_k, num_warps, num_stages
+        x, weight_fp8, weight_scale, bias, block_n, block_k, split_k, num_warps, num_stages, swap_ab=False
     ):
         m, k = x.shape
         n = weight_fp8.shape[0]
@@ -161,7 +172,7 @@ if triton is not None:
             x.stride(0), x.stride(1), weight_fp8.stride(0), weight_fp8.stride(1),
             out.stride(0), out.stride(1),
             K_TILES=k_tiles, SPLIT_K=split_k, ROWWISE=weight_scale.numel() != 1, HAS_BIAS=bias is not None,
-            FP32_DOT=_interpreting(),
+            FP32_DOT=_interpreting(), SWAP_AB=swap_ab,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch,
         )  # fmt: skip
         return out if split_k == 1 else out.to(x.dtype)

@@ -14,7 +14,9 @@ speed-up over bf16, bytes of the converted linear weights (every Linear but the 
 to bf16, and the logits' SQNR against bf16.
 
 Variants: bf16, ours-tensorwise, ours-rowwise (`Float8Config(mode="inference")`; small M runs
-the weight-only kernel, `--weight-only-max-m` overrides the threshold), torchao-tensorwise,
+the weight-only kernel, `--weight-only-max-m` overrides the threshold), ours-static (tensorwise
+with `scaling="static"` input scales from `calibrate` on the benchmark's batch: no amax pass
+before each `_scaled_mm`), torchao-tensorwise,
 torchao-rowwise (`Float8DynamicActivationFloat8WeightConfig`, PerTensor / PerRow).
 
 On the GPU:
@@ -35,6 +37,7 @@ works (its timings mean nothing).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
 import datetime
 import json
@@ -46,7 +49,7 @@ import time
 import torch
 from torch import nn
 
-VARIANTS = ("bf16", "ours-tensorwise", "ours-rowwise", "torchao-tensorwise", "torchao-rowwise")
+VARIANTS = ("bf16", "ours-tensorwise", "ours-rowwise", "ours-static", "torchao-tensorwise", "torchao-rowwise")
 DEFAULT_VARIANTS = ("bf16", "ours-tensorwise", "ours-rowwise", "torchao-tensorwise")
 CASES = {"prefill": ("default",), "decode": ("default", "reduce-overhead")}
 
@@ -66,11 +69,13 @@ def build_model(args, device):
     return model, cfg
 
 
-def convert(name: str, model, args, device):
-    """`model` converted (not compiled) as variant `name`."""
+def convert(name: str, model, args, device, tokens=None):
+    """`model` converted (not compiled) as variant `name`; the static variants are calibrated
+    on `tokens` (the benchmark's own batch: the best case for their scales)."""
     if name == "bf16":
         return model
     kind, recipe = name.split("-")
+    scaling, recipe = ("static", "tensorwise") if recipe == "static" else ("dynamic", recipe)
     if kind == "torchao":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 
@@ -81,8 +86,13 @@ def convert(name: str, model, args, device):
 
     extra = {} if args.weight_only_max_m is None else {"weight_only_max_m": args.weight_only_max_m}
     emulate = True if device.type == "cpu" else None  # CPU _scaled_mm is a slow reference kernel
-    config = Float8Config(mode="inference", recipe=recipe, emulate=emulate, **extra)
-    return compile_fp8(model, config, module_filter_fn=lambda m, fqn: fqn != "head", compile=False)
+    config = Float8Config(mode="inference", recipe=recipe, scaling=scaling, emulate=emulate, **extra)
+    model = compile_fp8(model, config, module_filter_fn=lambda m, fqn: fqn != "head", compile=False)
+    if scaling == "static":
+        from compile_fp8 import calibrate
+
+        calibrate(model, [tokens])
+    return model
 
 
 def linear_weight_bytes(model) -> int:
@@ -123,7 +133,7 @@ def bench_variant(name, base, tokens, mode, reference, args, device) -> dict:
     torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    model = convert(name, copy.deepcopy(base), args, device)
+    model = convert(name, copy.deepcopy(base), args, device, tokens)
     compiled = torch.compile(model, mode=None if mode == "default" else mode)
     with torch.inference_mode():
         first = time.perf_counter()
@@ -211,12 +221,16 @@ def _device_name(device: str) -> str:
 
 # ---- --sweep: the weight-only kernel's tiles, and the M threshold -----------------------------
 
-# 2026-11-29 on the H200 block_n 16 never won and 32 always did, at 0.7-1.5 TB/s: the next sweep
-# tries more bytes in flight per program (block_k 1024, 8 warps) around the winners.
-SWEEP_TILES = [
-    dict(block_n=bn, block_k=bk, split_k=sk, num_warps=w, num_stages=3)
-    for bn in (32, 64) for bk in (128, 256, 512, 1024) for sk in (1, 2, 4, 8) for w in (4, 8)
-]  # fmt: skip
+# 2026-11-29 15:49 on the H200 block_n 32 won every shape at only 0.7-1.5 TB/s with 4-8 K steps
+# per program: each step waits for its load. This grid tries few, large steps (block_k up to
+# 2048) and the swapped orientation (out.T = w @ x.T, 64-128 weight rows per program).
+SWEEP_TILES = (
+    [dict(block_n=32, block_k=bk, split_k=1, num_warps=4, num_stages=3) for bk in (128, 256)]
+    + [dict(block_n=bn, block_k=bk, split_k=sk, num_warps=w, num_stages=3)
+       for bn, bk in ((16, 1024), (16, 2048), (32, 512), (32, 1024)) for sk in (1, 2, 4) for w in (4, 8)]
+    + [dict(block_n=bn, block_k=bk, split_k=sk, num_warps=w, num_stages=3, swap_ab=True)
+       for bn in (64, 128) for bk in (256, 512) for sk in (1, 2, 4) for w in (4, 8)]
+)  # fmt: skip
 SWEEP_M = (16, 32, 64, 128, 256)
 GRAPH_CALLS = 10  # calls per captured CUDA graph: kernel time without launch overhead
 
@@ -266,8 +280,8 @@ def install_tuning(path) -> dict:
     for r in json.loads(pathlib.Path(path).read_text())["rows"]:
         if r["sweep"] == "tiles" and ((r["n"], r["k"]) not in best or r["ms"] < best[r["n"], r["k"]]["ms"]):
             best[r["n"], r["k"]] = r
-    keys = ("block_n", "block_k", "split_k", "num_warps", "num_stages")
-    fp8_gemv.TUNED_CONFIGS.update({nk: {key: r[key] for key in keys} for nk, r in best.items()})
+    keys = ("block_n", "block_k", "split_k", "num_warps", "num_stages", "swap_ab")
+    fp8_gemv.TUNED_CONFIGS.update({nk: {key: r.get(key, False) for key in keys} for nk, r in best.items()})
     return dict(fp8_gemv.TUNED_CONFIGS)
 
 
@@ -276,19 +290,47 @@ def _sweep_tiles(n, k, args, device) -> list[dict]:
     from compile_fp8.inference import quantize_weight
 
     x = torch.randn(16, k, device=device, dtype=torch.bfloat16)
-    w = quantize_weight(torch.randn(n, k, device=device, dtype=torch.bfloat16), "rowwise")
-    results = []
-    for tiles in SWEEP_TILES:
+    w_hp = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+    w = quantize_weight(w_hp, "rowwise")
+    bf16_ms = graph_ms(lambda: torch.mm(x, w_hp.t()), args, device)  # cuBLAS, the bar to beat
+    results, grid = [], _distinct_tiles(k)
+    if device.type == "cuda":  # compile every config first, several at once (ptxas runs outside the GIL)
+        def launch(tiles):
+            try:
+                fp8_gemv._launch_weight_only(x, w.fp8_data, w.scale, None, **tiles)
+            except Exception:  # reported by the timing loop below
+                pass
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(launch, grid))
+        torch.cuda.synchronize()
+    for tiles in grid:
         try:
             ms = graph_ms(lambda: fp8_gemv._launch_weight_only(x, w.fp8_data, w.scale, None, **tiles), args, device)
         except Exception as err:  # e.g. out of shared memory for a large tile
             print(f"  tiles {tiles}: {type(err).__name__}", file=sys.stderr)
             continue
-        results.append({"sweep": "tiles", "n": n, "k": k, "m": 16, **tiles, "ms": ms, "gb_s": n * k / ms / 1e6})
+        results.append({"sweep": "tiles", "n": n, "k": k, "m": 16, "swap_ab": False, **tiles, "ms": ms,
+                        "gb_s": n * k / ms / 1e6, "bf16_ms": bf16_ms})  # fmt: skip
     results.sort(key=lambda r: r["ms"])
     for r in results[:3]:
         print(f"  [{n}, {k}] best tiles: {r}", file=sys.stderr, flush=True)
     return results[:10]
+
+
+def _distinct_tiles(k: int) -> list[dict]:
+    """SWEEP_TILES without the configs the launcher would run as another one at this K."""
+    from compile_fp8 import fp8_gemv
+
+    seen, out = set(), []
+    for tiles in SWEEP_TILES:
+        block_k = min(tiles["block_k"], max(16, fp8_gemv.triton.next_power_of_2(k)))
+        split_k = max(1, min(tiles["split_k"], -(-k // block_k)))
+        key = tuple(sorted({**tiles, "block_k": block_k, "split_k": split_k}.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(dict(key))
+    return out
 
 
 def _sweep_m(n, k, args, device) -> list[dict]:
@@ -315,10 +357,12 @@ def _sweep_m(n, k, args, device) -> list[dict]:
 
 def render_sweep(rows, notes, args) -> str:
     lines = [f"# bench_inference --sweep | {_device_name(args.device)} | torch {torch.__version__}", ""]
-    lines += ["| N | K | block_n | block_k | split_k | warps | stages | ms (M=16) | GB/s |", "|---|---|---|---|---|---|---|---:|---:|"]
+    lines += ["| N | K | swap_ab | block_n | block_k | split_k | warps | stages | ms (M=16) | GB/s | bf16 mm ms | vs bf16 |",
+              "|---|---|---|---|---|---|---|---|---:|---:|---:|---:|"]  # fmt: skip
     for r in (r for r in rows if r["sweep"] == "tiles"):
-        lines.append(f"| {r['n']} | {r['k']} | {r['block_n']} | {r['block_k']} | {r['split_k']} | {r['num_warps']} | "
-                     f"{r['num_stages']} | {r['ms']:.4f} | {r['gb_s']:.0f} |")  # fmt: skip
+        lines.append(f"| {r['n']} | {r['k']} | {r.get('swap_ab', False)} | {r['block_n']} | {r['block_k']} | {r['split_k']} | "
+                     f"{r['num_warps']} | {r['num_stages']} | {r['ms']:.4f} | {r['gb_s']:.0f} | {r.get('bf16_ms', float('nan')):.4f} | "
+                     f"{r.get('bf16_ms', float('nan')) / r['ms']:.2f}x |")  # fmt: skip
     lines += ["", "| N | K | M | bf16 ms | weight-only ms | scaled_mm ms |", "|---|---|---:|---:|---:|---:|"]
     by_key = {(r["n"], r["k"], r["m"], r["path"]): r["ms"] for r in rows if r["sweep"] == "m"}
     for n, k, m in sorted({key[:3] for key in by_key}):

@@ -152,9 +152,10 @@ def test_weight_only_fallback_is_exact_dequantized_matmul():
 @interpreter
 @pytest.mark.parametrize("granularity", RECIPES)
 @pytest.mark.parametrize("m, k, n", [(16, 64, 48), (5, 100, 40), (33, 256, 96)], ids=str)
-@pytest.mark.parametrize("split_k", [1, 2])
-def test_interpreted_weight_only_kernel(m, k, n, granularity, split_k, monkeypatch):
+@pytest.mark.parametrize("split_k, swap_ab", [(1, False), (2, False), (1, True), (2, True)], ids=str)
+def test_interpreted_weight_only_kernel(m, k, n, granularity, split_k, swap_ab, monkeypatch):
     monkeypatch.setitem(fp8_gemv.WEIGHT_ONLY_CONFIG, "split_k", split_k)
+    monkeypatch.setitem(fp8_gemv.WEIGHT_ONLY_CONFIG, "swap_ab", swap_ab)  # out.T = w @ x.T
     monkeypatch.setitem(fp8_gemv.WEIGHT_ONLY_CONFIG, "block_k", 32)  # several K steps
     x = _x(m, k)
     w = inference.quantize_weight(torch.randn(n, k, dtype=BF16) * 0.05, granularity)
@@ -450,6 +451,25 @@ def test_gpu_weight_only_kernel_agrees_with_scaled_mm(recipe):
     assert sqnr(reference, kernel) >= 45, f"kernel vs torch reference {sqnr(reference, kernel):.1f} dB"
     assert sqnr(weight_only, scaled) >= 28, f"weight-only vs _scaled_mm {sqnr(weight_only, scaled):.1f} dB"
     assert sqnr(hp, weight_only) >= sqnr(hp, scaled), "weight-only (no activation cast) is the more accurate"
+
+
+GPU_TILES = [  # the kinds of configs the H200 sweep picks from (bench_inference.py --sweep)
+    dict(block_n=32, block_k=256, split_k=1, num_warps=4, num_stages=3),
+    dict(block_n=16, block_k=1024, split_k=2, num_warps=8, num_stages=2),
+    dict(block_n=64, block_k=512, split_k=1, num_warps=4, num_stages=3, swap_ab=True),
+    dict(block_n=128, block_k=256, split_k=4, num_warps=8, num_stages=3, swap_ab=True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiles", GPU_TILES, ids=lambda t: "-".join(f"{v}" for v in t.values()))
+@pytest.mark.parametrize("m", [1, 16, 40])
+def test_gpu_weight_only_tile_configs_agree_with_reference(tiles, m):
+    w = inference.quantize_weight(torch.randn(768, 2048, dtype=BF16, device="cuda") * 0.05, "rowwise")
+    x, bias = _x(m, 2048).cuda(), _x(768).cuda()
+    out = fp8_gemv._launch_weight_only(x, w.fp8_data, w.scale, bias, **tiles)
+    reference = fp8_gemv.weight_only_reference(x, w.fp8_data, w.scale, bias)
+    assert out.shape == (m, 768) and sqnr(reference, out) >= 45, f"{sqnr(reference, out):.1f} dB"
 
 
 @pytest.mark.gpu
