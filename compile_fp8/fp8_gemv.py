@@ -49,23 +49,31 @@ from .kernels import _interpreting, triton, triton_available
 if triton is not None:
     import triton.language as tl
 
+# Small M (<= Float8Config.weight_only_max_m): "hp" keeps x in high precision (weight-only, the
+# default); "fp8" casts x like the _scaled_mm path does and runs the kernel on two float8 operands.
+SMALL_M_ACTIVATION = "hp"
 KERNEL_X_DTYPES = (torch.bfloat16, torch.float16)  # float32 x would run tl.dot in tf32: torch
 # Tiles, from the H200 sweep (`scripts/bench_inference.py --sweep tiles`, M = 16, the 956M
 # model's shapes; docs/benchmarks.md): 32 output columns per program won at every shape; BLOCK_K
 # 128-512 came within 5%; K slices paid only where K is long (down projection [2048, 5632]:
 # 0.0102 ms with 4-8 slices, 0.0113 with 2) and cost ~10% at K = 2048.
 WEIGHT_ONLY_CONFIG = {"block_n": 32, "block_k": 256, "split_k": 1, "num_warps": 4, "num_stages": 3}
+# Both operands float8 (`fp8_small_mm`): no dequantization, float8 MMAs with the weight tile as
+# the tall operand. Not yet tuned on the GPU.
+FP8_X_CONFIG = {"block_n": 64, "block_k": 256, "split_k": 1, "num_warps": 4, "num_stages": 4, "swap_ab": True}
 LONG_K, SPLIT_K_LONG = 4096, 4  # K from which the kernel cuts K into SPLIT_K_LONG slices
-# Per weight shape (N, K) overrides, e.g. the winners of a tile sweep on another GPU
+# Per weight shape (N, K) (or (N, K, "fp8") for float8 x) overrides, e.g. the winners of a tile sweep on another GPU
 # (scripts/bench_inference.py --weight-only-tuning sweep.json installs them).
 TUNED_CONFIGS: dict[tuple[int, int], dict] = {}
 
 
-def config_for(n: int, k: int) -> dict:
-    """The tile config the kernel uses for a weight of shape [N, K]."""
-    if (n, k) in TUNED_CONFIGS:
-        return TUNED_CONFIGS[n, k]
-    return {**WEIGHT_ONLY_CONFIG, "split_k": SPLIT_K_LONG} if k >= LONG_K else WEIGHT_ONLY_CONFIG
+def config_for(n: int, k: int, x_fp8: bool = False) -> dict:
+    """The tile config the kernel uses for a weight of shape [N, K] (`x_fp8`: float8 x too)."""
+    key = (n, k, "fp8") if x_fp8 else (n, k)
+    if key in TUNED_CONFIGS:
+        return TUNED_CONFIGS[key]
+    config = FP8_X_CONFIG if x_fp8 else WEIGHT_ONLY_CONFIG
+    return {**config, "split_k": SPLIT_K_LONG} if k >= LONG_K else config
 
 
 MAX_BLOCK_M = 64  # M above this runs in several M blocks (each re-reads the weight)
@@ -85,6 +93,20 @@ def weight_only_linear(
     return weight_only_reference(x, weight_fp8, weight_scale, bias)
 
 
+def fp8_small_m_linear(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype) -> torch.Tensor:
+    """`(x_fp8 / x_scale) @ (weight_fp8 / weight_scale).T + bias` in `out_dtype`, both operands
+    float8 (x's scale [] or [M, 1]): the small-M kernel with float8 MMAs, or its torch math."""
+    if triton_available(x_fp8.device) and x_fp8.numel() > 0:
+        return torch.ops.compile_fp8.fp8_small_mm(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype)
+    return fp8_small_m_reference(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype)
+
+
+def fp8_small_m_reference(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype):
+    out = torch.mm(x_fp8.to(torch.float32), weight_fp8.to(torch.float32).t())  # exact products
+    out = out / weight_scale.reshape(1, -1) / x_scale.reshape(-1, 1)
+    return (out if bias is None else out + bias.to(torch.float32)).to(out_dtype)
+
+
 def weight_only_reference(x, weight_fp8, weight_scale, bias=None):
     """The kernel's math in torch: float32 products and sums, one divide by the scale, the
     bias in float32, one rounding (so eager and inductor agree bit for bit)."""
@@ -94,10 +116,19 @@ def weight_only_reference(x, weight_fp8, weight_scale, bias=None):
     return (out if bias is None else out + bias.to(torch.float32)).to(x.dtype)
 
 
+SHARED_MEMORY_BUDGET = 192 * 1024  # bytes; the H200 has 227 KiB per block
+
+
 def _block_sizes(m: int, k: int, config: dict) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_K): M rounded up to a power of two (>= 16, tl.dot's minimum), K capped."""
+    """(BLOCK_M, BLOCK_K): M rounded up to a power of two (>= 16, tl.dot's minimum), K capped
+    to K and halved until the pipeline's buffers fit in shared memory. Tiles are tuned at M = 16;
+    at M = 64 the same BLOCK_K can need more than the GPU has (seen on the H200: 256 KiB for
+    64 x 64 x 512 in 3 stages): (stages - 1) buffers of x's and the dequantized weight's tiles."""
     block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(m)))
     block_k = min(config["block_k"], max(16, triton.next_power_of_2(k)))
+    buffers = max(1, config.get("num_stages", 3) - 1)
+    while block_k > 16 and buffers * block_k * 2 * (block_m + config.get("block_n", 32)) > SHARED_MEMORY_BUDGET:
+        block_k //= 2
     return block_m, block_k
 
 
@@ -105,10 +136,10 @@ if triton is not None:
 
     @triton.jit
     def _weight_only_kernel(
-        x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K,
+        x_ptr, w_ptr, scale_ptr, x_scale_ptr, bias_ptr, out_ptr, M, N, K,
         stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
         K_TILES: tl.constexpr, SPLIT_K: tl.constexpr, ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
-        FP32_DOT: tl.constexpr, SWAP_AB: tl.constexpr,
+        FP32_DOT: tl.constexpr, SWAP_AB: tl.constexpr, X_FP8: tl.constexpr, X_ROWWISE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         """One [BLOCK_M, BLOCK_N] tile of out, over K slice `program_id(1)` of SPLIT_K."""
@@ -124,12 +155,12 @@ if triton is not None:
             offs_k = ((pid_k + i * SPLIT_K) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
             x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=x_mask, other=0.0)  # [BLOCK_M, BLOCK_K], bf16/fp16  # fmt: skip
+                        mask=x_mask, other=0.0)  # [BLOCK_M, BLOCK_K], bf16/fp16 (float8 if X_FP8)  # fmt: skip
             w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
             w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                         mask=w_mask, other=0.0)  # [BLOCK_N, BLOCK_K], float8  # fmt: skip
-            # dequantize in registers: float8 -> x's dtype is exact (the scale comes at the end)
-            w = w.to(x.dtype)
+            if not X_FP8:  # dequantize in registers: float8 -> x's dtype is exact (scale at the end)
+                w = w.to(x.dtype)
             if FP32_DOT:  # the interpreter's bf16 tl.dot is wrong (triton 3.6); float32 is exact
                 x, w = x.to(tl.float32), w.to(tl.float32)
             if SWAP_AB:
@@ -143,6 +174,10 @@ if triton is not None:
             acc = acc / scale[None, :]
         else:
             acc = acc / tl.load(scale_ptr)
+        if X_FP8 and X_ROWWISE:  # the activation's scales: one per token (row of x)
+            acc = acc / tl.load(x_scale_ptr + offs_m, mask=offs_m < M, other=1.0)[:, None]
+        elif X_FP8:
+            acc = acc / tl.load(x_scale_ptr)
         if HAS_BIAS:  # added once: by the first K slice's program
             bias = tl.load(bias_ptr + offs_n, mask=(offs_n < N) & (pid_k == 0), other=0.0)
             acc = acc + bias.to(tl.float32)[None, :]
@@ -154,28 +189,34 @@ if triton is not None:
             tl.atomic_add(out_ptr + out_offs, acc, mask=out_mask)  # float32 partial sums
 
     def _launch_weight_only(
-        x, weight_fp8, weight_scale, bias, block_n, block_k, split_k, num_warps, num_stages, swap_ab=False
-    ):
+        x, weight_fp8, weight_scale, bias, block_n, block_k, split_k, num_warps, num_stages, swap_ab=False,
+        x_scale=None, out_dtype=None,
+    ):  # fmt: skip
+        """Launch the kernel; with `x_scale` (float8 x and its scale, [] or [M, 1]) both operands
+        are float8 and `out_dtype` is the output's dtype."""
+        out_dtype = x.dtype if out_dtype is None else out_dtype
         m, k = x.shape
         n = weight_fp8.shape[0]
-        block_m, block_k = _block_sizes(m, k, {"block_k": block_k})
+        block_m, block_k = _block_sizes(m, k, {"block_k": block_k, "block_n": block_n, "num_stages": num_stages})
         split_k = max(1, min(split_k, triton.cdiv(k, block_k)))
         k_tiles = triton.cdiv(triton.cdiv(k, block_k), split_k)
         if split_k == 1:
-            out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+            out = torch.empty((m, n), dtype=out_dtype, device=x.device)
         else:
             out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
         launch = {} if _interpreting() else {"num_warps": num_warps, "num_stages": num_stages}
         torch.library.wrap_triton(_weight_only_kernel)[grid](
-            x, weight_fp8, weight_scale, weight_scale if bias is None else bias, out, m, n, k,
+            x, weight_fp8, weight_scale, weight_scale if x_scale is None else x_scale,
+            weight_scale if bias is None else bias, out, m, n, k,
             x.stride(0), x.stride(1), weight_fp8.stride(0), weight_fp8.stride(1),
             out.stride(0), out.stride(1),
             K_TILES=k_tiles, SPLIT_K=split_k, ROWWISE=weight_scale.numel() != 1, HAS_BIAS=bias is not None,
             FP32_DOT=_interpreting(), SWAP_AB=swap_ab,
+            X_FP8=x_scale is not None, X_ROWWISE=x_scale is not None and x_scale.numel() != 1,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch,
         )  # fmt: skip
-        return out if split_k == 1 else out.to(x.dtype)
+        return out if split_k == 1 else out.to(out_dtype)
 
     @torch.library.triton_op("compile_fp8::weight_only_mm", mutates_args=())
     def _weight_only_op(
@@ -187,3 +228,15 @@ if triton is not None:
     @_weight_only_op.register_fake
     def _(x, weight_fp8, weight_scale, bias):
         return x.new_empty((x.shape[0], weight_fp8.shape[0]))
+
+    @torch.library.triton_op("compile_fp8::fp8_small_mm", mutates_args=())
+    def _fp8_small_op(
+        x_fp8: torch.Tensor, x_scale: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
+        bias: Optional[torch.Tensor], out_dtype: torch.dtype,
+    ) -> torch.Tensor:  # fmt: skip
+        config = config_for(*weight_fp8.shape, x_fp8=True)
+        return _launch_weight_only(x_fp8, weight_fp8, weight_scale, bias, **config, x_scale=x_scale, out_dtype=out_dtype)
+
+    @_fp8_small_op.register_fake
+    def _(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype):
+        return x_fp8.new_empty((x_fp8.shape[0], weight_fp8.shape[0]), dtype=out_dtype)

@@ -16,7 +16,9 @@ to bf16, and the logits' SQNR against bf16.
 Variants: bf16, ours-tensorwise, ours-rowwise (`Float8Config(mode="inference")`; small M runs
 the weight-only kernel, `--weight-only-max-m` overrides the threshold), ours-static (tensorwise
 with `scaling="static"` input scales from `calibrate` on the benchmark's batch: no amax pass
-before each `_scaled_mm`), torchao-tensorwise,
+before each `_scaled_mm`), ours-tensorwise-fp8x and ours-rowwise-fp8x (small M casts x to
+float8 too and runs our kernel on two float8 operands: `fp8_gemv.SMALL_M_ACTIVATION = "fp8"`),
+torchao-tensorwise,
 torchao-rowwise (`Float8DynamicActivationFloat8WeightConfig`, PerTensor / PerRow).
 
 On the GPU:
@@ -49,7 +51,8 @@ import time
 import torch
 from torch import nn
 
-VARIANTS = ("bf16", "ours-tensorwise", "ours-rowwise", "ours-static", "torchao-tensorwise", "torchao-rowwise")
+VARIANTS = ("bf16", "ours-tensorwise", "ours-rowwise", "ours-static", "ours-tensorwise-fp8x", "ours-rowwise-fp8x",
+            "torchao-tensorwise", "torchao-rowwise")  # fmt: skip
 DEFAULT_VARIANTS = ("bf16", "ours-tensorwise", "ours-rowwise", "torchao-tensorwise")
 CASES = {"prefill": ("default",), "decode": ("default", "reduce-overhead")}
 
@@ -74,7 +77,7 @@ def convert(name: str, model, args, device, tokens=None):
     on `tokens` (the benchmark's own batch: the best case for their scales)."""
     if name == "bf16":
         return model
-    kind, recipe = name.split("-")
+    kind, recipe, *flags = name.split("-")
     scaling, recipe = ("static", "tensorwise") if recipe == "static" else ("dynamic", recipe)
     if kind == "torchao":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
@@ -131,6 +134,10 @@ def sqnr(ref: torch.Tensor, actual: torch.Tensor) -> float:
 
 def bench_variant(name, base, tokens, mode, reference, args, device) -> dict:
     torch._dynamo.reset()
+    if name.startswith("ours"):  # read when the model compiles: set per variant
+        from compile_fp8 import fp8_gemv
+
+        fp8_gemv.SMALL_M_ACTIVATION = "fp8" if name.endswith("-fp8x") else "hp"
     if device.type == "cuda":
         torch.cuda.empty_cache()
     model = convert(name, copy.deepcopy(base), args, device, tokens)
@@ -222,21 +229,25 @@ def _device_name(device: str) -> str:
 # ---- --sweep: the weight-only kernel's tiles, and the M threshold -----------------------------
 
 # 2026-11-29 15:49 on the H200 block_n 32 won every shape at only 0.7-1.5 TB/s with 4-8 K steps
-# per program: each step waits for its load. This grid tries few, large steps (block_k up to
-# 2048) and the swapped orientation (out.T = w @ x.T, 64-128 weight rows per program).
-SWEEP_TILES = (
-    [dict(block_n=32, block_k=bk, split_k=1, num_warps=4, num_stages=3) for bk in (128, 256)]
-    + [dict(block_n=bn, block_k=bk, split_k=sk, num_warps=w, num_stages=3)
-       for bn, bk in ((16, 1024), (16, 2048), (32, 512), (32, 1024)) for sk in (1, 2, 4) for w in (4, 8)]
-    + [dict(block_n=bn, block_k=bk, split_k=sk, num_warps=w, num_stages=3, swap_ab=True)
-       for bn in (64, 128) for bk in (256, 512) for sk in (1, 2, 4) for w in (4, 8)]
-)  # fmt: skip
+# per program; 16:47 (few large K steps, swapped orientation): no better, and cuBLAS's bf16 mm at
+# M = 16 ran 1.2-1.7x faster than the best of them. "fp8" tiles: float8 x too (float8 MMAs).
+SWEEP_TILES = {
+    "hp": [dict(block_n=32, block_k=bk, split_k=sk, num_warps=4, num_stages=3) for bk in (128, 256, 512)
+           for sk in (1, 4)]
+    + [dict(block_n=64, block_k=256, split_k=sk, num_warps=4, num_stages=3, swap_ab=True) for sk in (1, 4)],
+    "fp8": [dict(block_n=bn, block_k=bk, split_k=sk, num_warps=w, num_stages=st, swap_ab=True)
+            for bn in (64, 128) for bk in (128, 256, 512) for sk in (1, 2, 4) for w in (4, 8) for st in (3, 4)]
+    + [dict(block_n=32, block_k=bk, split_k=sk, num_warps=4, num_stages=3) for bk in (128, 256) for sk in (1, 4)],
+}  # fmt: skip
+# Each timed graph cycles through copies of the weight worth this many bytes (> the H200's 50 MB
+# L2), so every call reads its weight from HBM as in the model (the 16:47 sweep reused one weight).
+ROTATE_BYTES = 200 * 2**20
 SWEEP_M = (16, 32, 64, 128, 256)
 GRAPH_CALLS = 10  # calls per captured CUDA graph: kernel time without launch overhead
 
 
-def graph_ms(fn, args, device) -> float:
-    """ms per call of `fn`, replayed from a CUDA graph of GRAPH_CALLS calls (CPU: plain)."""
+def graph_ms(fn, args, device, calls: int = GRAPH_CALLS) -> float:
+    """ms per call of `fn`, replayed from a CUDA graph of `calls` calls (CPU: plain)."""
     if device.type != "cuda":
         return time_ms(fn, args, device)
     stream = torch.cuda.Stream()
@@ -247,9 +258,9 @@ def graph_ms(fn, args, device) -> float:
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(GRAPH_CALLS):
+        for _ in range(calls):
             fn()
-    return time_ms(graph.replay, args, device) / GRAPH_CALLS
+    return time_ms(graph.replay, args, device) / calls
 
 
 def sweep(args) -> tuple[list[dict], list[str]]:
@@ -278,52 +289,81 @@ def install_tuning(path) -> dict:
 
     best = {}
     for r in json.loads(pathlib.Path(path).read_text())["rows"]:
-        if r["sweep"] == "tiles" and ((r["n"], r["k"]) not in best or r["ms"] < best[r["n"], r["k"]]["ms"]):
-            best[r["n"], r["k"]] = r
+        key = (r["n"], r["k"], "fp8") if r.get("x") == "fp8" else (r["n"], r["k"])
+        if r["sweep"] == "tiles" and (key not in best or r["ms"] < best[key]["ms"]):
+            best[key] = r
     keys = ("block_n", "block_k", "split_k", "num_warps", "num_stages", "swap_ab")
     fp8_gemv.TUNED_CONFIGS.update({nk: {key: r.get(key, False) for key in keys} for nk, r in best.items()})
     return dict(fp8_gemv.TUNED_CONFIGS)
 
 
 def _sweep_tiles(n, k, args, device) -> list[dict]:
+    """Per flavour ("hp": weight-only, "fp8": float8 x too) the fastest tiles at M = 16, each
+    row with cuBLAS's bf16 mm and `_scaled_mm` (rowwise float8 x) on the same shape for scale."""
+    import itertools
+
     from compile_fp8 import fp8_gemv
+    from compile_fp8.gemm import scaled_mm
     from compile_fp8.inference import quantize_weight
 
+    copies = max(1, -(-ROTATE_BYTES // (n * k)))
+    calls = max(GRAPH_CALLS, copies)
     x = torch.randn(16, k, device=device, dtype=torch.bfloat16)
-    w_hp = torch.randn(n, k, device=device, dtype=torch.bfloat16)
-    w = quantize_weight(w_hp, "rowwise")
-    bf16_ms = graph_ms(lambda: torch.mm(x, w_hp.t()), args, device)  # cuBLAS, the bar to beat
-    results, grid = [], _distinct_tiles(k)
-    if device.type == "cuda":  # compile every config first, several at once (ptxas runs outside the GIL)
-        def launch(tiles):
+    xq = quantize_weight(x, "rowwise")  # the activation cast of the rowwise _scaled_mm path
+    w_hp = [torch.randn(n, k, device=device, dtype=torch.bfloat16) for _ in range(copies)]
+    w = [quantize_weight(t, "rowwise") for t in w_hp]
+    refs = {
+        "bf16_ms": lambda hp, q: torch.mm(x, hp.t()),
+        "scaled_mm_ms": lambda hp, q: scaled_mm(xq.fp8_data, xq.scale, q.fp8_data.t(), q.scale.t(), x.dtype,
+                                                use_fast_accum=True, emulate=False),
+    }  # fmt: skip
+    ref_ms = {}
+    for name, fn in refs.items():
+        pairs = itertools.cycle(zip(w_hp, w))
+        ref_ms[name] = graph_ms(lambda: fn(*next(pairs)), args, device, calls)
+    results = []
+    for flavour, grid in SWEEP_TILES.items():
+        extra = {"x_scale": xq.scale} if flavour == "fp8" else {}
+        xin = xq.fp8_data if flavour == "fp8" else x
+
+        def launch(tiles, q):
+            return fp8_gemv._launch_weight_only(xin, q.fp8_data, q.scale, None, **tiles, **extra, out_dtype=x.dtype)
+
+        grid = _distinct_tiles(grid, k)
+        if device.type == "cuda":  # compile every config first, several at once (ptxas runs outside the GIL)
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                list(pool.map(lambda t: _try(launch, t, w[0]), grid))
+            torch.cuda.synchronize()
+        rows = []
+        for tiles in grid:
+            weights = itertools.cycle(w)
             try:
-                fp8_gemv._launch_weight_only(x, w.fp8_data, w.scale, None, **tiles)
-            except Exception:  # reported by the timing loop below
-                pass
-
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            list(pool.map(launch, grid))
-        torch.cuda.synchronize()
-    for tiles in grid:
-        try:
-            ms = graph_ms(lambda: fp8_gemv._launch_weight_only(x, w.fp8_data, w.scale, None, **tiles), args, device)
-        except Exception as err:  # e.g. out of shared memory for a large tile
-            print(f"  tiles {tiles}: {type(err).__name__}", file=sys.stderr)
-            continue
-        results.append({"sweep": "tiles", "n": n, "k": k, "m": 16, "swap_ab": False, **tiles, "ms": ms,
-                        "gb_s": n * k / ms / 1e6, "bf16_ms": bf16_ms})  # fmt: skip
-    results.sort(key=lambda r: r["ms"])
-    for r in results[:3]:
-        print(f"  [{n}, {k}] best tiles: {r}", file=sys.stderr, flush=True)
-    return results[:10]
+                ms = graph_ms(lambda: launch(tiles, next(weights)), args, device, calls)
+            except Exception as err:  # e.g. out of shared memory for a large tile
+                print(f"  {flavour} tiles {tiles}: {type(err).__name__}", file=sys.stderr)
+                continue
+            rows.append({"sweep": "tiles", "x": flavour, "n": n, "k": k, "m": 16, "swap_ab": False, **tiles,
+                         "ms": ms, "gb_s": n * k / ms / 1e6, **ref_ms})  # fmt: skip
+        rows.sort(key=lambda r: r["ms"])
+        for r in rows[:2]:
+            print(f"  [{n}, {k}] x {flavour} best tiles: {r}", file=sys.stderr, flush=True)
+        results += rows[:6]
+    return results
 
 
-def _distinct_tiles(k: int) -> list[dict]:
-    """SWEEP_TILES without the configs the launcher would run as another one at this K."""
+def _try(fn, *args):
+    try:
+        fn(*args)
+    except Exception:  # reported where the config is timed
+        pass
+
+
+def _distinct_tiles(grid: list[dict], k: int) -> list[dict]:
+    """`grid` without the configs the launcher would run as another one at this K."""
     from compile_fp8 import fp8_gemv
 
     seen, out = set(), []
-    for tiles in SWEEP_TILES:
+    for tiles in grid:
         block_k = min(tiles["block_k"], max(16, fp8_gemv.triton.next_power_of_2(k)))
         split_k = max(1, min(tiles["split_k"], -(-k // block_k)))
         key = tuple(sorted({**tiles, "block_k": block_k, "split_k": split_k}.items()))
@@ -357,12 +397,13 @@ def _sweep_m(n, k, args, device) -> list[dict]:
 
 def render_sweep(rows, notes, args) -> str:
     lines = [f"# bench_inference --sweep | {_device_name(args.device)} | torch {torch.__version__}", ""]
-    lines += ["| N | K | swap_ab | block_n | block_k | split_k | warps | stages | ms (M=16) | GB/s | bf16 mm ms | vs bf16 |",
-              "|---|---|---|---|---|---|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines += ["| N | K | x | swap_ab | block_n | block_k | split_k | warps | stages | ms (M=16) | GB/s | bf16 mm ms | "
+              "_scaled_mm ms | vs bf16 |", "|---|---|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    nan = float("nan")
     for r in (r for r in rows if r["sweep"] == "tiles"):
-        lines.append(f"| {r['n']} | {r['k']} | {r.get('swap_ab', False)} | {r['block_n']} | {r['block_k']} | {r['split_k']} | "
-                     f"{r['num_warps']} | {r['num_stages']} | {r['ms']:.4f} | {r['gb_s']:.0f} | {r.get('bf16_ms', float('nan')):.4f} | "
-                     f"{r.get('bf16_ms', float('nan')) / r['ms']:.2f}x |")  # fmt: skip
+        lines.append(f"| {r['n']} | {r['k']} | {r.get('x', 'hp')} | {r.get('swap_ab', False)} | {r['block_n']} | {r['block_k']} | "
+                     f"{r['split_k']} | {r['num_warps']} | {r['num_stages']} | {r['ms']:.4f} | {r['gb_s']:.0f} | "
+                     f"{r.get('bf16_ms', nan):.4f} | {r.get('scaled_mm_ms', nan):.4f} | {r.get('bf16_ms', nan) / r['ms']:.2f}x |")  # fmt: skip
     lines += ["", "| N | K | M | bf16 ms | weight-only ms | scaled_mm ms |", "|---|---|---:|---:|---:|---:|"]
     by_key = {(r["n"], r["k"], r["m"], r["path"]): r["ms"] for r in rows if r["sweep"] == "m"}
     for n, k, m in sorted({key[:3] for key in by_key}):

@@ -168,6 +168,42 @@ def test_interpreted_weight_only_kernel(m, k, n, granularity, split_k, swap_ab, 
         assert torch.allclose(out.float(), expected.float(), rtol=2**-7, atol=1e-6), (out - expected).abs().max()
 
 
+@interpreter
+@pytest.mark.parametrize("granularity", RECIPES)
+@pytest.mark.parametrize("m, k, n", [(16, 64, 48), (5, 100, 40)], ids=str)
+@pytest.mark.parametrize("split_k, swap_ab", [(1, True), (2, False)], ids=str)
+def test_interpreted_fp8_small_m_kernel(m, k, n, granularity, split_k, swap_ab, monkeypatch):
+    """Both operands float8 (SMALL_M_ACTIVATION="fp8"): the kernel against its torch math."""
+    monkeypatch.setitem(fp8_gemv.FP8_X_CONFIG, "split_k", split_k)
+    monkeypatch.setitem(fp8_gemv.FP8_X_CONFIG, "swap_ab", swap_ab)
+    monkeypatch.setitem(fp8_gemv.FP8_X_CONFIG, "block_k", 32)
+    x = inference.quantize_weight(_x(m, k), granularity)  # the same cast the layer applies
+    w = inference.quantize_weight(torch.randn(n, k, dtype=BF16) * 0.05, granularity)
+    bias = _x(n)
+    out = torch.ops.compile_fp8.fp8_small_mm(x.fp8_data, x.scale, w.fp8_data, w.scale, bias, BF16)
+    expected = fp8_gemv.fp8_small_m_reference(x.fp8_data, x.scale, w.fp8_data, w.scale, bias, BF16)
+    assert out.dtype == BF16 and out.shape == (m, n), (out.dtype, out.shape)
+    assert torch.allclose(out.float(), expected.float(), rtol=2**-7, atol=1e-6), (out - expected).abs().max()
+
+
+@interpreter
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_interpreted_small_m_fp8_activation_path_matches_scaled_mm_path(recipe, monkeypatch):
+    """The float8-x small-M path computes what the _scaled_mm path computes (same casts)."""
+    layer = nn.Linear(64, 48).to(BF16)
+    x = _x(16, 64)
+    with torch.no_grad():
+        scaled = _inference(copy.deepcopy(layer), recipe, **SCALED_MM)(x)
+        monkeypatch.setattr(fp8_gemv, "SMALL_M_ACTIVATION", "fp8")
+        monkeypatch.setattr(fp8_gemv, "triton_available", lambda device: True)  # the interpreter
+        calls = []
+        original = fp8_gemv.fp8_small_m_linear
+        monkeypatch.setattr(fp8_gemv, "fp8_small_m_linear", lambda *a: calls.append(1) or original(*a))
+        small = _inference(copy.deepcopy(layer), recipe, **WEIGHT_ONLY)(x)
+    assert calls, "the float8-x kernel did not run"
+    assert torch.allclose(small.float(), scaled.float(), rtol=2**-7, atol=1e-3), (small - scaled).abs().max()
+
+
 # ---- checkpoints ----------------------------------------------------------------------------
 
 
@@ -453,6 +489,15 @@ def test_gpu_weight_only_kernel_agrees_with_scaled_mm(recipe):
     assert sqnr(hp, weight_only) >= sqnr(hp, scaled), "weight-only (no activation cast) is the more accurate"
 
 
+@pytest.mark.skipif(fp8_gemv.triton is None, reason="needs triton")
+def test_weight_only_tiles_shrink_block_k_to_fit_shared_memory():
+    tuned_at_m16 = dict(block_n=64, block_k=512, num_stages=3)  # 256 KiB of buffers at M = 64
+    assert fp8_gemv._block_sizes(16, 2048, tuned_at_m16) == (16, 512)
+    block_m, block_k = fp8_gemv._block_sizes(40, 2048, tuned_at_m16)
+    assert block_m == 64 and block_k == 256, (block_m, block_k)
+    assert 2 * block_k * 2 * (block_m + 64) <= fp8_gemv.SHARED_MEMORY_BUDGET
+
+
 GPU_TILES = [  # the kinds of configs the H200 sweep picks from (bench_inference.py --sweep)
     dict(block_n=32, block_k=256, split_k=1, num_warps=4, num_stages=3),
     dict(block_n=16, block_k=1024, split_k=2, num_warps=8, num_stages=2),
@@ -464,11 +509,17 @@ GPU_TILES = [  # the kinds of configs the H200 sweep picks from (bench_inference
 @pytest.mark.gpu
 @pytest.mark.parametrize("tiles", GPU_TILES, ids=lambda t: "-".join(f"{v}" for v in t.values()))
 @pytest.mark.parametrize("m", [1, 16, 40])
-def test_gpu_weight_only_tile_configs_agree_with_reference(tiles, m):
+@pytest.mark.parametrize("x_fp8", [False, True], ids=["x_hp", "x_fp8"])
+def test_gpu_weight_only_tile_configs_agree_with_reference(tiles, m, x_fp8):
     w = inference.quantize_weight(torch.randn(768, 2048, dtype=BF16, device="cuda") * 0.05, "rowwise")
     x, bias = _x(m, 2048).cuda(), _x(768).cuda()
-    out = fp8_gemv._launch_weight_only(x, w.fp8_data, w.scale, bias, **tiles)
-    reference = fp8_gemv.weight_only_reference(x, w.fp8_data, w.scale, bias)
+    if x_fp8:  # both operands float8: the fp8_small_mm flavour
+        xq = inference.quantize_weight(x, "rowwise")
+        out = fp8_gemv._launch_weight_only(xq.fp8_data, w.fp8_data, w.scale, bias, **tiles, x_scale=xq.scale, out_dtype=BF16)
+        reference = fp8_gemv.fp8_small_m_reference(xq.fp8_data, xq.scale, w.fp8_data, w.scale, bias, BF16)
+    else:
+        out = fp8_gemv._launch_weight_only(x, w.fp8_data, w.scale, bias, **tiles)
+        reference = fp8_gemv.weight_only_reference(x, w.fp8_data, w.scale, bias)
     assert out.shape == (m, 768) and sqnr(reference, out) >= 45, f"{sqnr(reference, out):.1f} dB"
 
 
