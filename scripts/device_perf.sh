@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device call for issue 3's open measurements, stage by stage, each capped:
+#
+#   run(command="bash scripts/device_perf.sh", carry=[".whl"], timeout_s=600)
+#   bash scripts/device_perf.sh [STAGE...]       # default: rowwise compile
+#
+#   rowwise  the 956M train step, rowwise recipes: bench_train_step.py --variants $ROWWISE_VARIANTS
+#   compile  where the first step's compile time goes: profile_compile.py on the anchor model cut
+#            to $COMPILE_LAYERS layers (each layer compiles the same code), variants $COMPILE_VARIANTS
+#
+# $OUT gets env.txt and one .md per stage (its table, then the tail of its log).
+set -uo pipefail
+OUT=${OUT:-runs/device_perf}
+mkdir -p "$OUT"
+source scripts/device_env.sh  # PYTHONPATH, carried wheels
+python3 -c "import torch, triton, torchao; print(torch.__version__, triton.__version__, torchao.__version__)" \
+  2>&1 | tail -1 | tee "$OUT/env.txt"
+stage() {  # stage SECONDS NAME TABLE COMMAND...: run capped; $OUT/NAME.md = the table, then the log
+  local limit=$1 name=$2 table=$3; shift 3
+  echo "== $name ($(date -u +%T), cap ${limit}s)"
+  timeout "$limit" "$@" > "/tmp/$name.log" 2>&1
+  echo "== $name exit $?"
+  { cat "$table" 2>/dev/null; echo; echo '## log'; echo '```'
+    grep -v "Warning\|warn(" "/tmp/$name.log" | tail -40; echo '```'; } > "$OUT/$name.md"
+}
+for s in ${@:-rowwise compile}; do
+  case $s in
+    rowwise) stage "${ROWWISE_S:-330}" rowwise /tmp/rowwise/bench_train_step.md python3 scripts/bench_train_step.py \
+               --variants "${ROWWISE_VARIANTS:-bf16,ours-rowwise,torchao-rowwise}" --out /tmp/rowwise ;;
+    compile) stage "${COMPILE_S:-200}" compile /tmp/compile/profile_compile.md python3 scripts/profile_compile.py \
+               --layers "${COMPILE_LAYERS:-4}" --variants "${COMPILE_VARIANTS:-bf16,ours-tensorwise,torchao-tensorwise}" \
+               --out /tmp/compile ;;
+    *) echo "unknown stage $s (rowwise compile)"; exit 2 ;;
+  esac
+done
+date -u
