@@ -47,14 +47,10 @@ import torch
 from .kernels import _interpreting, triton, triton_available
 
 if triton is not None:
-    from .kernels import _to_fp8  # saturating round-to-nearest-even cast of a tile (soft on the interpreter)
-
-if triton is not None:
     import triton.language as tl
 
 # Small M (<= Float8Config.weight_only_max_m): "hp" keeps x in high precision (weight-only, the
-# default); "fp8" casts x like the _scaled_mm path does and runs the kernel on two float8 operands;
-# "fp8_blocks" lets the kernel cast each block of x it loads (no separate cast, no amax pass).
+# default); "fp8" casts x like the _scaled_mm path does and runs the kernel on two float8 operands.
 SMALL_M_ACTIVATION = "hp"
 KERNEL_X_DTYPES = (torch.bfloat16, torch.float16)  # float32 x would run tl.dot in tf32: torch
 # Tiles, from the H200 sweep (`scripts/bench_inference.py --sweep tiles`, M = 16, the 956M
@@ -71,14 +67,13 @@ LONG_K, SPLIT_K_LONG = 4096, 4  # K from which the kernel cuts K into SPLIT_K_LO
 TUNED_CONFIGS: dict[tuple[int, int], dict] = {}
 
 
-def config_for(n: int, k: int, flavour: str = "hp") -> dict:
-    """The tile config the kernel uses for a weight of shape [N, K] and an x flavour
-    (SMALL_M_ACTIVATION: "hp", "fp8" or "fp8_blocks")."""
-    key = (n, k) if flavour == "hp" else (n, k, flavour)
+def config_for(n: int, k: int, x_fp8: bool = False) -> dict:
+    """The tile config the kernel uses for a weight of shape [N, K] (`x_fp8`: float8 x too)."""
+    key = (n, k, "fp8") if x_fp8 else (n, k)
     if key in TUNED_CONFIGS:
         return TUNED_CONFIGS[key]
-    config = WEIGHT_ONLY_CONFIG if flavour == "hp" else FP8_X_CONFIG
-    return {**config, "split_k": SPLIT_K_LONG} if k >= LONG_K and flavour == "hp" else config
+    config = FP8_X_CONFIG if x_fp8 else WEIGHT_ONLY_CONFIG
+    return {**config, "split_k": SPLIT_K_LONG} if k >= LONG_K else config
 
 
 MAX_BLOCK_M = 64  # M above this runs in several M blocks (each re-reads the weight)
@@ -104,26 +99,6 @@ def fp8_small_m_linear(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype
     if triton_available(x_fp8.device) and x_fp8.numel() > 0:
         return torch.ops.compile_fp8.fp8_small_mm(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype)
     return fp8_small_m_reference(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype)
-
-
-def fp8_block_linear(x, weight_fp8, weight_scale, bias=None) -> torch.Tensor:
-    """`x @ (weight_fp8 / weight_scale).T + bias` with x cast to e4m3 inside the kernel, one
-    scale per row of each [BLOCK_M, BLOCK_K] block (finer than rowwise), float8 MMAs."""
-    if triton_available(x.device) and x.dtype in KERNEL_X_DTYPES and x.numel() > 0:
-        return torch.ops.compile_fp8.fp8_block_mm(x, weight_fp8, weight_scale, bias)
-    block_k = config_for(*weight_fp8.shape, "fp8_blocks")["block_k"]
-    return fp8_block_reference(x, weight_fp8, weight_scale, bias, block_k)
-
-
-def fp8_block_reference(x, weight_fp8, weight_scale, bias=None, block_k=256):
-    """The block-quantized kernel's math in torch: x cast per (row, K block of `block_k`)."""
-    m, k = x.shape
-    pad = -k % block_k
-    blocks = torch.nn.functional.pad(x.to(torch.float32), (0, pad)).view(m, -1, block_k)
-    fmax = torch.finfo(weight_fp8.dtype).max
-    amax = blocks.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)  # [M, blocks, 1]
-    x_q = (blocks * (fmax / amax)).to(weight_fp8.dtype).to(torch.float32) * (amax / fmax)
-    return weight_only_reference(x_q.view(m, -1)[:, :k].to(torch.float32), weight_fp8, weight_scale, bias).to(x.dtype)
 
 
 def fp8_small_m_reference(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype):
@@ -165,7 +140,6 @@ if triton is not None:
         stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
         K_TILES: tl.constexpr, SPLIT_K: tl.constexpr, ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
         FP32_DOT: tl.constexpr, SWAP_AB: tl.constexpr, X_FP8: tl.constexpr, X_ROWWISE: tl.constexpr,
-        X_BLOCKS: tl.constexpr, X_FMAX: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         """One [BLOCK_M, BLOCK_N] tile of out, over K slice `program_id(1)` of SPLIT_K."""
@@ -185,19 +159,11 @@ if triton is not None:
             w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
             w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                         mask=w_mask, other=0.0)  # [BLOCK_N, BLOCK_K], float8  # fmt: skip
-            if X_BLOCKS:  # quantize this [BLOCK_M, BLOCK_K] block of x: one scale per row
-                x_amax = tl.maximum(tl.max(tl.abs(x.to(tl.float32)), axis=1), 1e-12)  # [BLOCK_M]
-                x = _to_fp8(x, (X_FMAX / x_amax)[:, None], X_FMAX, 3, 7, FP32_DOT)  # e4m3, RNE
-                x_inv = x_amax / X_FMAX  # the block's dequantization factor, per row
-            elif not X_FP8:  # dequantize in registers: float8 -> x's dtype is exact (scale at the end)
+            if not X_FP8:  # dequantize in registers: float8 -> x's dtype is exact (scale at the end)
                 w = w.to(x.dtype)
             if FP32_DOT:  # the interpreter's bf16 tl.dot is wrong (triton 3.6); float32 is exact
                 x, w = x.to(tl.float32), w.to(tl.float32)
-            if X_BLOCKS and SWAP_AB:  # each block's products carry its own scale: scale, then add
-                acc_t += tl.dot(w, tl.trans(x)) * x_inv[None, :]
-            elif X_BLOCKS:
-                acc += tl.dot(x, tl.trans(w)) * x_inv[:, None]
-            elif SWAP_AB:
+            if SWAP_AB:
                 acc_t = tl.dot(w, tl.trans(x), acc_t)  # [BN, BK] @ [BK, BM] -> [BN, BM]
             else:
                 acc = tl.dot(x, tl.trans(w), acc)  # [BM, BK] @ [BK, BN] -> [BM, BN]
@@ -224,12 +190,10 @@ if triton is not None:
 
     def _launch_weight_only(
         x, weight_fp8, weight_scale, bias, block_n, block_k, split_k, num_warps, num_stages, swap_ab=False,
-        x_scale=None, out_dtype=None, quantize_x=False,
+        x_scale=None, out_dtype=None,
     ):  # fmt: skip
         """Launch the kernel; with `x_scale` (float8 x and its scale, [] or [M, 1]) both operands
-        are float8 and `out_dtype` is the output's dtype; with `quantize_x` the kernel casts
-        each [BLOCK_M, BLOCK_K] block of the high-precision x to e4m3 itself (a scale per row of
-        the block) and multiplies in float8."""
+        are float8 and `out_dtype` is the output's dtype."""
         out_dtype = x.dtype if out_dtype is None else out_dtype
         m, k = x.shape
         n = weight_fp8.shape[0]
@@ -250,7 +214,6 @@ if triton is not None:
             K_TILES=k_tiles, SPLIT_K=split_k, ROWWISE=weight_scale.numel() != 1, HAS_BIAS=bias is not None,
             FP32_DOT=_interpreting(), SWAP_AB=swap_ab,
             X_FP8=x_scale is not None, X_ROWWISE=x_scale is not None and x_scale.numel() != 1,
-            X_BLOCKS=quantize_x, X_FMAX=torch.finfo(weight_fp8.dtype).max,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch,
         )  # fmt: skip
         return out if split_k == 1 else out.to(out_dtype)
@@ -271,20 +234,9 @@ if triton is not None:
         x_fp8: torch.Tensor, x_scale: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
         bias: Optional[torch.Tensor], out_dtype: torch.dtype,
     ) -> torch.Tensor:  # fmt: skip
-        config = config_for(*weight_fp8.shape, "fp8")
+        config = config_for(*weight_fp8.shape, x_fp8=True)
         return _launch_weight_only(x_fp8, weight_fp8, weight_scale, bias, **config, x_scale=x_scale, out_dtype=out_dtype)
 
     @_fp8_small_op.register_fake
     def _(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype):
         return x_fp8.new_empty((x_fp8.shape[0], weight_fp8.shape[0]), dtype=out_dtype)
-
-    @torch.library.triton_op("compile_fp8::fp8_block_mm", mutates_args=())
-    def _fp8_block_op(
-        x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor]
-    ) -> torch.Tensor:
-        config = config_for(*weight_fp8.shape, "fp8_blocks")
-        return _launch_weight_only(x, weight_fp8, weight_scale, bias, **config, quantize_x=True)
-
-    @_fp8_block_op.register_fake
-    def _(x, weight_fp8, weight_scale, bias):
-        return x.new_empty((x.shape[0], weight_fp8.shape[0]))

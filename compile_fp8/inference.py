@@ -194,8 +194,6 @@ def fp8_linear_2d(x, weight_fp8, weight_scale, bias, input_scale, spec: Inferenc
     small_m = x.shape[0] <= spec.weight_only_max_m
     if small_m and (fp8_gemv.SMALL_M_ACTIVATION == "hp" or not fp8_gemv.triton_available(x.device)):
         return fp8_gemv.weight_only_linear(x, weight_fp8, weight_scale, bias)  # bias in its epilogue
-    if small_m and fp8_gemv.SMALL_M_ACTIVATION == "fp8_blocks" and input_scale is None:
-        return fp8_gemv.fp8_block_linear(x, weight_fp8, weight_scale, bias)  # casts x itself
     if input_scale is None:
         input_scale = inference_scale(x, spec.granularity)  # [] or [M, 1]
     x_fp8 = saturated_cast(x, input_scale, E4M3)

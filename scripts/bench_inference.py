@@ -18,8 +18,6 @@ the weight-only kernel, `--weight-only-max-m` overrides the threshold), ours-sta
 with `scaling="static"` input scales from `calibrate` on the benchmark's batch: no amax pass
 before each `_scaled_mm`), ours-tensorwise-fp8x and ours-rowwise-fp8x (small M casts x to
 float8 too and runs our kernel on two float8 operands: `fp8_gemv.SMALL_M_ACTIVATION = "fp8"`),
-ours-tensorwise-blocks and ours-rowwise-blocks (the kernel casts x itself, per row of each K
-block: `SMALL_M_ACTIVATION = "fp8_blocks"`),
 torchao-tensorwise,
 torchao-rowwise (`Float8DynamicActivationFloat8WeightConfig`, PerTensor / PerRow).
 
@@ -54,7 +52,7 @@ import torch
 from torch import nn
 
 VARIANTS = ("bf16", "ours-tensorwise", "ours-rowwise", "ours-static", "ours-tensorwise-fp8x", "ours-rowwise-fp8x",
-            "ours-tensorwise-blocks", "ours-rowwise-blocks", "torchao-tensorwise", "torchao-rowwise")  # fmt: skip
+            "torchao-tensorwise", "torchao-rowwise")  # fmt: skip
 DEFAULT_VARIANTS = ("bf16", "ours-tensorwise", "ours-rowwise", "torchao-tensorwise")
 CASES = {"prefill": ("default",), "decode": ("default", "reduce-overhead")}
 
@@ -139,7 +137,7 @@ def bench_variant(name, base, tokens, mode, reference, args, device) -> dict:
     if name.startswith("ours"):  # read when the model compiles: set per variant
         from compile_fp8 import fp8_gemv
 
-        fp8_gemv.SMALL_M_ACTIVATION = {"fp8x": "fp8", "blocks": "fp8_blocks"}.get(name.split("-")[-1], "hp")
+        fp8_gemv.SMALL_M_ACTIVATION = "fp8" if name.endswith("-fp8x") else "hp"
     if device.type == "cuda":
         torch.cuda.empty_cache()
     model = convert(name, copy.deepcopy(base), args, device, tokens)
@@ -221,7 +219,7 @@ def write(rows, notes, args, name="bench_inference", text=None) -> str:
 def fp8_gemv_tuned() -> str:
     from compile_fp8 import fp8_gemv
 
-    return ", ".join(f"{'x'.join(map(str, key))}: {c}" for key, c in sorted(fp8_gemv.TUNED_CONFIGS.items(), key=str))
+    return ", ".join(f"{n}x{k}: {c}" for (n, k), c in sorted(fp8_gemv.TUNED_CONFIGS.items()))
 
 
 def _device_name(device: str) -> str:
@@ -232,17 +230,14 @@ def _device_name(device: str) -> str:
 
 # 2026-11-29 15:49 on the H200 block_n 32 won every shape at only 0.7-1.5 TB/s with 4-8 K steps
 # per program; 16:47 (few large K steps, swapped orientation): no better, and cuBLAS's bf16 mm at
-# M = 16 ran 1.2-1.7x faster than the best of them. "fp8": float8 x too (float8 MMAs; 16:53:
-# 1.16-1.52x cuBLAS bf16 with the weight read from HBM, best block_n 64, split 1); "fp8_blocks":
-# the kernel casts x itself, per row of each K block.
+# M = 16 ran 1.2-1.7x faster than the best of them. "fp8" tiles: float8 x too (float8 MMAs).
 SWEEP_TILES = {
     "hp": [dict(block_n=32, block_k=bk, split_k=sk, num_warps=4, num_stages=3) for bk in (128, 256, 512)
            for sk in (1, 4)]
     + [dict(block_n=64, block_k=256, split_k=sk, num_warps=4, num_stages=3, swap_ab=True) for sk in (1, 4)],
-    "fp8": [dict(block_n=bn, block_k=bk, split_k=sk, num_warps=4, num_stages=st, swap_ab=True)
-            for bn in (64, 128) for bk in (256, 512) for sk in (1, 2) for st in (3, 4)],
-    "fp8_blocks": [dict(block_n=bn, block_k=bk, split_k=sk, num_warps=w, num_stages=st, swap_ab=True)
-                   for bn in (64, 128) for bk in (128, 256, 512) for sk in (1, 2) for w in (4, 8) for st in (3, 4)],
+    "fp8": [dict(block_n=bn, block_k=bk, split_k=sk, num_warps=w, num_stages=st, swap_ab=True)
+            for bn in (64, 128) for bk in (128, 256, 512) for sk in (1, 2, 4) for w in (4, 8) for st in (3, 4)]
+    + [dict(block_n=32, block_k=bk, split_k=sk, num_warps=4, num_stages=3) for bk in (128, 256) for sk in (1, 4)],
 }  # fmt: skip
 # Each timed graph cycles through copies of the weight worth this many bytes (> the H200's 50 MB
 # L2), so every call reads its weight from HBM as in the model (the 16:47 sweep reused one weight).
@@ -294,7 +289,7 @@ def install_tuning(path) -> dict:
 
     best = {}
     for r in json.loads(pathlib.Path(path).read_text())["rows"]:
-        key = (r["n"], r["k"]) if r.get("x", "hp") == "hp" else (r["n"], r["k"], r["x"])
+        key = (r["n"], r["k"], "fp8") if r.get("x") == "fp8" else (r["n"], r["k"])
         if r["sweep"] == "tiles" and (key not in best or r["ms"] < best[key]["ms"]):
             best[key] = r
     keys = ("block_n", "block_k", "split_k", "num_warps", "num_stages", "swap_ab")
@@ -328,7 +323,7 @@ def _sweep_tiles(n, k, args, device) -> list[dict]:
         ref_ms[name] = graph_ms(lambda: fn(*next(pairs)), args, device, calls)
     results = []
     for flavour, grid in SWEEP_TILES.items():
-        extra = {"x_scale": xq.scale} if flavour == "fp8" else {"quantize_x": flavour == "fp8_blocks"}
+        extra = {"x_scale": xq.scale} if flavour == "fp8" else {}
         xin = xq.fp8_data if flavour == "fp8" else x
 
         def launch(tiles, q):
