@@ -31,6 +31,15 @@ SWAP_AB computes out.T = w @ x.T instead: the same products and sums, with the w
 MMA's first operand, so a program can own 64-128 weight rows against M = 16 tokens (the
 small-M trick of GEMM libraries); `config_for` and the H200 tile sweep choose between the two.
 
+The float8-x flavour (`fp8_small_mm`, `SMALL_M_ACTIVATION = "fp8"`) takes x already cast to
+e4m3 by the layer (the cast of the `_scaled_mm` path, which inductor fuses into the producer)
+and multiplies float8 by float8, with no dequantization in the loop. Measured on the H200 at
+M = 16 with weights read from HBM (docs/benchmarks.md): the weight-only flavour runs at 0.83-1.00x
+cuBLAS's bf16 mm on the 956M model's shapes (converting every weight element in registers costs
+what the halved bytes save), the float8-x flavour at 1.15-1.50x, and cuBLAS's own `_scaled_mm`
+at 0.5-0.7x. In the whole decode step the float8-x flavour did not win (the activation casts it
+needs cost about what its GEMMs save), so the default stays weight-only: the more accurate one.
+
 The op is a `torch.library.triton_op` (the pattern of `kernels.py`): eager calls launch the
 kernel, torch.compile (fullgraph, CUDA graphs) sees the kernel itself. `weight_only_linear` uses
 it on CUDA sm89+ with triton importable and falls back to the same math in torch elsewhere
@@ -50,7 +59,8 @@ if triton is not None:
     import triton.language as tl
 
 # Small M (<= Float8Config.weight_only_max_m): "hp" keeps x in high precision (weight-only, the
-# default); "fp8" casts x like the _scaled_mm path does and runs the kernel on two float8 operands.
+# default); "fp8" casts x like the _scaled_mm path does and runs the kernel on two float8 operands
+# (opt-in: faster per GEMM, not per decode step on the H200; module docstring).
 SMALL_M_ACTIVATION = "hp"
 KERNEL_X_DTYPES = (torch.bfloat16, torch.float16)  # float32 x would run tl.dot in tf32: torch
 # Tiles, from the H200 sweep (`scripts/bench_inference.py --sweep tiles`, M = 16, the 956M
@@ -59,21 +69,24 @@ KERNEL_X_DTYPES = (torch.bfloat16, torch.float16)  # float32 x would run tl.dot 
 # 0.0102 ms with 4-8 slices, 0.0113 with 2) and cost ~10% at K = 2048.
 WEIGHT_ONLY_CONFIG = {"block_n": 32, "block_k": 256, "split_k": 1, "num_warps": 4, "num_stages": 3}
 # Both operands float8 (`fp8_small_mm`): no dequantization, float8 MMAs with the weight tile as
-# the tall operand. Not yet tuned on the GPU.
-FP8_X_CONFIG = {"block_n": 64, "block_k": 256, "split_k": 1, "num_warps": 4, "num_stages": 4, "swap_ab": True}
+# the tall operand. H200 sweep (M = 16, weights read from HBM): 64 rows x 512 K per program, one
+# K slice, won or came within 2% at all four shapes of the 956M model, 1.15-1.50x cuBLAS's bf16 mm.
+FP8_X_CONFIG = {"block_n": 64, "block_k": 512, "split_k": 1, "num_warps": 4, "num_stages": 4, "swap_ab": True}
 LONG_K, SPLIT_K_LONG = 4096, 4  # K from which the kernel cuts K into SPLIT_K_LONG slices
 # Per weight shape (N, K) (or (N, K, "fp8") for float8 x) overrides, e.g. the winners of a tile sweep on another GPU
 # (scripts/bench_inference.py --weight-only-tuning sweep.json installs them).
 TUNED_CONFIGS: dict[tuple[int, int], dict] = {}
 
 
-def config_for(n: int, k: int, x_fp8: bool = False) -> dict:
-    """The tile config the kernel uses for a weight of shape [N, K] (`x_fp8`: float8 x too)."""
-    key = (n, k, "fp8") if x_fp8 else (n, k)
+def config_for(n: int, k: int, flavour: str = "hp") -> dict:
+    """The tile config the kernel uses for a weight of shape [N, K] and an x flavour
+    (`SMALL_M_ACTIVATION`: "hp" or "fp8")."""
+    key = (n, k) if flavour == "hp" else (n, k, flavour)
     if key in TUNED_CONFIGS:
         return TUNED_CONFIGS[key]
-    config = FP8_X_CONFIG if x_fp8 else WEIGHT_ONLY_CONFIG
-    return {**config, "split_k": SPLIT_K_LONG} if k >= LONG_K else config
+    if flavour == "fp8":
+        return FP8_X_CONFIG
+    return {**WEIGHT_ONLY_CONFIG, "split_k": SPLIT_K_LONG} if k >= LONG_K else WEIGHT_ONLY_CONFIG
 
 
 MAX_BLOCK_M = 64  # M above this runs in several M blocks (each re-reads the weight)
@@ -234,7 +247,7 @@ if triton is not None:
         x_fp8: torch.Tensor, x_scale: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
         bias: Optional[torch.Tensor], out_dtype: torch.dtype,
     ) -> torch.Tensor:  # fmt: skip
-        config = config_for(*weight_fp8.shape, x_fp8=True)
+        config = config_for(*weight_fp8.shape, "fp8")
         return _launch_weight_only(x_fp8, weight_fp8, weight_scale, bias, **config, x_scale=x_scale, out_dtype=out_dtype)
 
     @_fp8_small_op.register_fake

@@ -51,15 +51,15 @@ def test_bench_inference_installs_fastest_tiles_per_shape(tmp_path, monkeypatch)
     rows = [
         {"sweep": "tiles", "n": 64, "k": 32, "block_n": 16, "ms": 0.02, **tiles},
         {"sweep": "tiles", "n": 64, "k": 32, "block_n": 32, "ms": 0.01, **tiles},
-        {"sweep": "tiles", "x": "fp8_blocks", "n": 64, "k": 32, "block_n": 64, "ms": 0.005, "swap_ab": True, **tiles},
+        {"sweep": "tiles", "x": "fp8", "n": 64, "k": 32, "block_n": 64, "ms": 0.005, "swap_ab": True, **tiles},
         {"sweep": "m", "n": 64, "k": 32, "m": 16, "path": "bf16", "ms": 0.001},
     ]
     sweep = tmp_path / "sweep.json"
     sweep.write_text(bench.json.dumps({"rows": rows, "notes": []}))
     assert bench.install_tuning(sweep) == {  # the fastest per shape and x flavour
         (64, 32): {"block_n": 32, **tiles, "swap_ab": False},
-        (64, 32, "fp8_blocks"): {"block_n": 64, **tiles, "swap_ab": True},
+        (64, 32, "fp8"): {"block_n": 64, **tiles, "swap_ab": True},
     }
     assert fp8_gemv.config_for(64, 32)["block_n"] == 32
-    assert fp8_gemv.config_for(64, 32, "fp8_blocks")["block_n"] == 64
+    assert fp8_gemv.config_for(64, 32, "fp8")["block_n"] == 64
     assert fp8_gemv.config_for(32, 64) == fp8_gemv.WEIGHT_ONLY_CONFIG
