@@ -434,11 +434,13 @@ def main(argv=None) -> int:
     raise_compile_limits()
     meta = header(args)
     notes: list[str] = []
-    rows = [bench_shape(k, n, args, notes) for k, n in args.shapes]
-    text = render(meta, rows, notes)
+    rows = []
+    for k, n in args.shapes:
+        rows.append(bench_shape(k, n, args, notes))
+        text = render(meta, rows, notes)
+        if args.out:  # after every shape: a run cut short by its time limit keeps its rows
+            write_out(args.out, text, meta, rows, notes)
     print(text, end="")
-    if args.out:
-        write_out(args.out, text, meta, rows, notes)
     return 1 if any(r["errors"] for r in rows) else 0
 
 
