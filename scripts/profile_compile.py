@@ -31,13 +31,12 @@ import copy  # noqa: E402
 import datetime  # noqa: E402
 import pathlib  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
 import torch  # noqa: E402
 import torch._inductor.metrics  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_train_step import convert, make_step  # noqa: E402
+from bench_train_step import convert, make_step, timed  # noqa: E402
 
 VARIANTS = ("bf16", "ours-tensorwise", "ours-rowwise", "torchao-tensorwise", "torchao-rowwise")
 # dynamo_timed keys (torch 2.11 / 2.13) -> our column; the first key present wins
@@ -82,14 +81,7 @@ def profile_variant(name, base, batch, device) -> dict:
     torch._inductor.metrics.reset()
     emulate = True if device.type == "cpu" else None
     model = convert(name, copy.deepcopy(base), batch, emulate)
-    step = make_step(model, batch, device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    first = time.perf_counter() - start
+    first = timed(make_step(model, batch, device), device)
     phases = phase_seconds()
     return {
         "variant": name,

@@ -63,3 +63,20 @@ def test_bench_inference_installs_fastest_tiles_per_shape(tmp_path, monkeypatch)
     assert fp8_gemv.config_for(64, 32)["block_n"] == 32
     assert fp8_gemv.config_for(64, 32, "fp8")["block_n"] == 64
     assert fp8_gemv.config_for(32, 64) == fp8_gemv.WEIGHT_ONLY_CONFIG
+
+
+def test_profile_compile_splits_the_first_step(tmp_path):
+    """Run as a subprocess: the script turns inductor's caches off for its whole process."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(ROOT / "scripts" / "profile_compile.py"), "--device", "cpu", "--layers", "1",
+           "--d-model", "256", "--batch", "1", "--seq", "32", "--variants", "bf16,ours-tensorwise",
+           "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split("|") for line in (tmp_path / "profile_compile.md").read_text().splitlines()
+            if line.startswith("| bf16") or line.startswith("| ours")]  # fmt: skip
+    assert [r[1].strip() for r in rows] == ["bf16", "ours-tensorwise"], rows
+    for r in rows:  # first step > 0, and the FP8 graph generates kernels
+        assert float(r[2]) > 0 and int(r[8]) > 0, r
