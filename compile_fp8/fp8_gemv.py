@@ -62,6 +62,16 @@ if triton is not None:
 # default); "fp8" casts x like the _scaled_mm path does and runs the kernel on two float8 operands
 # (opt-in: faster per GEMM, not per decode step on the H200; module docstring).
 SMALL_M_ACTIVATION = "hp"
+SMALL_M_ACTIVATIONS = ("hp", "fp8")
+
+
+def small_m_activation() -> str:
+    """SMALL_M_ACTIVATION, checked: a typo must not silently pick a path."""
+    if SMALL_M_ACTIVATION not in SMALL_M_ACTIVATIONS:
+        raise ValueError(
+            f"compile_fp8.fp8_gemv.SMALL_M_ACTIVATION={SMALL_M_ACTIVATION!r}; allowed: {SMALL_M_ACTIVATIONS}"
+        )
+    return SMALL_M_ACTIVATION
 KERNEL_X_DTYPES = (torch.bfloat16, torch.float16)  # float32 x would run tl.dot in tf32: torch
 # Tiles, from the H200 sweep (`scripts/bench_inference.py --sweep tiles`, M = 16, the 956M
 # model's shapes; docs/benchmarks.md): 32 output columns per program won at every shape; BLOCK_K
@@ -73,9 +83,9 @@ WEIGHT_ONLY_CONFIG = {"block_n": 32, "block_k": 256, "split_k": 1, "num_warps": 
 # K slice, won or came within 2% at all four shapes of the 956M model, 1.15-1.50x cuBLAS's bf16 mm.
 FP8_X_CONFIG = {"block_n": 64, "block_k": 512, "split_k": 1, "num_warps": 4, "num_stages": 4, "swap_ab": True}
 LONG_K, SPLIT_K_LONG = 4096, 4  # K from which the kernel cuts K into SPLIT_K_LONG slices
-# Per weight shape (N, K) (or (N, K, "fp8") for float8 x) overrides, e.g. the winners of a tile sweep on another GPU
-# (scripts/bench_inference.py --weight-only-tuning sweep.json installs them).
-TUNED_CONFIGS: dict[tuple[int, int], dict] = {}
+# Per weight shape (N, K) overrides (key (N, K, "fp8") for the float8-x flavour), e.g. the winners
+# of a tile sweep on another GPU (scripts/bench_inference.py --weight-only-tuning sweep.json).
+TUNED_CONFIGS: dict[tuple, dict] = {}
 
 
 def config_for(n: int, k: int, flavour: str = "hp") -> dict:

@@ -192,12 +192,12 @@ def _static_input_scale(module, spec: InferenceSpec) -> Optional[torch.Tensor]:
 def fp8_linear_2d(x, weight_fp8, weight_scale, bias, input_scale, spec: InferenceSpec) -> torch.Tensor:
     """[M, K] @ [K, N] + bias -> [M, N] in x's dtype, by the path M chooses (module docstring)."""
     small_m = x.shape[0] <= spec.weight_only_max_m
-    if small_m and (fp8_gemv.SMALL_M_ACTIVATION == "hp" or not fp8_gemv.triton_available(x.device)):
+    if small_m and (fp8_gemv.small_m_activation() == "hp" or not fp8_gemv.triton_available(x.device)):
         return fp8_gemv.weight_only_linear(x, weight_fp8, weight_scale, bias)  # bias in its epilogue
     if input_scale is None:
         input_scale = inference_scale(x, spec.granularity)  # [] or [M, 1]
     x_fp8 = saturated_cast(x, input_scale, E4M3)
-    if small_m:  # fp8_gemv.SMALL_M_ACTIVATION == "fp8": our kernel, float8 x float8
+    if small_m:  # SMALL_M_ACTIVATION "fp8": our kernel, float8 x float8
         return fp8_gemv.fp8_small_m_linear(x_fp8, input_scale, weight_fp8, weight_scale, bias, x.dtype)
     # weight [N, K] row-major -> B = weight.T [K, N], column-major: no copy; scale [N, 1] -> [1, N]
     # bias on the float32 accumulator in the GEMM's epilogue (one rounding), as torchao does

@@ -186,6 +186,13 @@ def test_interpreted_fp8_small_m_kernel(m, k, n, granularity, split_k, swap_ab, 
     assert torch.allclose(out.float(), expected.float(), rtol=2**-7, atol=1e-6), (out - expected).abs().max()
 
 
+def test_unknown_small_m_activation_is_an_error(monkeypatch):
+    monkeypatch.setattr(fp8_gemv, "SMALL_M_ACTIVATION", "bf16")
+    model = _inference(nn.Linear(64, 32).to(BF16), weight_only_max_m=16)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"SMALL_M_ACTIVATION='bf16'; allowed: \('hp', 'fp8'\)"):
+        model(_x(4, 64))
+
+
 @interpreter
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_interpreted_small_m_fp8_activation_path_matches_scaled_mm_path(recipe, monkeypatch):
