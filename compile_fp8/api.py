@@ -219,21 +219,20 @@ def _convert_linears(model: nn.Module, config: Float8Config, module_filter_fn) -
     recipe = recipe_spec(config.recipe, dual_cast=config.cast_kernels == "triton")
     if config.cast_kernels == "triton":
         launch_statically()
-    owners = _weight_owners(model)
-    converted: dict[int, nn.Parameter] = {}  # id(master weight) -> its training weight
-    skip_reason = lambda module, fqn: _skip_reason(module, fqn, owners, module_filter_fn, config)  # noqa: E731
-    for _, module in linears_to_convert(model, skip_reason):
-        key = id(module.weight)
-        if key not in converted:
-            converted[key] = _to_training_weight(module.weight, recipe, config.emulate)
-        module.weight = converted[key]
+    layers = linears_to_convert(
+        model,
+        lambda module, fqn, owners: _skip_reason(module, fqn, owners, module_filter_fn, config),
+        lambda module: _to_training_weight(module.weight, recipe, config.emulate),
+    )
+    for module, weight in layers:
+        module.weight = weight
         _add_state_dict_hooks(module, (recipe, config.emulate))
         if is_conv1d(module):
             use_fp8_forward(module)
         if config.scaling != "dynamic":
             attach_scaling_state(module, config)
-    logger.info("compile_fp8: %d FP8 weight(s), recipe %s", len(converted), config.recipe)
-    if config.scaling == "static" and converted:
+    logger.info("compile_fp8: %d FP8 weight(s), recipe %s", len({id(w) for _, w in layers}), config.recipe)
+    if config.scaling == "static" and layers:
         warnings.warn(
             "compile_fp8: scaling='static' layers run with dynamic scaling until you call "
             "calibrate(model, batches)",
@@ -242,19 +241,22 @@ def _convert_linears(model: nn.Module, config: Float8Config, module_filter_fn) -
         )
 
 
-def linears_to_convert(model: nn.Module, skip_reason) -> list[tuple[str, nn.Module]]:
-    """(fqn, layer) of every linear-like layer that `skip_reason(layer, fqn)` lets through (None).
+def linears_to_convert(model: nn.Module, skip_reason, make_weight) -> list[tuple[nn.Module, nn.Parameter]]:
+    """(layer, its new weight) for every linear-like layer that `skip_reason(layer, fqn, owners)`
+    lets through (None); `owners` maps id(parameter) to every (fqn, module) holding it.
+    `make_weight(layer)` runs once per weight: tied layers get the same new Parameter.
 
-    Every other one keeps its reason for `fp8_layers`; one UserWarning (pointing at the caller of
+    Every other layer keeps its reason for `fp8_layers`; one UserWarning (pointing at the caller of
     `compile_fp8`) names the layers whose dimensions `_scaled_mm` cannot take.
     """
+    owners = _weight_owners(model)
     chosen, unaligned = [], []
     for fqn, module in model.named_modules():
         if not is_linear_like(module):
             continue
-        reason = skip_reason(module, fqn)
+        reason = skip_reason(module, fqn, owners)
         if reason is None:
-            chosen.append((fqn, module))
+            chosen.append(module)
             continue
         setattr(module, SKIP_ATTR, reason)
         if "multiple of" in reason:
@@ -267,7 +269,11 @@ def linears_to_convert(model: nn.Module, skip_reason) -> list[tuple[str, nn.Modu
             UserWarning,
             stacklevel=4,  # here <- the converter <- compile_fp8 <- the user's line
         )
-    return chosen
+    converted: dict[int, nn.Parameter] = {}  # id(original weight) -> its new Parameter
+    for module in chosen:
+        if id(module.weight) not in converted:
+            converted[id(module.weight)] = make_weight(module)
+    return [(module, converted[id(module.weight)]) for module in chosen]
 
 
 def _to_training_weight(weight: nn.Parameter, recipe, emulate) -> nn.Parameter:

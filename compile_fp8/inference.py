@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fp8_gemv
-from .api import _skip_reason, _weight_owners, linears_to_convert, training_weight
+from .api import _skip_reason, linears_to_convert, training_weight
 from .config import E4M3, Float8Config, recipe_spec
 from .conv1d import is_conv1d
 from .gemm import choose_emulate, scaled_mm
@@ -252,21 +252,21 @@ def convert_for_inference(model: nn.Module, config: Float8Config, module_filter_
     """Replace every eligible layer's weight by a Float8Tensor, in place (module docstring)."""
     granularity = recipe_spec(config.recipe).output.b.granularity
     launch_statically()  # the weight-only kernel (decode) is a user-defined Triton kernel
-    owners = _weight_owners(model)
-    converted: dict[int, nn.Parameter] = {}  # id(original weight) -> its Float8Tensor Parameter
-    skip_reason = lambda module, fqn: _inference_skip_reason(module, fqn, owners, module_filter_fn, config)  # noqa: E731
-    for _, module in linears_to_convert(model, skip_reason):
-        key = id(module.weight)
-        if key not in converted:
-            master = _master_weight(module.weight)
-            weight = quantize_weight(master, granularity, transposed=is_conv1d(module))
-            converted[key] = nn.Parameter(weight, requires_grad=False)
+    layers = linears_to_convert(
+        model,
+        lambda module, fqn, owners: _inference_skip_reason(module, fqn, owners, module_filter_fn, config),
+        lambda module: nn.Parameter(
+            quantize_weight(_master_weight(module.weight), granularity, transposed=is_conv1d(module)),
+            requires_grad=False,
+        ),
+    )
+    for module, weight in layers:
         spec = InferenceSpec(
             granularity, config.scaling, config.weight_only_max_m,
             choose_emulate(module.weight.device, config.emulate), config.amax_margin,
         )  # fmt: skip
         _drop_training_state(module)
-        module.weight = converted[key]
+        module.weight = weight
         _attach(module, spec)
 
 

@@ -51,6 +51,9 @@ import time
 import torch
 from torch import nn
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_train_step import try_variant  # noqa: E402
+
 VARIANTS = ("bf16", "ours-tensorwise", "ours-rowwise", "ours-static", "ours-tensorwise-fp8x", "ours-rowwise-fp8x",
             "torchao-tensorwise", "torchao-rowwise")  # fmt: skip
 DEFAULT_VARIANTS = ("bf16", "ours-tensorwise", "ours-rowwise", "torchao-tensorwise")
@@ -170,13 +173,9 @@ def run(args) -> tuple[list[dict], list[str]]:
                 continue
             reference = None
             for name in args.variants:
-                try:
-                    result = bench_variant(name, base, tokens, mode, reference, args, device)
-                except ImportError as err:
-                    notes.append(f"skipped {name}: {err}")
-                    continue
-                except Exception as err:  # report, then go on with the other variants
-                    notes.append(f"{case} {mode} {name} failed: {type(err).__name__}: {err}"[:300])
+                result = try_variant(lambda: bench_variant(name, base, tokens, mode, reference, args, device),
+                                     name, notes, label=f"{case} {mode} {name}")  # fmt: skip
+                if result is None:
                     continue
                 logits = result.pop("logits")
                 reference = logits if name == "bf16" else reference

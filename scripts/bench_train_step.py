@@ -145,6 +145,18 @@ def bench_variant(name, base, batch, args, device) -> dict:
     return row
 
 
+def try_variant(fn, name: str, notes: list[str], label: str | None = None):
+    """`fn()`, or None with a note: "skipped" when a package is missing (torchao), "failed" for
+    any other error, so one broken variant does not cost the others' rows."""
+    try:
+        return fn()
+    except ImportError as err:
+        notes.append(f"skipped {name}: {err}")
+    except Exception as err:  # report, then go on with the other variants
+        notes.append(f"{label or name} failed: {type(err).__name__}: {err}"[:300])
+    return None
+
+
 def run(args) -> tuple[list[dict], list[str]]:
     device = torch.device(args.device)
     base, cfg = build_model(args, device)
@@ -153,14 +165,10 @@ def run(args) -> tuple[list[dict], list[str]]:
     batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
     rows, notes = [], []
     for name in args.variants:
-        try:
-            row = {"variant": name, **bench_variant(name, base, batch, args, device)}
-        except ImportError as err:
-            notes.append(f"skipped {name}: {err}")
+        result = try_variant(lambda: bench_variant(name, base, batch, args, device), name, notes)
+        if result is None:
             continue
-        except Exception as err:  # report, then go on with the other variants
-            notes.append(f"{name} failed: {type(err).__name__}: {err}"[:300])
-            continue
+        row = {"variant": name, **result}
         rows.append(row)
         print(f"  {name}: {row['step_ms']:.1f} ms/step, first step {row['first_step_s']:.1f} s",
               file=sys.stderr, flush=True)
