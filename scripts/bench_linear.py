@@ -307,6 +307,10 @@ def add_note(notes: list[str], note: str) -> None:
 
 
 def free_memory(device: str) -> None:
+    """After a shape: drop its compiled code too. Each shape recompiles every variant's forward;
+    without a reset dynamo's per-function cache limit is reached after ~21 shapes x 3 variants and
+    the later shapes silently run eager (seen on the H200, 18:03: ours 3x slower from shape 22)."""
+    torch._dynamo.reset()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
 

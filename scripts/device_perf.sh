@@ -4,9 +4,13 @@
 #   run(command="bash scripts/device_perf.sh", carry=[".whl"], timeout_s=600)
 #   bash scripts/device_perf.sh [STAGE...]       # default: rowwise compile
 #
+#   step     the 956M train step, every recipe in one process: bench_train_step.py --variants $STEP_VARIANTS
+#            (default bf16, ours and torchao tensorwise, ours and torchao rowwise; ~8 minutes)
 #   rowwise  the 956M train step, rowwise recipes: bench_train_step.py --variants $ROWWISE_VARIANTS
 #   compile  where the first step's compile time goes: profile_compile.py on the anchor model cut
 #            to $COMPILE_LAYERS layers (each layer compiles the same code), variants $COMPILE_VARIANTS
+#   layers   "which layers should be FP8?": one linear's fwd+bwd CUDA kernel time (profiler, no host
+#            time) per (K, N) of $LAYER_SHAPES at M = 16384, bf16 vs ours tensorwise / rowwise
 #
 # $OUT gets env.txt and one .md per stage (its table, then the tail of its log).
 set -uo pipefail
@@ -25,12 +29,17 @@ stage() {  # stage SECONDS NAME TABLE COMMAND...: run capped; $OUT/NAME.md = the
 }
 for s in ${@:-rowwise compile}; do
   case $s in
+    step) stage "${STEP_S:-560}" step /tmp/step/bench_train_step.md python3 scripts/bench_train_step.py \
+            --variants "${STEP_VARIANTS:-bf16,ours-tensorwise,torchao-tensorwise,ours-rowwise,torchao-rowwise}" --out /tmp/step ;;
     rowwise) stage "${ROWWISE_S:-330}" rowwise /tmp/rowwise/bench_train_step.md python3 scripts/bench_train_step.py \
                --variants "${ROWWISE_VARIANTS:-bf16,ours-rowwise,torchao-rowwise}" --out /tmp/rowwise ;;
     compile) stage "${COMPILE_S:-200}" compile /tmp/compile/profile_compile.md python3 scripts/profile_compile.py \
                --layers "${COMPILE_LAYERS:-4}" --variants "${COMPILE_VARIANTS:-bf16,ours-tensorwise,torchao-tensorwise}" \
                --out /tmp/compile ;;
-    *) echo "unknown stage $s (rowwise compile)"; exit 2 ;;
+    layers) stage "${LAYERS_S:-280}" layers /tmp/layers/bench_linear.md python3 scripts/bench_linear.py \
+              --timer kernels --rounds 1 --variants "${LAYER_VARIANTS:-bf16,ours-tensorwise,ours-rowwise}" \
+              --shapes "${LAYER_SHAPES:-$(python3 scripts/layer_grid.py)}" --out /tmp/layers ;;
+    *) echo "unknown stage $s (step rowwise compile layers)"; exit 2 ;;
   esac
 done
 date -u
