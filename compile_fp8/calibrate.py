@@ -6,10 +6,11 @@
 
 Each static layer switches to a high-precision forward that records the running max of |input|
 and |weight| (and, with `static_grads=True`, of |grad_output| through a backward of `loss_fn`)
-into its `fp8_amax_*` buffers; then the layers switch back and are marked ready. Re-running
-calibrate starts from zero again. Inference layers (`Float8Config(mode="inference",
-scaling="static")`, `inference.py`) record max |input| only (`fp8_amax_input`): their weight is
-already float8 with its own scale.
+into its `fp8_amax_*` buffers; then the layers switch back and are marked ready (also when a
+batch raises: the flags always match the buffers). Re-running calibrate starts from zero again.
+Inference layers (`Float8Config(mode="inference", scaling="static")`, `inference.py`) record max
+|input| only (`fp8_amax_input`): their weight is already float8 with its own scale, and their
+input scale (`fp8_scale_input`) is computed here, once, from the recorded amax.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 
 from . import inference
 from .api import unwrap_compiled
-from .linear import CALIBRATING_ATTR, CONFIG_ATTR, buffer_names, refresh_ready, uses_scaled_forward
+from .linear import CALIBRATING_ATTR, CONFIG_ATTR, READY_ATTR, buffer_names, refresh_ready, uses_scaled_forward
 
 logger = logging.getLogger("compile_fp8")
 
@@ -54,7 +55,7 @@ def calibrate(
             logger.info("compile_fp8: calibrate batch %d%s", seen, f"/{num_batches}" if num_batches else "")
     if seen == 0:
         raise ValueError("calibrate got no batches: pass an iterable with at least one batch")
-    uncalibrated = [fqn for fqn, m in layers if not _refresh_ready(m)]
+    uncalibrated = [fqn for fqn, m in layers if not getattr(m, READY_ATTR)]  # set by _calibrating
     if uncalibrated:
         logger.warning(
             "compile_fp8: %d layer(s) saw no data (or only zeros) and stay dynamic: %s",
@@ -81,6 +82,7 @@ def _amax_buffers(module: nn.Module) -> tuple[str, ...]:
 
 
 def _refresh_ready(module: nn.Module) -> bool:
+    """Ready flag (and an inference layer's input scale) from the amax buffers just recorded."""
     return inference.refresh_ready(module) if inference.is_static_layer(module) else refresh_ready(module)
 
 
@@ -107,9 +109,10 @@ def _calibrating(layers):
         setattr(module, CALIBRATING_ATTR, True)
     try:
         yield
-    finally:
+    finally:  # the amaxes were zeroed and (maybe partly) recorded: flags and scales follow them
         for _, module in layers:
             setattr(module, CALIBRATING_ATTR, False)
+            _refresh_ready(module)
 
 
 def _calibration_step(model, batch, loss_fn):

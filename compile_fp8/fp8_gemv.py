@@ -31,14 +31,18 @@ SWAP_AB computes out.T = w @ x.T instead: the same products and sums, with the w
 MMA's first operand, so a program can own 64-128 weight rows against M = 16 tokens (the
 small-M trick of GEMM libraries); `config_for` and the H200 tile sweep choose between the two.
 
-The float8-x flavour (`fp8_small_mm`, `SMALL_M_ACTIVATION = "fp8"`) takes x already cast to
-e4m3 by the layer (the cast of the `_scaled_mm` path, which inductor fuses into the producer)
-and multiplies float8 by float8, with no dequantization in the loop. Measured on the H200 at
+The float8-x flavour (`fp8_small_mm`) takes x already cast to e4m3 by the layer (the cast of
+the `_scaled_mm` path, which inductor fuses into the producer) and multiplies float8 by float8,
+with no dequantization in the loop. `SMALL_M_ACTIVATION` picks the flavour: "auto" (default)
+takes it where the layer has a calibrated static input scale, "hp" / "fp8" force one. Measured on the H200 at
 M = 16 with weights read from HBM (docs/benchmarks.md): the weight-only flavour runs at 0.83-1.00x
 cuBLAS's bf16 mm on the 956M model's shapes (converting every weight element in registers costs
 what the halved bytes save), the float8-x flavour at 1.15-1.50x, and cuBLAS's own `_scaled_mm`
-at 0.5-0.7x. In the whole decode step the float8-x flavour did not win (the activation casts it
-needs cost about what its GEMMs save), so the default stays weight-only: the more accurate one.
+at 0.5-0.7x. In a whole decode step (16 x 1 tokens, CUDA graphs) the float8-x flavour wins
+where the activation's scale is static (1.12x bf16: the cast is one multiply in the producer's
+kernel) and not where it is dynamic (0.72-1.02x: an amax reduction per layer input, and its row
+scales), so "auto" takes float8 x for calibrated static layers and weight-only otherwise (the
+more accurate: no activation quantization).
 
 The op is a `torch.library.triton_op` (the pattern of `kernels.py`): eager calls launch the
 kernel, torch.compile (fullgraph, CUDA graphs) sees the kernel itself. `weight_only_linear` uses
@@ -58,11 +62,14 @@ from .kernels import _interpreting, triton, triton_available
 if triton is not None:
     import triton.language as tl
 
-# Small M (<= Float8Config.weight_only_max_m): "hp" keeps x in high precision (weight-only, the
-# default); "fp8" casts x like the _scaled_mm path does and runs the kernel on two float8 operands
-# (opt-in: faster per GEMM, not per decode step on the H200; module docstring).
-SMALL_M_ACTIVATION = "hp"
-SMALL_M_ACTIVATIONS = ("hp", "fp8")
+# Small M (<= Float8Config.weight_only_max_m): "auto" (default) casts x to float8 and runs the
+# float8 x float8 kernel where the layer has a calibrated static input scale (the cast is then one
+# multiply, written by the kernel that produces x), else keeps x in high precision (weight-only:
+# a dynamic cast's amax pass costs what the float8 MMAs save); "hp" / "fp8" force one path.
+# Measured on the H200 (docs/benchmarks.md): decode step 1.12x bf16 static + float8 x, 0.94x
+# weight-only, 0.72-1.02x dynamic rowwise + float8 x.
+SMALL_M_ACTIVATION = "auto"
+SMALL_M_ACTIVATIONS = ("auto", "hp", "fp8")
 
 
 def small_m_activation() -> str:
@@ -90,7 +97,7 @@ TUNED_CONFIGS: dict[tuple, dict] = {}
 
 def config_for(n: int, k: int, flavour: str = "hp") -> dict:
     """The tile config the kernel uses for a weight of shape [N, K] and an x flavour
-    (`SMALL_M_ACTIVATION`: "hp" or "fp8")."""
+    ("hp": weight-only, "fp8": float8 x; see `SMALL_M_ACTIVATION`)."""
     key = (n, k) if flavour == "hp" else (n, k, flavour)
     if key in TUNED_CONFIGS:
         return TUNED_CONFIGS[key]

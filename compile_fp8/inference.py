@@ -14,13 +14,20 @@ Its `forward` (an instance attribute, as for static scaling in `linear.py`) then
                      (gemm.scaled_mm: row-major A, column-major B, fast accumulation)
     M <= weight_only_max_m (decode):       the weight-only path (`fp8_gemv.py`)
         output     = input @ (weight_fp8 / weight_scale).T      # dequantized in registers
+    M <= weight_only_max_m, static scale:  the same kernel on float8 x (`fp8_gemv.fp8_small_mm`)
+        input_fp8  = saturate(input * input_scale).to(e4m3)    # fused into x's producer
+        output     = input_fp8 @ weight_fp8.T                   # float8 MMAs, both scales after
     both add the bias on the float32 accumulator, before the one rounding (as torchao does)
 
 Recipes map to granularities: "tensorwise" casts weight and activation with one scale each;
 "rowwise" (and "rowwise_with_gw_hp", whose output GEMM is the same) scales each weight row
 (output channel) and each activation row (token). The activation scale is dynamic (this call's
-amax) or, with `scaling="static"`, comes from `calibrate(model, batches)` (a buffer
-`fp8_amax_input` on the layer; uncalibrated layers run dynamic).
+amax) or, with `scaling="static"`, comes from `calibrate(model, batches)`: the buffer
+`fp8_amax_input` holds the calibrated amax (saved in `state_dict()`), and the non-persistent
+buffer `fp8_scale_input` the scale computed from it (and `amax_margin`) once, whenever the amax is
+set (`refresh_ready`: after calibrate, load_state_dict, conversion), so the forward reads it and
+runs no scale arithmetic (under torch.compile that was one scalar kernel per layer per call).
+Uncalibrated layers run dynamic.
 
 # [Note] Inference scales
 The inference scales follow torchao's float8 inference (`Float8DynamicActivationFloat8-
@@ -63,6 +70,9 @@ from .tensor import Float8Tensor
 
 INFERENCE_ATTR = "_compile_fp8_inference"  # the layer's InferenceSpec
 INPUT_AMAX = "fp8_amax_input"  # scaling="static": calibrated max |input|, float32 scalar
+# scaling="static": the input scale of INPUT_AMAX (float32 scalar), kept by `refresh_ready`; not
+# saved (non-persistent), and not an `is_fp8_buffer` (those are the checkpointed fp8_amax_*)
+INPUT_SCALE = "fp8_scale_input"
 _LOADED_ATTR = "_compile_fp8_loaded_keys"  # keys the load pre-hook took (see _load_weight)
 # compile_fp8's training-state hooks on a layer trained with it (removed on conversion)
 _TRAINING_HOOK_MODULES = ("compile_fp8.api", "compile_fp8.linear")
@@ -183,21 +193,27 @@ def _autocast(input):
 
 
 def _static_input_scale(module, spec: InferenceSpec) -> Optional[torch.Tensor]:
+    """The static layer's input scale: its INPUT_SCALE buffer itself (computed when the amax was
+    set, see `refresh_ready`; no arithmetic here), or None for dynamic."""
     if spec.scaling != "static" or not getattr(module, READY_ATTR):
         return None  # dynamic (an uncalibrated static layer too: never a NaN from an unset scale)
-    stored = getattr(module, INPUT_AMAX)
+    return getattr(module, INPUT_SCALE)
+
+
+def _scale_of_amax(stored: torch.Tensor, spec: InferenceSpec) -> torch.Tensor:
+    """The input scale of a stored amax (with the spec's margin): float32, amax's shape."""
     return inverse_to_scale(stored * spec.amax_margin if spec.amax_margin != 1.0 else stored)
 
 
 def fp8_linear_2d(x, weight_fp8, weight_scale, bias, input_scale, spec: InferenceSpec) -> torch.Tensor:
     """[M, K] @ [K, N] + bias -> [M, N] in x's dtype, by the path M chooses (module docstring)."""
     small_m = x.shape[0] <= spec.weight_only_max_m
-    if small_m and (fp8_gemv.small_m_activation() == "hp" or not fp8_gemv.triton_available(x.device)):
+    if small_m and not (_float8_x_at_small_m(input_scale) and fp8_gemv.triton_available(x.device)):
         return fp8_gemv.weight_only_linear(x, weight_fp8, weight_scale, bias)  # bias in its epilogue
     if input_scale is None:
         input_scale = inference_scale(x, spec.granularity)  # [] or [M, 1]
     x_fp8 = saturated_cast(x, input_scale, E4M3)
-    if small_m:  # SMALL_M_ACTIVATION "fp8": our kernel, float8 x float8
+    if small_m:  # our kernel, float8 x float8
         return fp8_gemv.fp8_small_m_linear(x_fp8, input_scale, weight_fp8, weight_scale, bias, x.dtype)
     # weight [N, K] row-major -> B = weight.T [K, N], column-major: no copy; scale [N, 1] -> [1, N]
     # bias on the float32 accumulator in the GEMM's epilogue (one rounding), as torchao does
@@ -205,6 +221,13 @@ def fp8_linear_2d(x, weight_fp8, weight_scale, bias, input_scale, spec: Inferenc
         x_fp8, input_scale, weight_fp8.t(), weight_scale.t(), x.dtype,
         use_fast_accum=True, emulate=spec.emulate, bias=bias,
     )  # fmt: skip
+
+
+def _float8_x_at_small_m(input_scale: Optional[torch.Tensor]) -> bool:
+    """Small M: cast x to float8 (else weight-only)? `fp8_gemv.SMALL_M_ACTIVATION`; "auto": where
+    the scale is static (calibrated), so the cast costs no amax pass."""
+    choice = fp8_gemv.small_m_activation()
+    return choice == "fp8" or (choice == "auto" and input_scale is not None)
 
 
 class _InferenceLinearFn(torch.autograd.Function):
@@ -234,10 +257,28 @@ def _calibrating_forward(module, input, weight_fp8, weight_scale):
 
 
 def refresh_ready(module: nn.Module) -> bool:
-    """A static layer is ready once calibrate recorded a non-zero input amax."""
+    """After the input amax changed (calibrate, load_state_dict; by hand: call this too): the
+    layer is ready once the amax is non-zero, and its INPUT_SCALE is recomputed."""
+    _update_input_scale(module)
     ready = bool(getattr(module, INPUT_AMAX) > 0)
     setattr(module, READY_ATTR, ready)
     return ready
+
+
+@torch.no_grad()
+def _update_input_scale(module: nn.Module) -> None:
+    """INPUT_SCALE := the scale of INPUT_AMAX, in place (compiled graphs and CUDA graphs that
+    captured the buffer read the new value); a new buffer only where the amax moved to another
+    device or dtype (e.g. load_state_dict(assign=True) into a model built on meta)."""
+    scale = _scale_of_amax(getattr(module, INPUT_AMAX), getattr(module, INFERENCE_ATTR))
+    current = module._buffers.get(INPUT_SCALE)
+    same = current is not None and (current.device, current.dtype, current.shape) == (
+        scale.device, scale.dtype, scale.shape,
+    )  # fmt: skip
+    if same and not current.is_meta:
+        current.copy_(scale)
+    else:
+        module.register_buffer(INPUT_SCALE, scale, persistent=False)
 
 
 def is_static_layer(module: nn.Module) -> bool:
@@ -298,8 +339,9 @@ def _drop_training_state(module: nn.Module) -> None:
             fn = getattr(hook, "hook", hook)  # pre-hooks are wrapped (_WrappedHook)
             if getattr(fn, "__module__", None) in _TRAINING_HOOK_MODULES:
                 del hooks[handle_id]
-    for name in [n for n in module._buffers if is_fp8_buffer(n)]:
+    for name in [n for n in module._buffers if is_fp8_buffer(n) or n == INPUT_SCALE]:
         del module._buffers[name]
+        module._non_persistent_buffers_set.discard(name)
     for name in ("_compile_fp8_recipe", "_fp8_config", READY_ATTR, CALIBRATING_ATTR, "forward"):
         module.__dict__.pop(name, None)
 
@@ -311,6 +353,7 @@ def _attach(module: nn.Module, spec: InferenceSpec) -> None:
     if spec.scaling == "static":
         zeros = torch.zeros((), dtype=torch.float32, device=module.weight.device)
         module.register_buffer(INPUT_AMAX, zeros)
+        _update_input_scale(module)  # of amax 0: unused until calibrated (works on meta too)
         setattr(module, READY_ATTR, False)
         setattr(module, CALIBRATING_ATTR, False)
     module._register_load_state_dict_pre_hook(_load_weight, with_module=True)

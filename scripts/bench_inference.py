@@ -16,9 +16,10 @@ to bf16, and the logits' SQNR against bf16.
 Variants: bf16, ours-tensorwise, ours-rowwise (`Float8Config(mode="inference")`; small M runs
 the weight-only kernel, `--weight-only-max-m` overrides the threshold), ours-static (tensorwise
 with `scaling="static"` input scales from `calibrate` on the benchmark's batch: no amax pass
-before each `_scaled_mm`), ours-tensorwise-fp8x and ours-rowwise-fp8x (small M casts x to
-float8 too and runs our kernel on two float8 operands: `fp8_gemv.SMALL_M_ACTIVATION = "fp8"`),
-torchao-tensorwise,
+before each `_scaled_mm`, and at small M the float8 x float8 kernel, `fp8_gemv.SMALL_M_ACTIVATION`
+"auto"), ours-tensorwise-fp8x and ours-rowwise-fp8x (small M casts x to float8 too, dynamically,
+and runs our kernel on two float8 operands: `SMALL_M_ACTIVATION = "fp8"`), ours-static-fp8x
+(the same as ours-static, forced), torchao-tensorwise,
 torchao-rowwise (`Float8DynamicActivationFloat8WeightConfig`, PerTensor / PerRow).
 
 On the GPU:
@@ -55,7 +56,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_train_step import try_variant  # noqa: E402
 
 VARIANTS = ("bf16", "ours-tensorwise", "ours-rowwise", "ours-static", "ours-tensorwise-fp8x", "ours-rowwise-fp8x",
-            "torchao-tensorwise", "torchao-rowwise")  # fmt: skip
+            "ours-static-fp8x", "torchao-tensorwise", "torchao-rowwise")  # fmt: skip
 DEFAULT_VARIANTS = ("bf16", "ours-tensorwise", "ours-rowwise", "torchao-tensorwise")
 CASES = {"prefill": ("default",), "decode": ("default", "reduce-overhead")}
 
@@ -129,6 +130,42 @@ def time_ms(fn, args, device) -> float:
     return statistics.median(rounds)
 
 
+def kernel_profile(fn, device, calls: int = 20) -> dict:
+    """The CUDA kernels of one call of `fn`, from the torch profiler over `calls` calls: per kernel
+    name its launches and microseconds per call, and the totals (kernel time excludes the gaps
+    between kernels, so total_us against the measured ms says how much of a step is idle)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if device.type != "cuda":
+        return {"kernels": [], "total_us": 0.0, "launches": 0.0}
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per_name: dict[str, list] = {}
+    for event in prof.events():
+        if str(getattr(event, "device_type", "")).endswith("CUDA"):
+            us = event.device_time if hasattr(event, "device_time") else event.cuda_time
+            entry = per_name.setdefault(event.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += us
+    kernels = sorted(([name, n / calls, us / calls] for name, (n, us) in per_name.items()), key=lambda k: -k[2])
+    return {"kernels": kernels, "total_us": sum(k[2] for k in kernels), "launches": sum(k[1] for k in kernels)}
+
+
+def render_profiles(rows) -> str:
+    lines = ["# bench_inference --profile: CUDA kernels per call", ""]
+    for r in (r for r in rows if r.get("profile")):
+        prof = r["profile"]
+        lines += [f"## {r['case']} {r['mode']} {r['variant']}: {r['ms'] * 1e3:.0f} us per call measured, "
+                  f"{prof['total_us']:.0f} us of kernels in {prof['launches']:.0f} launches", "",
+                  "| kernel | launches | us per call |", "|---|---:|---:|"]  # fmt: skip
+        lines += [f"| `{name[:90]}` | {n:.0f} | {us:.1f} |" for name, n, us in prof["kernels"][:25]]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def sqnr(ref: torch.Tensor, actual: torch.Tensor) -> float:
     ref, actual = ref.double(), actual.double()
     noise = (ref - actual).norm()
@@ -140,7 +177,7 @@ def bench_variant(name, base, tokens, mode, reference, args, device) -> dict:
     if name.startswith("ours"):  # read when the model compiles: set per variant
         from compile_fp8 import fp8_gemv
 
-        fp8_gemv.SMALL_M_ACTIVATION = "fp8" if name.endswith("-fp8x") else "hp"
+        fp8_gemv.SMALL_M_ACTIVATION = "fp8" if name.endswith("-fp8x") else "auto"  # the default
     if device.type == "cuda":
         torch.cuda.empty_cache()
     model = convert(name, copy.deepcopy(base), args, device, tokens)
@@ -150,8 +187,10 @@ def bench_variant(name, base, tokens, mode, reference, args, device) -> dict:
         logits = compiled(tokens).clone()  # reduce-overhead reuses its output buffer
         first_s = time.perf_counter() - first
         ms = time_ms(lambda: compiled(tokens), args, device)
+        profile = kernel_profile(lambda: compiled(tokens), device) if args.profile else None
     return {
         "ms": ms,
+        "profile": profile,
         "first_call_s": first_s,
         "linear_weight_bytes": linear_weight_bytes(model),
         "sqnr_db": sqnr(reference, logits) if reference is not None else float("inf"),
@@ -183,6 +222,8 @@ def run(args) -> tuple[list[dict], list[str]]:
                              "variant": name, **result})  # fmt: skip
                 print(f"  {case} {mode} {name}: {result['ms']:.3f} ms", file=sys.stderr, flush=True)
                 write(rows, notes, args)  # a run cut short by its time limit keeps its rows
+                if args.profile:
+                    write(rows, notes, args, "bench_inference_profile", render_profiles(rows))
     return rows, notes
 
 
@@ -237,9 +278,11 @@ SWEEP_TILES = {
     "hp": [dict(block_n=32, block_k=bk, split_k=sk, num_warps=4, num_stages=3) for bk in (128, 256, 512)
            for sk in (1, 4)]
     + [dict(block_n=64, block_k=256, split_k=sk, num_warps=4, num_stages=3, swap_ab=True) for sk in (1, 4)],
-    "fp8": [dict(block_n=bn, block_k=bk, split_k=sk, num_warps=4, num_stages=st, swap_ab=True)
-            for bn in (64, 128) for bk in (256, 512) for sk in (1, 2) for st in (3, 4)],
+    "fp8": [dict(block_n=bn, block_k=bk, split_k=sk, num_warps=4, num_stages=4, swap_ab=True)
+            for bn in (16, 32, 64, 128) for bk in (256, 512) for sk in (1, 2, 4)],
 }  # fmt: skip
+# (18:xx: the fp8 grid now also tries 16 and 32 weight rows per program and 4 K slices - more
+# programs on the GPU's 132 SMs for the N = 2048 shapes, which ran 32 programs at block_n 64.)
 # Each timed graph cycles through copies of the weight worth this many bytes (> the H200's 50 MB
 # L2), so every call reads its weight from HBM as in the model (the 16:47 sweep reused one weight).
 ROTATE_BYTES = 200 * 2**20
@@ -323,7 +366,7 @@ def _sweep_tiles(n, k, args, device) -> list[dict]:
         pairs = itertools.cycle(zip(w_hp, w))
         ref_ms[name] = graph_ms(lambda: fn(*next(pairs)), args, device, calls)
     results = []
-    for flavour, grid in SWEEP_TILES.items():
+    for flavour, grid in ((f, SWEEP_TILES[f]) for f in args.sweep_flavours):
         extra = {"x_scale": xq.scale} if flavour == "fp8" else {}
         xin = xq.fp8_data if flavour == "fp8" else x
 
@@ -434,6 +477,10 @@ def parse_args(argv):
     p.add_argument("--small", action="store_true", help="a one-layer toy model (CI smoke test)")
     p.add_argument("--sweep", nargs="?", const="all", choices=("tiles", "m", "all"),
                    help="tune the weight-only kernel's tiles (at M=16) and/or the M threshold")
+    p.add_argument("--sweep-flavours", default=",".join(SWEEP_TILES), help="x flavours the tile sweep runs")
+    p.add_argument("--profile", action="store_true",
+                   help="also write bench_inference_profile.md: each variant's CUDA kernels per call "
+                        "(torch profiler), to see where a step's time goes")
     p.add_argument("--weight-only-tuning", default=None, metavar="SWEEP_JSON",
                    help="use the fastest tiles per weight shape from a --sweep run's json")
     p.add_argument("--out", default=None, help="write bench_inference.md and .json here")
@@ -441,8 +488,10 @@ def parse_args(argv):
     args.variants = [v for v in args.variants.split(",") if v]
     args.cases = [c for c in args.cases.split(",") if c]
     args.modes = [m for m in args.modes.split(",") if m]
+    args.sweep_flavours = [f for f in args.sweep_flavours.split(",") if f]
     unknown = [v for v in args.variants if v not in VARIANTS] + [c for c in args.cases if c not in CASES]
     unknown += [m for m in args.modes if m not in ("default", "reduce-overhead")]
+    unknown += [f for f in args.sweep_flavours if f not in SWEEP_TILES]
     if unknown:
         p.error(f"unknown variant(s) or case(s) {unknown}; variants: {','.join(VARIANTS)}; cases: {','.join(CASES)}")
     if args.small:

@@ -7,9 +7,11 @@
 #
 #   tests    pytest -m gpu: tests/test_inference.py and the scaling-mode GPU tests (issue 5),
 #            or the test ids in $TESTS
-#   sweep    the weight-only kernel's tiles at M = 16, per weight shape of the 956M model
+#   sweep    the small-M kernel's tiles at M = 16, per weight shape of the 956M model, for the
+#            x flavours in $SWEEP_FLAVOURS (default hp,fp8)
 #   decode   16 x 1 tokens, compile modes $DECODE_MODES (default: reduce-overhead), with the
-#            sweep's per-shape winners when the same call ran the sweep
+#            sweep's per-shape winners when the same call ran the sweep; PROFILE=1 adds each
+#            variant's CUDA kernels per call (decode_profile.md)
 #   prefill  4 x 2048 tokens, compile mode default
 #
 # Variants: $VARIANTS (default bf16,ours-tensorwise,ours-rowwise; add torchao-tensorwise for
@@ -39,13 +41,15 @@ for stage in "${@:-tests sweep decode prefill}"; do
     case $s in
       tests) step "${TESTS_S:-170}" gpu_tests python3 -m pytest ${TESTS:-tests/test_inference.py \
                tests/test_scaling_modes.py} -m gpu -q -p no:cacheprovider --durations=10 ;;
-      sweep) step "${SWEEP_S:-300}" sweep $BENCH --sweep tiles --warmup 2 --iters 10 --repeats 3 --out "$WORK/sweep"
+      sweep) step "${SWEEP_S:-300}" sweep $BENCH --sweep tiles --sweep-flavours "${SWEEP_FLAVOURS:-hp,fp8}" \
+               --warmup 2 --iters 10 --repeats 3 --out "$WORK/sweep"
              cp "$WORK/sweep/bench_inference_sweep.md" "$OUT/sweep.md" 2>/dev/null ;;
       decode) TUNING=()  # the sweep's per-shape winners, when this call ran the sweep
               [ -f "$WORK/sweep/bench_inference_sweep.json" ] && TUNING=(--weight-only-tuning "$WORK/sweep/bench_inference_sweep.json")
               step "${DECODE_S:-150}" decode $BENCH --cases decode --modes "${DECODE_MODES:-reduce-overhead}" \
-                --variants "$VARIANTS" "${TUNING[@]}" --out "$WORK/decode"
-              cp "$WORK/decode/bench_inference.md" "$OUT/decode.md" 2>/dev/null ;;
+                --variants "$VARIANTS" "${TUNING[@]}" ${PROFILE:+--profile} --out "$WORK/decode"
+              cp "$WORK/decode/bench_inference.md" "$OUT/decode.md" 2>/dev/null
+              cp "$WORK/decode/bench_inference_profile.md" "$OUT/decode_profile.md" 2>/dev/null ;;
       prefill) step "${PREFILL_S:-170}" prefill $BENCH --cases prefill --variants "$VARIANTS" --out "$WORK/prefill"
                cp "$WORK/prefill/bench_inference.md" "$OUT/prefill.md" 2>/dev/null ;;
       *) echo "unknown stage $s (tests sweep decode prefill)"; exit 2 ;;

@@ -189,8 +189,36 @@ def test_interpreted_fp8_small_m_kernel(m, k, n, granularity, split_k, swap_ab, 
 def test_unknown_small_m_activation_is_an_error(monkeypatch):
     monkeypatch.setattr(fp8_gemv, "SMALL_M_ACTIVATION", "bf16")
     model = _inference(nn.Linear(64, 32).to(BF16), weight_only_max_m=16)
-    with torch.no_grad(), pytest.raises(ValueError, match=r"SMALL_M_ACTIVATION='bf16'; allowed: \('hp', 'fp8'\)"):
+    with torch.no_grad(), pytest.raises(ValueError, match=r"SMALL_M_ACTIVATION='bf16'; allowed: \('auto', 'hp', 'fp8'\)"):
         model(_x(4, 64))
+
+
+@pytest.mark.parametrize(
+    "choice, scaling, calibrated, expected",
+    [
+        ("auto", "dynamic", False, "weight-only"),
+        ("auto", "static", False, "weight-only"),  # uncalibrated static runs dynamic
+        ("auto", "static", True, "float8 x"),
+        ("hp", "static", True, "weight-only"),
+        ("fp8", "dynamic", False, "float8 x"),
+    ],
+)
+def test_small_m_activation_chooses_the_kernel(choice, scaling, calibrated, expected, monkeypatch):
+    """Small M: "auto" casts x to float8 only where its scale is static and calibrated (the cast
+    is then one multiply in x's producer); "hp" and "fp8" force a path."""
+    monkeypatch.setattr(fp8_gemv, "SMALL_M_ACTIVATION", choice)
+    monkeypatch.setattr(fp8_gemv, "triton_available", lambda device: True)  # as on the GPU
+    taken = []
+    monkeypatch.setattr(fp8_gemv, "weight_only_linear",
+                        lambda *a: taken.append("weight-only") or fp8_gemv.weight_only_reference(*a))
+    monkeypatch.setattr(fp8_gemv, "fp8_small_m_linear",
+                        lambda *a: taken.append("float8 x") or fp8_gemv.fp8_small_m_reference(*a))  # fmt: skip
+    model = _inference(nn.Linear(64, 32).to(BF16), scaling=scaling, weight_only_max_m=16)
+    if calibrated:
+        calibrate(model, [_x(4, 64)])
+    with torch.no_grad():
+        model(_x(4, 64))
+    assert taken == [expected]
 
 
 @interpreter
@@ -360,6 +388,125 @@ def test_static_checkpoint_without_amax_warns():
     with pytest.warns(UserWarning, match="fp8_amax_input"):
         static.load_state_dict(state)
     assert "uncalibrated" in fp8_layers(static)["0"], fp8_layers(static)
+
+
+def _static_layers(model):
+    return [m for m in model.modules() if inference.is_static_layer(m)]
+
+
+@pytest.mark.parametrize("margin", [1.0, 1.25])
+def test_static_input_scale_is_a_buffer_computed_by_calibrate(margin):
+    """The forward reads the scale calibrate computed (no scale arithmetic per call): the same
+    bits the amax gave when the forward computed it, in a buffer state_dict() does not save."""
+    converted = _inference(_mlp(), scaling="static", amax_margin=margin, **SCALED_MM)
+    keys = list(converted.state_dict())
+    layers = _static_layers(converted)
+    spec = getattr(layers[0], inference.INFERENCE_ATTR)
+    assert spec.amax_margin == margin and inference._static_input_scale(layers[0], spec) is None
+    calibrate(converted, [_x(3, 40, 64)])
+    for layer in layers:
+        scale = inference._static_input_scale(layer, spec)
+        assert scale is getattr(layer, inference.INPUT_SCALE), "not the buffer itself"
+        expected = inference.inverse_to_scale(layer.fp8_amax_input * margin)
+        assert scale.dtype == torch.float32 and bits_equal(scale, expected), (scale, expected)
+    assert f"0.{inference.INPUT_SCALE}" in dict(converted.named_buffers()), "not a buffer"
+    assert list(converted.state_dict()) == keys, "the scale buffer must not be saved"
+    for copied in (copy.deepcopy(converted), converted.to(torch.device("cpu"))):
+        assert bits_equal(getattr(copied[0], inference.INPUT_SCALE), getattr(layers[0], inference.INPUT_SCALE))
+
+
+def test_static_input_scale_follows_load_state_dict():
+    """load_state_dict recomputes the scale in place (compiled graphs hold the same buffer)."""
+    x = _x(3, 40, 64)
+    source = _inference(_mlp(), scaling="static", **SCALED_MM)
+    calibrate(source, [x])
+    target = _inference(_mlp(), scaling="static", **SCALED_MM)
+    calibrate(target, [x * 4])
+    keys = list(target.state_dict())
+    buffers = [getattr(m, inference.INPUT_SCALE) for m in _static_layers(target)]
+    old = [b.clone() for b in buffers]
+    target.load_state_dict(_saved(source.state_dict()))
+    assigned = _inference(_mlp(), scaling="static", **SCALED_MM)
+    assigned.load_state_dict(_saved(source.state_dict()), assign=True)
+    assert list(target.state_dict()) == keys and not any(k.endswith(inference.INPUT_SCALE) for k in keys), keys
+    for layer, buffer, before, reference, other in zip(
+        _static_layers(target), buffers, old, _static_layers(source), _static_layers(assigned)
+    ):
+        assert getattr(layer, inference.INPUT_SCALE) is buffer, "the buffer was replaced, not updated"
+        assert not bits_equal(buffer, before), "the checkpoint's amax differs: so must the scale"
+        expected = inference.inverse_to_scale(reference.fp8_amax_input)
+        for scale in (buffer, getattr(other, inference.INPUT_SCALE)):
+            assert bits_equal(scale, expected), (scale, expected)
+    with torch.no_grad():
+        assert bits_equal(target(x), source(x)) and bits_equal(assigned(x), source(x))
+
+
+def test_static_checkpoint_without_amax_makes_the_layer_dynamic_again():
+    static = _inference(_mlp(), scaling="static", **SCALED_MM)
+    calibrate(static, [_x(3, 40, 64)])
+    with pytest.warns(UserWarning, match="fp8_amax_input"):
+        static.load_state_dict(_inference(_mlp()).state_dict())
+    layer = static[0]
+    assert inference._static_input_scale(layer, getattr(layer, inference.INFERENCE_ATTR)) is None
+    assert bits_equal(getattr(layer, inference.INPUT_SCALE), inference.inverse_to_scale(torch.zeros(())))
+
+
+def test_calibrate_without_batches_leaves_no_stale_scale():
+    """calibrate zeroes the amaxes first: one that raises leaves the layers dynamic, not running
+    on the previous calibration's scale."""
+    static = _inference(_mlp(), scaling="static", **SCALED_MM)
+    calibrate(static, [_x(3, 40, 64)])
+    with pytest.raises(ValueError, match="no batches"):
+        calibrate(static, [])
+    assert "uncalibrated" in fp8_layers(static)["0"], fp8_layers(static)
+
+
+@pytest.mark.parametrize("margin", [1.0, 1.25])
+def test_compiled_static_equals_eager_and_follows_recalibration(margin):
+    """One layer (see test_compiled_fullgraph_equals_eager): bitwise, both paths; recalibrating
+    updates the scale buffer in place, so the compiled graph reads it without a recompile."""
+    model = _inference(nn.Linear(64, 48).to(BF16), scaling="static", amax_margin=margin, weight_only_max_m=16)
+    calibrate(model, [_x(4, 20, 64)])
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    xs = (_x(4, 20, 64), _x(16, 64))  # _scaled_mm, then weight-only
+    with torch.no_grad():
+        first = [compiled(x) for x in xs]
+        for x, out in zip(xs, first):
+            assert bits_equal(out, model(x)), f"M={x.numel() // 64}: compiled != eager"
+    frames = counter.frame_count
+    calibrate(model, [_x(4, 20, 64) * 8])
+    with torch.no_grad():
+        again = compiled(xs[0])
+        assert bits_equal(again, model(xs[0])), "after recalibration: compiled != eager"
+    assert not bits_equal(again, first[0]), "the compiled graph kept the old scale"
+    assert counter.frame_count == frames, f"recalibration recompiled: {counter.frame_count} frames, was {frames}"
+
+
+def test_compiled_static_graph_reads_the_scale_buffer():
+    """The captured graph takes the scale buffer as it is: the amax buffer is not an input, and
+    no division (the `amax / 448`, `1 / inv_scale` of the scale) runs per call."""
+    import operator
+
+    model = _inference(_mlp(), scaling="static", **SCALED_MM)
+    calibrate(model, [_x(3, 40, 64)])
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm.graph)
+        return gm
+
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True)(_x(3, 40, 64))
+    (graph,) = graphs
+    inputs = [str(n.target) for n in graph.nodes if n.op == "placeholder"]
+    assert sum(inference.INPUT_SCALE in name for name in inputs) == 3, inputs
+    assert not any(inference.INPUT_AMAX in name for name in inputs), inputs
+    divisions = [
+        n.format_node() for n in graph.nodes
+        if n.target in (operator.truediv, torch.div, torch.true_divide, "div", "div_", "true_divide")
+    ]  # fmt: skip
+    assert not divisions, divisions
 
 
 # ---- models: a trained one, ties, transformers ------------------------------------------
