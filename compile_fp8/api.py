@@ -10,6 +10,8 @@ with its reason recorded for `fp8_layers`, when
   UserWarning per conversion names all such layers);
 * its weight is not floating point, or is shared with a module that is not a Linear (a weight
   shared by several Linears is converted once, for all of them: ties stay ties).
+* `Float8Config(layer_filter="auto")` and FP8 ran slower than bf16 at its shape on the H200
+  (`layer_choice.py`; the default "all" converts every other layer).
 
 transformers' `Conv1D` (GPT-2's projections: a linear layer with its weight stored [in, out]) is
 converted the same way, with dynamic scaling (`conv1d.py`).
@@ -41,6 +43,7 @@ from .fsdp import (
     local_amax,
 )
 from .gemm import ALIGN
+from .layer_choice import slow_layer_reason
 from .kernels import launch_statically
 from .linear import (
     attach_scaling_state,
@@ -232,6 +235,11 @@ def _convert_linears(model: nn.Module, config: Float8Config, module_filter_fn) -
         if config.scaling != "dynamic":
             attach_scaling_state(module, config)
     logger.info("compile_fp8: %d FP8 weight(s), recipe %s", len({id(w) for _, w in layers}), config.recipe)
+    if config.layer_filter == "auto":
+        slow = [fqn for fqn, m in model.named_modules() if "layer_filter='auto'" in getattr(m, SKIP_ATTR, "")]
+        logger.info("compile_fp8: layer_filter='auto' keeps %d layer(s) in high precision, FP8 being slower "
+                    "at their shapes (fp8_layers(model) gives each one's measured ratio): %s",
+                    len(slow), ", ".join(slow[:8]) + (", ..." if len(slow) > 8 else "") or "none")  # fmt: skip
     if config.scaling == "static" and layers:
         warnings.warn(
             "compile_fp8: scaling='static' layers run with dynamic scaling until you call "
@@ -303,6 +311,10 @@ def _skip_reason(module: nn.Module, fqn, owners, module_filter_fn, config) -> Op
     others = [n for n, m in owners.get(id(weight), []) if not is_linear_like(m) or is_conv1d(m) != kind]
     if others:
         return f"skipped: weight is tied to {others[0]} (not a {'Conv1D' if kind else 'Linear'})"
+    if config.layer_filter == "auto":
+        slow = slow_layer_reason(*features(module), config.recipe)
+        if slow:
+            return slow
     if kind:
         return conv1d_skip_reason(module, config.scaling)
     why_not = check_scaling_config(config, module)

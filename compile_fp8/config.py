@@ -33,6 +33,7 @@ Mode = Literal["training", "inference"]
 Granularity = Literal["tensorwise", "rowwise"]
 AmaxFrom = Literal["max", "most_recent"]
 CastKernels = Literal["inductor", "triton"]
+LayerFilter = Literal["all", "auto"]
 
 RECIPES: tuple[str, ...] = get_args(Recipe)
 SCALINGS: tuple[str, ...] = get_args(Scaling)
@@ -40,6 +41,7 @@ MODES: tuple[str, ...] = get_args(Mode)
 GRANULARITIES: tuple[str, ...] = get_args(Granularity)
 AMAX_FROM: tuple[str, ...] = get_args(AmaxFrom)
 CAST_KERNELS: tuple[str, ...] = get_args(CastKernels)
+LAYER_FILTERS: tuple[str, ...] = get_args(LayerFilter)
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
@@ -94,6 +96,13 @@ class Float8Config:
     and weight instead of high-precision copies. Same bits either way; on CPU (no Triton) the
     torch fallbacks run."""
 
+    layer_filter: LayerFilter = "all"
+    """Which eligible layers run FP8. "all" (default): every one `_scaled_mm` can take, as torchao's
+    `convert_to_float8_training` does (its parity tests rely on it). "auto": only layers whose
+    shape ran faster in FP8 than in bf16 for this recipe on an H200 (`layer_choice.py`: from
+    min(in, out) = 2048 for tensorwise, about 4096 x 8192 for rowwise); `fp8_layers` gives each
+    skipped layer's measured ratio. Training only."""
+
     weight_only_max_m: int = 64
     """mode="inference": a linear whose input has at most this many rows M (tokens: batch x
     sequence, e.g. a decode step) runs the weight-only FP8 kernel (float8 weight, high-precision
@@ -108,6 +117,7 @@ class Float8Config:
         check_choice("Float8Config.static_grads", self.static_grads, (False, True))
         check_choice("Float8Config.amax_from", self.amax_from, AMAX_FROM)
         check_choice("Float8Config.cast_kernels", self.cast_kernels, CAST_KERNELS)
+        check_choice("Float8Config.layer_filter", self.layer_filter, LAYER_FILTERS)
         if self.cast_kernels == "triton" and self.recipe != "tensorwise":
             raise ValueError(
                 f"Float8Config.cast_kernels='triton' supports recipe='tensorwise' only "
@@ -142,6 +152,12 @@ class Float8Config:
             raise ValueError(
                 f"Float8Config.cast_kernels={self.cast_kernels!r} applies to mode='training' only; "
                 "inference uses 'inductor' (and the weight-only kernel for small M)"
+            )
+        if self.layer_filter != "all":
+            raise ValueError(
+                f"Float8Config.layer_filter={self.layer_filter!r} applies to mode='training' only "
+                "(its speed-ups were measured on training fwd+bwd); inference converts every "
+                "eligible layer: choose with module_filter_fn"
             )
 
     @classmethod

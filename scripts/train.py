@@ -21,6 +21,7 @@ import functools
 import sys
 import traceback
 
+from compile_fp8.config import LAYER_FILTERS
 from compile_fp8.lm.hardware import EMULATE_CHOICES
 from compile_fp8.lm.model import PRESETS
 from compile_fp8.lm.progress import MODES
@@ -33,6 +34,8 @@ def parse_args(argv=None) -> TrainConfig:
     add("--preset", choices=list(PRESETS), default="tiny", help="model shape (default: tiny)")
     add("--fp8", choices=FP8_CHOICES, default="none", help="FP8 recipe, or none for bf16")
     add("--use_fp8", action="store_true", help="the same as --fp8 tensorwise")
+    add("--layer-filter", choices=LAYER_FILTERS, default="all",
+        help="FP8 for all eligible layers, or auto: only shapes measured faster than bf16 (H200)")
     add("--steps", type=int, default=200, help="optimizer steps of the whole run")
     add("--batch-size", type=int, default=16)
     add("--seq-len", type=int, default=None, help="default: the preset's")
@@ -64,7 +67,7 @@ def parse_args(argv=None) -> TrainConfig:
         args.fp8 = "tensorwise"
     name = "bf16" if args.fp8 == "none" else f"fp8-{args.fp8}"
     return TrainConfig(
-        preset=args.preset, fp8=args.fp8, steps=args.steps, batch_size=args.batch_size,
+        preset=args.preset, fp8=args.fp8, layer_filter=args.layer_filter, steps=args.steps, batch_size=args.batch_size,
         seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps, compile=args.compile,
         emulate=args.emulate, device=args.device, seed=args.seed, vocab_size=args.vocab_size,
         data_dir=args.data, out_dir=args.out or f"runs/{args.preset}-{name}",

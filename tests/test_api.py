@@ -111,7 +111,7 @@ def test_compiled_model_is_rejected():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("recipe", "blockwise"), ("scaling", "lazy"), ("mode", "serving"), ("emulate", "yes")],
+    [("recipe", "blockwise"), ("scaling", "lazy"), ("mode", "serving"), ("emulate", "yes"), ("layer_filter", "fast")],
 )
 def test_bad_config_value_names_field_value_and_choices(field, value):
     with pytest.raises(ValueError, match=rf"Float8Config\.{field}='{value}'.*allowed values: \["):
@@ -211,3 +211,56 @@ def test_path_is_logged_once(caplog):
             _convert(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)))
     lines = [r.getMessage() for r in caplog.records if "_scaled_mm" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("compile_fp8: FP8 GEMMs run on torch._scaled_mm on cpu"), lines
+
+
+# ---- layer_filter="auto": which layers should be FP8 -----------------------------------------
+
+
+def test_layer_filter_auto_keeps_slow_shapes_in_high_precision():
+    """Tensorwise pays from min(K, N) = 2048 on the H200; the reason gives the measured ratio."""
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(2048, 2048), nn.Linear(48, 32))
+    _convert(model, config=Float8Config(layer_filter="auto"))
+    report = fp8_layers(model)
+    assert report["0"] == (
+        "skipped: layer_filter='auto': FP8 tensorwise ran 0.78x bf16 (< 1.02x) at this shape on an H200 "
+        "(fwd+bwd kernel time, M=16384); in_features=1024, out_features=1024"
+    )
+    assert report["1"] == "fp8 tensorwise dynamic"
+    assert "nearest measured shape K=512, N=512" in report["2"], report["2"]
+
+
+def test_layer_filter_default_converts_every_eligible_layer():
+    model = _convert(nn.Sequential(nn.Linear(1024, 1024), nn.Linear(32, 32)))
+    assert set(fp8_layers(model).values()) == {"fp8 tensorwise dynamic"}
+
+
+def test_layer_filter_auto_is_logged(caplog):
+    with caplog.at_level(logging.INFO, logger="compile_fp8"):
+        _convert(nn.Sequential(nn.Linear(1024, 1024)), config=Float8Config(layer_filter="auto"))
+    assert "layer_filter='auto' keeps 1 layer(s) in high precision" in caplog.text
+
+
+def test_layer_filter_auto_is_training_only():
+    with pytest.raises(ValueError, match="layer_filter='auto' applies to mode='training' only"):
+        Float8Config(mode="inference", layer_filter="auto")
+
+
+@pytest.mark.parametrize(
+    "k, n, recipe, converts",
+    [
+        # the 956M anchor model: every layer pays in tensorwise, none in rowwise
+        (2048, 6144, "tensorwise", True), (2048, 2048, "tensorwise", True),
+        (2048, 5632, "tensorwise", True), (5632, 2048, "tensorwise", True),
+        (2048, 6144, "rowwise", False), (2048, 2048, "rowwise", False),
+        (2048, 5632, "rowwise", False), (5632, 2048, "rowwise", False),
+        # Llama-8B-like shapes pay in both
+        (4096, 14336, "rowwise", True), (8192, 8192, "rowwise", True), (4096, 4096, "tensorwise", True),
+        # off the grid: the nearest measured shape in log2 space
+        (3072, 3072, "tensorwise", True), (16384, 16384, "rowwise", True), (768, 3072, "tensorwise", False),
+        (4096, 4096, "rowwise_with_gw_hp", False),  # uses the rowwise column
+    ],
+)  # fmt: skip
+def test_layer_choice_by_measured_shape(k, n, recipe, converts):
+    from compile_fp8.layer_choice import slow_layer_reason
+
+    assert (slow_layer_reason(k, n, recipe) is None) == converts

@@ -298,3 +298,5 @@ def test_train_cli_flags(monkeypatch):
         "tensorwise", False, 5, "runs/tiny-fp8-tensorwise"), dataclasses.asdict(cfg)
     with pytest.raises(SystemExit):
         cli.parse_args(["--use_fp8", "--fp8", "rowwise"])
+    assert cli.parse_args(["--fp8", "rowwise", "--layer-filter", "auto"]).layer_filter == "auto"
+    assert cfg.layer_filter == "all"
