@@ -11,8 +11,9 @@ the same model from the same seed, compiles it, and reports:
 Variants: bf16, ours-tensorwise, ours-rowwise, ours-static (calibrated on one batch; weight scales
 refreshed after every optimizer step, whose cost is also timed alone), ours-staticgrads (the same
 with `static_grads=True`: calibrated grad_output scales too), ours-delayed,
-ours-triton (tensorwise, `cast_kernels="triton"`), torchao-tensorwise, torchao-rowwise (skipped
-with a note when torchao is missing).
+ours-triton (tensorwise, `cast_kernels="triton"`), ours-tensorwise-auto and ours-rowwise-auto
+(`layer_filter="auto"`: only the layer shapes measured faster in FP8), torchao-tensorwise,
+torchao-rowwise (skipped with a note when torchao is missing).
 
 On the GPU (torchao carried as a wheel, see scripts/device_check.sh):
 
@@ -44,6 +45,8 @@ VARIANTS = (
     "ours-staticgrads",
     "ours-delayed",
     "ours-triton",
+    "ours-tensorwise-auto",
+    "ours-rowwise-auto",
     "torchao-tensorwise",
     "torchao-rowwise",
 )
@@ -67,7 +70,7 @@ def convert(name: str, model, batch, emulate):
     """`model` converted and compiled as variant `name`."""
     if name == "bf16":
         return torch.compile(model)
-    kind, what = name.split("-")
+    kind, what, *flags = name.split("-")
     if kind == "torchao":
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
@@ -82,7 +85,8 @@ def convert(name: str, model, batch, emulate):
     elif what == "triton":  # tensorwise with the Triton amax / dual-layout cast kernels
         config = Float8Config(cast_kernels="triton", emulate=emulate)
     else:
-        config = Float8Config(recipe=what, emulate=emulate)
+        layer_filter = "auto" if flags == ["auto"] else "all"
+        config = Float8Config(recipe=what, emulate=emulate, layer_filter=layer_filter)
     compiled = compile_fp8(model, config, module_filter_fn=not_head)
     if what == "static":
         calibrate(compiled, [batch[0]])

@@ -3,6 +3,8 @@
 import importlib.util
 import pathlib
 
+import torch
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -30,6 +32,19 @@ def test_bench_train_step_small(tmp_path, capsys):
     assert rc == 0, out
     assert "| bf16 |" in out and "| ours-tensorwise |" in out and "failed" not in out, out
     assert (tmp_path / "bench_train_step.json").exists()
+
+
+def test_bench_train_step_auto_variant_filters_layers():
+    """ours-<recipe>-auto converts with layer_filter="auto": the toy model's 64-wide layers stay bf16."""
+    from compile_fp8 import fp8_layers
+
+    bench = _load("bench_train_step")
+    args = bench.parse_args(["--small", "--variants", "ours-tensorwise-auto"])
+    model, _ = bench.build_model(args, torch.device("cpu"))
+    compiled = bench.convert("ours-tensorwise-auto", model, None, emulate=True)
+    report = fp8_layers(compiled)
+    body = {fqn: how for fqn, how in report.items() if fqn != "head"}
+    assert body and all(how.startswith("skipped: layer_filter='auto'") for how in body.values()), report
 
 
 def test_bench_inference_small(tmp_path, capsys):
