@@ -4,6 +4,8 @@
 #   run(command="bash scripts/device_perf.sh", carry=[".whl"], timeout_s=600)
 #   bash scripts/device_perf.sh [STAGE...]       # default: rowwise compile
 #
+#   linear   one linear's fwd+bwd at the four ANCHORS shapes, every recipe, ours vs torchao vs bf16
+#            (bench_linear.py, wall clock, 2 interleaved rounds; ~4 minutes)
 #   step     the 956M train step, every recipe in one process: bench_train_step.py --variants $STEP_VARIANTS
 #            (default bf16, ours and torchao tensorwise, ours and torchao rowwise; ~8 minutes)
 #   rowwise  the 956M train step, rowwise recipes: bench_train_step.py --variants $ROWWISE_VARIANTS
@@ -12,7 +14,9 @@
 #   layers   "which layers should be FP8?": one linear's fwd+bwd CUDA kernel time (profiler, no host
 #            time) per (K, N) of $LAYER_SHAPES at M = 16384, bf16 vs ours tensorwise / rowwise
 #
-# $OUT gets env.txt and one .md per stage (its table, then the tail of its log).
+# $OUT gets env.txt and one .md per stage (its table, then the tail of its log). Both benchmark
+# tables from one call, on two GPUs at once (kind nvidia-h200-x2; each benchmark is one process):
+#   CUDA_VISIBLE_DEVICES=0 bash scripts/device_perf.sh linear & CUDA_VISIBLE_DEVICES=1 bash scripts/device_perf.sh step; wait
 set -uo pipefail
 OUT=${OUT:-runs/device_perf}
 mkdir -p "$OUT"
@@ -29,6 +33,8 @@ stage() {  # stage SECONDS NAME TABLE COMMAND...: run capped; $OUT/NAME.md = the
 }
 for s in ${@:-rowwise compile}; do
   case $s in
+    linear) stage "${LINEAR_S:-300}" linear /tmp/linear/bench_linear.md python3 scripts/bench_linear.py --rounds 2 \
+              --variants "${LINEAR_VARIANTS:-bf16,ours-tensorwise,torchao-tensorwise,ours-rowwise,torchao-rowwise}" --out /tmp/linear ;;
     step) stage "${STEP_S:-560}" step /tmp/step/bench_train_step.md python3 scripts/bench_train_step.py \
             --variants "${STEP_VARIANTS:-bf16,ours-tensorwise,torchao-tensorwise,ours-rowwise,torchao-rowwise}" --out /tmp/step ;;
     rowwise) stage "${ROWWISE_S:-330}" rowwise /tmp/rowwise/bench_train_step.md python3 scripts/bench_train_step.py \
@@ -39,7 +45,7 @@ for s in ${@:-rowwise compile}; do
     layers) stage "${LAYERS_S:-280}" layers /tmp/layers/bench_linear.md python3 scripts/bench_linear.py \
               --timer kernels --rounds 1 --variants "${LAYER_VARIANTS:-bf16,ours-tensorwise,ours-rowwise}" \
               --shapes "${LAYER_SHAPES:-$(python3 scripts/layer_grid.py)}" --out /tmp/layers ;;
-    *) echo "unknown stage $s (step rowwise compile layers)"; exit 2 ;;
+    *) echo "unknown stage $s (linear step rowwise compile layers)"; exit 2 ;;
   esac
 done
 date -u
