@@ -43,8 +43,8 @@ from .fsdp import (
     local_amax,
 )
 from .gemm import ALIGN
-from .layer_choice import slow_layer_reason
 from .kernels import launch_statically
+from .layer_choice import slow_layer_reason
 from .linear import (
     attach_scaling_state,
     check_scaling_config,

@@ -34,13 +34,14 @@ small-M trick of GEMM libraries); `config_for` and the H200 tile sweep choose be
 The float8-x flavour (`fp8_small_mm`) takes x already cast to e4m3 by the layer (the cast of
 the `_scaled_mm` path, which inductor fuses into the producer) and multiplies float8 by float8,
 with no dequantization in the loop. `SMALL_M_ACTIVATION` picks the flavour: "auto" (default)
-takes it where the layer has a calibrated static input scale, "hp" / "fp8" force one. Measured on the H200 at
-M = 16 with weights read from HBM (docs/benchmarks.md): the weight-only flavour runs at 0.83-1.00x
-cuBLAS's bf16 mm on the 956M model's shapes (converting every weight element in registers costs
-what the halved bytes save), the float8-x flavour at 1.15-1.50x, and cuBLAS's own `_scaled_mm`
-at 0.5-0.7x. In a whole decode step (16 x 1 tokens, CUDA graphs) the float8-x flavour wins
-where the activation's scale is static (1.12x bf16: the cast is one multiply in the producer's
-kernel) and not where it is dynamic (0.72-1.02x: an amax reduction per layer input, and its row
+takes it where the layer has a calibrated static input scale, "hp" / "fp8" force one.
+
+Measured on the H200 at M = 16 with weights read from HBM (docs/benchmarks.md): the weight-only
+flavour runs at 0.83-1.00x cuBLAS's bf16 mm on the 956M model's shapes (converting every weight
+element in registers costs what the halved bytes save), the float8-x flavour at 1.15-1.50x, and
+cuBLAS's own `_scaled_mm` at 0.5-0.7x. In a whole decode step (16 x 1 tokens, CUDA graphs) the
+float8-x flavour wins where the activation's scale is static (1.11-1.12x bf16: the cast is one
+multiply in the producer's kernel) and not where it is dynamic (0.72-1.02x: an amax reduction per layer input, and its row
 scales), so "auto" takes float8 x for calibrated static layers and weight-only otherwise (the
 more accurate: no activation quantization).
 
@@ -66,8 +67,8 @@ if triton is not None:
 # float8 x float8 kernel where the layer has a calibrated static input scale (the cast is then one
 # multiply, written by the kernel that produces x), else keeps x in high precision (weight-only:
 # a dynamic cast's amax pass costs what the float8 MMAs save); "hp" / "fp8" force one path.
-# Measured on the H200 (docs/benchmarks.md): decode step 1.12x bf16 static + float8 x, 0.94x
-# weight-only, 0.72-1.02x dynamic rowwise + float8 x.
+# Measured on the H200 (docs/benchmarks.md): decode step 1.11-1.12x bf16 static + float8 x,
+# 0.93-0.94x weight-only, 0.72-1.02x dynamic rowwise + float8 x.
 SMALL_M_ACTIVATION = "auto"
 SMALL_M_ACTIVATIONS = ("auto", "hp", "fp8")
 

@@ -18,8 +18,8 @@ table). Tensorwise pays from min(K, N) = 2048; rowwise, whose activations and gr
 need two amax passes and two casts, only from about 4096 x 8192.
 
 `slow_layer_reason` looks a layer's shape up at the nearest measured shape (distance in
-log2(K), log2(N): a 3072-wide layer is as far from 2048 as from 4096), and keeps the layer in
-high precision when FP8 ran below `MIN_SPEEDUP` there. The ratios were measured at one M; both
+log2(K), log2(N): sizes are compared by ratio, so 3072 counts as nearer 4096 than 2048), and keeps
+the layer in high precision when FP8 ran below `MIN_SPEEDUP` there. The ratios were measured at one M; both
 the GEMM and the activation casts scale with M, so they move little with it, but a very small M
 (a few hundred tokens per step) makes every layer launch-bound and FP8 pointless.
 """
