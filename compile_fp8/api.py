@@ -44,7 +44,7 @@ from .fsdp import (
 )
 from .gemm import ALIGN
 from .kernels import launch_statically
-from .layer_choice import slow_layer_reason
+from .layer_choice import SKIP_PREFIX, slow_layer_reason
 from .linear import (
     attach_scaling_state,
     check_scaling_config,
@@ -236,7 +236,7 @@ def _convert_linears(model: nn.Module, config: Float8Config, module_filter_fn) -
             attach_scaling_state(module, config)
     logger.info("compile_fp8: %d FP8 weight(s), recipe %s", len({id(w) for _, w in layers}), config.recipe)
     if config.layer_filter == "auto":
-        slow = [fqn for fqn, m in model.named_modules() if "layer_filter='auto'" in getattr(m, SKIP_ATTR, "")]
+        slow = [fqn for fqn, m in model.named_modules() if getattr(m, SKIP_ATTR, "").startswith(SKIP_PREFIX)]
         logger.info("compile_fp8: layer_filter='auto' keeps %d layer(s) in high precision, FP8 being slower "
                     "at their shapes (fp8_layers(model) gives each one's measured ratio): %s",
                     len(slow), ", ".join(slow[:8]) + (", ..." if len(slow) > 8 else "") or "none")  # fmt: skip

@@ -66,6 +66,7 @@ MEASURED_ON = "an H200 (fwd+bwd kernel time, M=16384)"
 # Below this FP8 is not worth it: the two runs behind the table differ by a few % on the same
 # shape, and a layer that only breaks even still pays FP8's precision.
 MIN_SPEEDUP = 1.02
+SKIP_PREFIX = "skipped: layer_filter='auto'"  # how fp8_layers starts such a layer's reason
 
 
 def measured_speedup(k: int, n: int, recipe: str) -> tuple[float, tuple[int, int]]:
@@ -85,6 +86,6 @@ def slow_layer_reason(k: int, n: int, recipe: str) -> Optional[str]:
         return None
     where = "this shape" if (mk, mn) == (k, n) else f"the nearest measured shape K={mk}, N={mn}"
     return (
-        f"skipped: layer_filter='auto': FP8 {recipe} ran {speedup:.2f}x bf16 (< {MIN_SPEEDUP}x) at {where} on "
+        f"{SKIP_PREFIX}: FP8 {recipe} ran {speedup:.2f}x bf16 (< {MIN_SPEEDUP}x) at {where} on "
         f"{MEASURED_ON}; in_features={k}, out_features={n}"
     )

@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_linear import cuda_kernels  # noqa: E402
 from bench_train_step import try_variant  # noqa: E402
 
 VARIANTS = ("bf16", "ours-tensorwise", "ours-rowwise", "ours-static", "ours-tensorwise-fp8x", "ours-rowwise-fp8x",
@@ -134,22 +135,9 @@ def kernel_profile(fn, device, calls: int = 20) -> dict:
     """The CUDA kernels of one call of `fn`, from the torch profiler over `calls` calls: per kernel
     name its launches and microseconds per call, and the totals (kernel time excludes the gaps
     between kernels, so total_us against the measured ms says how much of a step is idle)."""
-    from torch.profiler import ProfilerActivity, profile
-
     if device.type != "cuda":
         return {"kernels": [], "total_us": 0.0, "launches": 0.0}
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    per_name: dict[str, list] = {}
-    for event in prof.events():
-        if str(getattr(event, "device_type", "")).endswith("CUDA"):
-            us = event.device_time if hasattr(event, "device_time") else event.cuda_time
-            entry = per_name.setdefault(event.name, [0, 0.0])
-            entry[0] += 1
-            entry[1] += us
+    per_name = cuda_kernels(fn, calls)
     kernels = sorted(([name, n / calls, us / calls] for name, (n, us) in per_name.items()), key=lambda k: -k[2])
     return {"kernels": kernels, "total_us": sum(k[2] for k in kernels), "launches": sum(k[1] for k in kernels)}
 

@@ -229,8 +229,8 @@ def time_do_bench(fn, device: str, rep_ms: int = 100) -> float:
     return float(do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
 
 
-def time_kernels(fn, steps: int = 20) -> float:
-    """ms of CUDA kernel time per call of `fn` (profiler, `steps` calls): no launch or host time."""
+def cuda_kernels(fn, steps: int = 20) -> dict[str, list]:
+    """The CUDA kernels of `steps` calls of `fn` (torch profiler): name -> [launches, total us]."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -238,12 +238,18 @@ def time_kernels(fn, steps: int = 20) -> float:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
-    total_us = sum(
-        event.device_time if hasattr(event, "device_time") else event.cuda_time
-        for event in prof.events()
-        if str(getattr(event, "device_type", "")).endswith("CUDA")
-    )
-    return total_us / steps / 1e3
+    kernels: dict[str, list] = {}
+    for event in prof.events():
+        if str(getattr(event, "device_type", "")).endswith("CUDA"):
+            entry = kernels.setdefault(event.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.device_time if hasattr(event, "device_time") else event.cuda_time
+    return kernels
+
+
+def time_kernels(fn, steps: int = 20) -> float:
+    """ms of CUDA kernel time per call of `fn` (profiler, `steps` calls): no launch or host time."""
+    return sum(us for _, us in cuda_kernels(fn, steps).values()) / steps / 1e3
 
 
 def time_step(step, args) -> float:
