@@ -133,18 +133,20 @@ def fp8_small_m_linear(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype
 
 
 def fp8_small_m_reference(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype):
-    out = torch.mm(x_fp8.to(torch.float32), weight_fp8.to(torch.float32).t())  # exact products
-    out = out / weight_scale.reshape(1, -1) / x_scale.reshape(-1, 1)
-    return (out if bias is None else out + bias.to(torch.float32)).to(out_dtype)
+    """The float8-x kernel's math in torch (`weight_only_reference` with x's scale)."""
+    return weight_only_reference(x_fp8, weight_fp8, weight_scale, bias, x_scale=x_scale, out_dtype=out_dtype)
 
 
-def weight_only_reference(x, weight_fp8, weight_scale, bias=None):
-    """The kernel's math in torch: float32 products and sums, one divide by the scale, the
-    bias in float32, one rounding (so eager and inductor agree bit for bit)."""
+def weight_only_reference(x, weight_fp8, weight_scale, bias=None, x_scale=None, out_dtype=None):
+    """The kernel's math in torch: float32 products and sums (exact for float8 x too), one divide
+    by the weight's scale, then by x's scale if x is float8, the bias in float32, one rounding to
+    `out_dtype` (default x's dtype), so eager and inductor agree bit for bit."""
     # [M, K] @ [K, N] -> [M, N]; the [N, 1] scale becomes [1, N] (one per output column)
     out = torch.mm(x.to(torch.float32), weight_fp8.to(torch.float32).t())
     out = out / weight_scale.reshape(1, -1)
-    return (out if bias is None else out + bias.to(torch.float32)).to(x.dtype)
+    if x_scale is not None:  # [] or [M, 1]: one per row of x
+        out = out / x_scale.reshape(-1, 1)
+    return (out if bias is None else out + bias.to(torch.float32)).to(x.dtype if out_dtype is None else out_dtype)
 
 
 SHARED_MEMORY_BUDGET = 192 * 1024  # bytes; the H200 has 227 KiB per block
