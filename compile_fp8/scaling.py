@@ -29,11 +29,20 @@ from .config import CastSpec
 EPS = 1e-12  # amax floor: an all-zero tensor gets a finite scale instead of inf
 
 
+TENSORWISE_AMAX = "flat"
+"""How a tensorwise amax is spelled for inductor: "flat" (one max over everything; the default)
+or "rows" (a max per row, then over the rows: the same bits). Alone, "rows" was no faster on the
+H200 (scripts/probe_casts.py); in a model its per-row max can join the kernel that produces the
+rows (norm, SwiGLU). Read at trace time, inside the linear's autograd.Function, whose body
+AOTAutograd's cache key does not cover: set it with that cache off, as `bench_train_step.py`'s
+`...+rowamax` variants do, or a compile from the other setting comes back from the cache."""
+
+
 def amax(hp: torch.Tensor, rowwise_dim: int | None = None) -> torch.Tensor:
     """max |hp|, over everything (tensorwise) or along `rowwise_dim` with keepdim (rowwise)."""
     if rowwise_dim is None:
-        # one reduction over everything; a per-row max first gives the same bits and was no
-        # faster under inductor on the H200 (scripts/probe_casts.py)
+        if TENSORWISE_AMAX == "rows" and hp.dim() >= 2:
+            return torch.amax(torch.abs(hp), dim=-1).max()
         return torch.max(torch.abs(hp))
     return torch.amax(torch.abs(hp), dim=rowwise_dim, keepdim=True)
 

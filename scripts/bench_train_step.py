@@ -13,7 +13,10 @@ refreshed after every optimizer step, whose cost is also timed alone), ours-stat
 with `static_grads=True`: calibrated grad_output scales too), ours-delayed,
 ours-triton (tensorwise, `cast_kernels="triton"`), ours-tensorwise-auto and ours-rowwise-auto
 (`layer_filter="auto"`: only the layer shapes measured faster in FP8), torchao-tensorwise,
-torchao-rowwise (skipped with a note when torchao is missing).
+torchao-rowwise (skipped with a note when torchao is missing). Any variant can take one
+experiment as a suffix, `VARIANT+EXPERIMENT` (e.g. ours-tensorwise+rowamax, bf16+cdt): "rowamax"
+reduces tensorwise amaxes per row first (`scaling.TENSORWISE_AMAX = "rows"`: same bits), "cdt"
+turns on inductor's coordinate-descent tuning of its generated kernels (slower compile).
 
 On the GPU (torchao carried as a wheel, see scripts/device_check.sh):
 
@@ -27,6 +30,7 @@ On CPU, `--small` runs a one-layer toy model for a few steps so CI can check the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -50,6 +54,34 @@ VARIANTS = (
     "torchao-tensorwise",
     "torchao-rowwise",
 )
+
+
+
+@contextlib.contextmanager
+def _rowamax():
+    from compile_fp8 import scaling
+
+    saved, scaling.TENSORWISE_AMAX = scaling.TENSORWISE_AMAX, "rows"
+    # AOTAutograd's cache key (torch 2.11 / 2.13) does not cover the body of an autograd.Function,
+    # where the amax is traced: with the cache on, this variant got the plain variant's
+    # compiled graph back (measured on CPU: an autograd_cache_hit, the same kernels on the H200)
+    try:
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            yield
+    finally:
+        scaling.TENSORWISE_AMAX = saved
+
+
+EXPERIMENTS = {
+    "rowamax": _rowamax,
+    "cdt": lambda: torch._inductor.config.patch(coordinate_descent_tuning=True),
+}
+
+
+def split_variant(name: str) -> tuple[str, str | None]:
+    """"ours-tensorwise+rowamax" -> ("ours-tensorwise", "rowamax"); no suffix -> (name, None)."""
+    base, plus, experiment = name.partition("+")
+    return base, (experiment if plus else None)
 
 
 def not_head(module, fqn: str) -> bool:
@@ -125,6 +157,19 @@ def timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
+def in_experiment(fn):
+    """`fn(name, ...)` for a variant that may carry a `+EXPERIMENT` suffix: `fn` gets the plain
+    name and runs (compiles too) inside the experiment's context."""
+
+    def wrapped(name, *args, **kwargs):
+        name, experiment = split_variant(name)
+        with EXPERIMENTS[experiment]() if experiment else contextlib.nullcontext():
+            return fn(name, *args, **kwargs)
+
+    return wrapped
+
+
+@in_experiment
 def bench_variant(name, base, batch, args, device) -> dict:
     torch._dynamo.reset()
     if device.type == "cuda":
@@ -228,9 +273,11 @@ def parse_args(argv):
     p.add_argument("--out", default=None, help="write bench_train_step.md and .json here")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in args.variants if v not in VARIANTS]
+    unknown = [v for v in args.variants
+               if split_variant(v)[0] not in VARIANTS or split_variant(v)[1] not in (None, *EXPERIMENTS)]
     if unknown:
-        p.error(f"unknown variant(s) {unknown}; choices: {','.join(VARIANTS)}")
+        p.error(f"unknown variant(s) {unknown}; choices: {','.join(VARIANTS)}, "
+                f"each optionally +EXPERIMENT from {','.join(EXPERIMENTS)}")
     if args.small:
         args.batch, args.seq, args.warmup, args.steps = 2, 32, 1, 2
     return args

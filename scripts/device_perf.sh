@@ -11,6 +11,8 @@
 #   rowwise  the 956M train step, rowwise recipes: bench_train_step.py --variants $ROWWISE_VARIANTS
 #   compile  where the first step's compile time goes: profile_compile.py on the anchor model cut
 #            to $COMPILE_LAYERS layers (each layer compiles the same code), variants $COMPILE_VARIANTS
+#   profile  where one step's kernel time goes, per category: profile_train_step.py on the anchor
+#            model cut to 2 layers, variants $PROFILE_VARIANTS
 #   layers   "which layers should be FP8?": one linear's fwd+bwd CUDA kernel time (profiler, no host
 #            time) per (K, N) of $LAYER_SHAPES at M = 16384, bf16 vs ours tensorwise / rowwise
 #
@@ -21,31 +23,34 @@ set -uo pipefail
 OUT=${OUT:-runs/device_perf}
 mkdir -p "$OUT"
 source scripts/device_env.sh  # PYTHONPATH, carried wheels
+W=$(mktemp -d)  # this call's logs and tables: two calls on two GPUs at once must not share files
 python3 -c "import torch, triton, torchao; print(torch.__version__, triton.__version__, torchao.__version__)" \
   2>&1 | tail -1 | tee "$OUT/env.txt"
 stage() {  # stage SECONDS NAME TABLE COMMAND...: run capped; $OUT/NAME.md = the table, then the log
   local limit=$1 name=$2 table=$3; shift 3
   echo "== $name ($(date -u +%T), cap ${limit}s)"
-  timeout "$limit" "$@" > "/tmp/$name.log" 2>&1
+  timeout "$limit" "$@" > "$W/$name.log" 2>&1
   echo "== $name exit $?"
   { cat "$table" 2>/dev/null; echo; echo '## log'; echo '```'
-    grep -v "Warning\|warn(" "/tmp/$name.log" | tail -40; echo '```'; } > "$OUT/$name.md"
+    grep -v "Warning\|warn(" "$W/$name.log" | tail -40; echo '```'; } > "$OUT/$name.md"
 }
 for s in ${@:-rowwise compile}; do
   case $s in
-    linear) stage "${LINEAR_S:-300}" linear /tmp/linear/bench_linear.md python3 scripts/bench_linear.py --rounds 2 \
-              --variants "${LINEAR_VARIANTS:-bf16,ours-tensorwise,torchao-tensorwise,ours-rowwise,torchao-rowwise}" --out /tmp/linear ;;
-    step) stage "${STEP_S:-560}" step /tmp/step/bench_train_step.md python3 scripts/bench_train_step.py \
-            --variants "${STEP_VARIANTS:-bf16,ours-tensorwise,torchao-tensorwise,ours-rowwise,torchao-rowwise}" --out /tmp/step ;;
-    rowwise) stage "${ROWWISE_S:-330}" rowwise /tmp/rowwise/bench_train_step.md python3 scripts/bench_train_step.py \
-               --variants "${ROWWISE_VARIANTS:-bf16,ours-rowwise,torchao-rowwise}" --out /tmp/rowwise ;;
-    compile) stage "${COMPILE_S:-200}" compile /tmp/compile/profile_compile.md python3 scripts/profile_compile.py \
+    linear) stage "${LINEAR_S:-300}" linear $W/linear/bench_linear.md python3 scripts/bench_linear.py --rounds 2 \
+              --variants "${LINEAR_VARIANTS:-bf16,ours-tensorwise,torchao-tensorwise,ours-rowwise,torchao-rowwise}" --out $W/linear ;;
+    step) stage "${STEP_S:-560}" step $W/step/bench_train_step.md python3 scripts/bench_train_step.py \
+            --variants "${STEP_VARIANTS:-bf16,ours-tensorwise,torchao-tensorwise,ours-rowwise,torchao-rowwise}" --out $W/step ;;
+    rowwise) stage "${ROWWISE_S:-330}" rowwise $W/rowwise/bench_train_step.md python3 scripts/bench_train_step.py \
+               --variants "${ROWWISE_VARIANTS:-bf16,ours-rowwise,torchao-rowwise}" --out $W/rowwise ;;
+    compile) stage "${COMPILE_S:-200}" compile $W/compile/profile_compile.md python3 scripts/profile_compile.py \
                --layers "${COMPILE_LAYERS:-4}" --variants "${COMPILE_VARIANTS:-bf16,ours-tensorwise,torchao-tensorwise}" \
-               --out /tmp/compile ;;
-    layers) stage "${LAYERS_S:-280}" layers /tmp/layers/bench_linear.md python3 scripts/bench_linear.py \
+               --out $W/compile ;;
+    profile) stage "${PROFILE_S:-240}" profile $W/profile/profile_train_step.md python3 scripts/profile_train_step.py \
+               --layers 2 --variants "${PROFILE_VARIANTS:-bf16,ours-tensorwise,torchao-tensorwise}" --out $W/profile ;;
+    layers) stage "${LAYERS_S:-280}" layers $W/layers/bench_linear.md python3 scripts/bench_linear.py \
               --timer kernels --rounds 1 --variants "${LAYER_VARIANTS:-bf16,ours-tensorwise,ours-rowwise}" \
-              --shapes "${LAYER_SHAPES:-$(python3 scripts/layer_grid.py)}" --out /tmp/layers ;;
-    *) echo "unknown stage $s (linear step rowwise compile layers)"; exit 2 ;;
+              --shapes "${LAYER_SHAPES:-$(python3 scripts/layer_grid.py)}" --out $W/layers ;;
+    *) echo "unknown stage $s (linear step rowwise compile profile layers)"; exit 2 ;;
   esac
 done
 date -u

@@ -1,6 +1,6 @@
 """Where does one LM training step's GPU time go? Kernel time per category, per variant.
 
-    python3 scripts/profile_train_step.py --layers 2 [--variants bf16,ours-tensorwise,torchao-tensorwise]
+    python3 scripts/profile_train_step.py --layers 2 [--variants bf16,ours-tensorwise,ours-tensorwise+rowamax]
 
 Builds bench_train_step's model (the ANCHORS 956M shape; `--layers` cuts its depth so it
 compiles fast: every layer runs the same kernels), profiles `--steps` steps after warm-up and
@@ -52,6 +52,7 @@ def kernel_times(prof, device) -> dict[str, float]:
     return times
 
 
+@bench_train_step.in_experiment  # a variant may carry +EXPERIMENT (bench_train_step.py)
 def profile_variant(name, base, batch, args, device) -> tuple[dict, list]:
     torch._dynamo.reset()
     emulate = True if device.type == "cpu" else None
@@ -114,6 +115,7 @@ def main(argv=None) -> int:
     text = "\n".join(head + [""] + lines) + "\n"
     print(text)
     if args.out:
+        pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
         pathlib.Path(args.out, "profile_train_step.md").write_text(text)
     return 0
 

@@ -3,6 +3,7 @@
 import importlib.util
 import pathlib
 
+import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -45,6 +46,29 @@ def test_bench_train_step_auto_variant_filters_layers():
     report = fp8_layers(compiled)
     body = {fqn: how for fqn, how in report.items() if fqn != "head"}
     assert body and all(how.startswith("skipped: layer_filter='auto'") for how in body.values()), report
+
+
+def test_bench_train_step_experiment_suffix():
+    """VARIANT+EXPERIMENT: parsed and checked; "rowamax" sets the per-row amax with AOTAutograd's
+    cache off while the variant runs, then restores both."""
+    from compile_fp8 import scaling
+
+    bench = _load("bench_train_step")
+    assert bench.parse_args(["--variants", "ours-tensorwise+rowamax"]).variants == ["ours-tensorwise+rowamax"]
+    for bad in ("ours-tensorwise+nope", "nope+rowamax"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--variants", bad])
+    seen = []
+
+    @bench.in_experiment
+    def probe(name):
+        seen.append((name, scaling.TENSORWISE_AMAX, torch._functorch.config.enable_autograd_cache))
+
+    cache_on = torch._functorch.config.enable_autograd_cache
+    probe("ours-tensorwise+rowamax")
+    probe("ours-tensorwise")
+    assert seen == [("ours-tensorwise", "rows", False), ("ours-tensorwise", "flat", cache_on)]
+    assert scaling.TENSORWISE_AMAX == "flat"
 
 
 def test_bench_inference_small(tmp_path, capsys):
