@@ -18,7 +18,9 @@
 #
 # $OUT gets env.txt and one .md per stage (its table, then the tail of its log). Both benchmark
 # tables from one call, on two GPUs at once (kind nvidia-h200-x2; each benchmark is one process):
+#   source scripts/device_env.sh   # installs the carried wheels once, before both start
 #   CUDA_VISIBLE_DEVICES=0 bash scripts/device_perf.sh linear & CUDA_VISIBLE_DEVICES=1 bash scripts/device_perf.sh step; wait
+# (docs/benchmarks.md, 19:22 run). Variants may carry an experiment: STEP_VARIANTS=...,ours-tensorwise+rowamax
 set -uo pipefail
 OUT=${OUT:-runs/device_perf}
 mkdir -p "$OUT"
