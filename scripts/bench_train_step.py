@@ -56,7 +56,6 @@ VARIANTS = (
 )
 
 
-
 @contextlib.contextmanager
 def _rowamax():
     from compile_fp8 import scaling

@@ -87,6 +87,9 @@ def test_tensorwise_amax_by_rows_is_the_same_bits(monkeypatch, shape):
     assert bits_equal(scaling.amax(hp), flat)
     hp.view(-1)[3] = float("nan")
     assert scaling.amax(hp).isnan()
+    monkeypatch.setattr(scaling, "TENSORWISE_AMAX", "row")
+    with pytest.raises(ValueError, match="TENSORWISE_AMAX='row'"):
+        scaling.amax(hp)
 
 
 def test_to_hp_keeps_original_dtype():
