@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_linear import cuda_kernels  # noqa: E402
+from bench_linear import cuda_kernels, kernel_timeline  # noqa: E402
 from bench_train_step import try_variant  # noqa: E402
 
 VARIANTS = ("bf16", "ours-tensorwise", "ours-rowwise", "ours-static", "ours-tensorwise-fp8x", "ours-rowwise-fp8x",
@@ -136,10 +136,38 @@ def kernel_profile(fn, device, calls: int = 20) -> dict:
     name its launches and microseconds per call, and the totals (kernel time excludes the gaps
     between kernels, so total_us against the measured ms says how much of a step is idle)."""
     if device.type != "cuda":
-        return {"kernels": [], "total_us": 0.0, "launches": 0.0}
-    per_name = cuda_kernels(fn, calls)
+        return {"kernels": [], "total_us": 0.0, "launches": 0.0, "gaps": None}
+    timeline = kernel_timeline(fn, calls)
+    per_name = cuda_kernels(fn, calls, timeline)
     kernels = sorted(([name, n / calls, us / calls] for name, (n, us) in per_name.items()), key=lambda k: -k[2])
-    return {"kernels": kernels, "total_us": sum(k[2] for k in kernels), "launches": sum(k[1] for k in kernels)}
+    return {"kernels": kernels, "total_us": sum(k[2] for k in kernels), "launches": sum(k[1] for k in kernels),
+            "gaps": kernel_gaps(timeline, calls)}
+
+
+def kernel_gaps(timeline, calls: int, top: int = 8) -> dict | None:
+    """Where the GPU idles: `timeline` (kernel_timeline over `calls` identical calls) cut into
+    calls of equal kernel count; the idle time before each kernel position, averaged over calls.
+    Returns the idle us per call inside a call and between calls, and the `top` largest gaps
+    (mean us, kernel before, kernel after); None when the calls do not have equal kernel counts."""
+    if not timeline or len(timeline) % calls:
+        return None
+    per_call = len(timeline) // calls
+    gaps = [0.0] * per_call  # gaps[i]: total idle before kernel i of a call, over the calls
+    for j in range(1, len(timeline)):
+        _, prev_start, prev_us = timeline[j - 1]
+        gaps[j % per_call] += max(0.0, timeline[j][1] - (prev_start + prev_us))
+    largest = sorted(range(1, per_call), key=lambda i: -gaps[i])[:top]
+    before: dict[str, list] = {}  # kernel name -> [positions, idle us per call before them]
+    for i in range(1, per_call):
+        entry = before.setdefault(timeline[i][0], [0, 0.0])
+        entry[0] += 1
+        entry[1] += gaps[i] / calls
+    return {
+        "in_call_us": sum(gaps[1:]) / calls,
+        "between_calls_us": gaps[0] / max(1, calls - 1),
+        "largest": [(gaps[i] / calls, timeline[i - 1][0], timeline[i][0]) for i in largest],
+        "by_kernel": sorted(([name, n, us] for name, (n, us) in before.items()), key=lambda k: -k[2])[:top],
+    }
 
 
 def render_profiles(rows) -> str:
@@ -150,6 +178,13 @@ def render_profiles(rows) -> str:
                   f"{prof['total_us']:.0f} us of kernels in {prof['launches']:.0f} launches", "",
                   "| kernel | launches | us per call |", "|---|---:|---:|"]  # fmt: skip
         lines += [f"| `{name[:90]}` | {n:.0f} | {us:.1f} |" for name, n, us in prof["kernels"][:25]]
+        gaps = prof.get("gaps")
+        if gaps:
+            lines += ["", f"GPU idle per call: {gaps['in_call_us']:.0f} us between its kernels, "
+                      f"{gaps['between_calls_us']:.0f} us between calls. Largest gaps (mean us, before -> after):", ""]  # fmt: skip
+            lines += [f"- {us:.1f} us: `{before[:60]}` -> `{after[:60]}`" for us, before, after in gaps["largest"]]
+            lines += ["", "Idle per call before each kernel, by kernel (launches per call, us):", ""]
+            lines += [f"- {us:.1f} us before {n} x `{name[:80]}`" for name, n, us in gaps.get("by_kernel", [])]
         lines.append("")
     return "\n".join(lines)
 

@@ -229,8 +229,9 @@ def time_do_bench(fn, device: str, rep_ms: int = 100) -> float:
     return float(do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
 
 
-def cuda_kernels(fn, steps: int = 20) -> dict[str, list]:
-    """The CUDA kernels of `steps` calls of `fn` (torch profiler): name -> [launches, total us]."""
+def kernel_timeline(fn, steps: int = 20) -> list[tuple[str, float, float]]:
+    """The CUDA kernels of `steps` calls of `fn` (torch profiler), in launch order on the GPU:
+    (name, start us, duration us)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -238,12 +239,22 @@ def cuda_kernels(fn, steps: int = 20) -> dict[str, list]:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
-    kernels: dict[str, list] = {}
+    timeline = []
     for event in prof.events():
         if str(getattr(event, "device_type", "")).endswith("CUDA"):
-            entry = kernels.setdefault(event.name, [0, 0.0])
-            entry[0] += 1
-            entry[1] += event.device_time if hasattr(event, "device_time") else event.cuda_time
+            us = event.device_time if hasattr(event, "device_time") else event.cuda_time
+            timeline.append((event.name, event.time_range.start, us))
+    return sorted(timeline, key=lambda k: k[1])
+
+
+def cuda_kernels(fn, steps: int = 20, timeline=None) -> dict[str, list]:
+    """The CUDA kernels of `steps` calls of `fn` (or of a `kernel_timeline` already taken):
+    name -> [launches, total us]."""
+    kernels: dict[str, list] = {}
+    for name, _, us in kernel_timeline(fn, steps) if timeline is None else timeline:
+        entry = kernels.setdefault(name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += us
     return kernels
 
 

@@ -81,6 +81,24 @@ def test_bench_inference_small(tmp_path, capsys):
     assert (tmp_path / "bench_inference.json").exists() and (tmp_path / "bench_inference.md").exists()
 
 
+def test_bench_inference_kernel_gaps_locate_idle_time():
+    """Two calls of kernels a, b, c (start us, duration us): idle 1 us before b, 5 us before c,
+    10 us between the calls; per position, averaged over the calls, and the largest gap first."""
+    bench = _load("bench_inference")
+    timeline = [("a", 0.0, 2.0), ("b", 3.0, 1.0), ("c", 9.0, 1.0),
+                ("a", 20.0, 2.0), ("b", 23.0, 1.0), ("c", 29.0, 1.0)]  # fmt: skip
+    gaps = bench.kernel_gaps(timeline, calls=2)
+    assert gaps["in_call_us"] == 6.0 and gaps["between_calls_us"] == 10.0, gaps
+    assert gaps["largest"] == [(5.0, "b", "c"), (1.0, "a", "b")], gaps
+    assert gaps["by_kernel"] == [["c", 1, 5.0], ["b", 1, 1.0]], gaps
+    assert bench.kernel_gaps(timeline[:-1], calls=2) is None  # unequal calls: no alignment
+    text = bench.render_profiles([{"case": "decode", "mode": "reduce-overhead", "variant": "bf16", "ms": 0.05,
+                                   "profile": {"kernels": [["a", 1, 2.0]], "total_us": 4.0, "launches": 3,
+                                               "gaps": gaps}}])  # fmt: skip
+    assert "6 us between its kernels, 10 us between calls" in text and "- 5.0 us: `b` -> `c`" in text, text
+    assert "- 5.0 us before 1 x `c`" in text, text
+
+
 def test_bench_inference_installs_fastest_tiles_per_shape(tmp_path, monkeypatch):
     from compile_fp8 import fp8_gemv
 
