@@ -96,6 +96,26 @@ LONG_K, SPLIT_K_LONG = 4096, 4  # K from which the kernel cuts K into SPLIT_K_LO
 TUNED_CONFIGS: dict[tuple, dict] = {}
 
 
+TILE_KEYS = ("block_n", "block_k", "split_k", "num_warps", "num_stages", "swap_ab")
+
+
+def tiles_for(n: int, k: int, flavour: str = "hp") -> list[int]:
+    """`config_for` as the ops' `tiles` argument (ints in TILE_KEYS order). Passed by the layer,
+    the tiles are constants of the traced graph, so torch.compile's caches key on them: a tile
+    config read inside the op would not be (AOTAutograd's cache key sees only the op's name and
+    arguments), and a changed `TUNED_CONFIGS` would silently get the old kernel from the cache."""
+    config = config_for(n, k, flavour)
+    return [int(config.get(key, False)) for key in TILE_KEYS]
+
+
+def _tile_config(tiles: Optional[list[int]], n: int, k: int, flavour: str) -> dict:
+    """The launch config of `tiles`; None (an eager call without them): `config_for`."""
+    if tiles is None:
+        return config_for(n, k, flavour)
+    config = dict(zip(TILE_KEYS, tiles))
+    return {**config, "swap_ab": bool(config["swap_ab"])}
+
+
 def config_for(n: int, k: int, flavour: str = "hp") -> dict:
     """The tile config the kernel uses for a weight of shape [N, K] and an x flavour
     ("hp": weight-only, "fp8": float8 x; see `SMALL_M_ACTIVATION`)."""
@@ -120,7 +140,7 @@ def weight_only_linear(
     docstring).
     """
     if triton_available(x.device) and x.dtype in KERNEL_X_DTYPES and x.numel() > 0:
-        return torch.ops.compile_fp8.weight_only_mm(x, weight_fp8, weight_scale, bias)
+        return torch.ops.compile_fp8.weight_only_mm(x, weight_fp8, weight_scale, bias, tiles_for(*weight_fp8.shape))
     return weight_only_reference(x, weight_fp8, weight_scale, bias)
 
 
@@ -128,7 +148,8 @@ def fp8_small_m_linear(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype
     """`(x_fp8 / x_scale) @ (weight_fp8 / weight_scale).T + bias` in `out_dtype`, both operands
     float8 (x's scale [] or [M, 1]): the small-M kernel with float8 MMAs, or its torch math."""
     if triton_available(x_fp8.device) and x_fp8.numel() > 0:
-        return torch.ops.compile_fp8.fp8_small_mm(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype)
+        tiles = tiles_for(*weight_fp8.shape, "fp8")
+        return torch.ops.compile_fp8.fp8_small_mm(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype, tiles)
     return fp8_small_m_reference(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype)
 
 
@@ -253,23 +274,24 @@ if triton is not None:
 
     @torch.library.triton_op("compile_fp8::weight_only_mm", mutates_args=())
     def _weight_only_op(
-        x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor]
-    ) -> torch.Tensor:
-        config = config_for(*weight_fp8.shape)
+        x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
+        tiles: Optional[list[int]] = None,
+    ) -> torch.Tensor:  # fmt: skip
+        config = _tile_config(tiles, *weight_fp8.shape, "hp")
         return _launch_weight_only(x, weight_fp8, weight_scale, bias, **config)
 
     @_weight_only_op.register_fake
-    def _(x, weight_fp8, weight_scale, bias):
+    def _(x, weight_fp8, weight_scale, bias, tiles=None):
         return x.new_empty((x.shape[0], weight_fp8.shape[0]))
 
     @torch.library.triton_op("compile_fp8::fp8_small_mm", mutates_args=())
     def _fp8_small_op(
         x_fp8: torch.Tensor, x_scale: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
-        bias: Optional[torch.Tensor], out_dtype: torch.dtype,
+        bias: Optional[torch.Tensor], out_dtype: torch.dtype, tiles: Optional[list[int]] = None,
     ) -> torch.Tensor:  # fmt: skip
-        config = config_for(*weight_fp8.shape, "fp8")
+        config = _tile_config(tiles, *weight_fp8.shape, "fp8")
         return _launch_weight_only(x_fp8, weight_fp8, weight_scale, bias, **config, x_scale=x_scale, out_dtype=out_dtype)
 
     @_fp8_small_op.register_fake
-    def _(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype):
+    def _(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype, tiles=None):
         return x_fp8.new_empty((x_fp8.shape[0], weight_fp8.shape[0]), dtype=out_dtype)

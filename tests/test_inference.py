@@ -186,6 +186,33 @@ def test_interpreted_fp8_small_m_kernel(m, k, n, granularity, split_k, swap_ab, 
     assert torch.allclose(out.float(), expected.float(), rtol=2**-7, atol=1e-6), (out - expected).abs().max()
 
 
+@interpreter
+@pytest.mark.parametrize("activation", ["hp", "fp8"])
+def test_compiled_small_m_graph_carries_the_tiles(activation, monkeypatch):
+    """The layer passes the kernel's tiles to the op: they are constants of the traced graph, so
+    torch.compile's caches key on them (tiles read inside the op would not be, and a changed
+    `TUNED_CONFIGS` could come back from the cache as the old kernel), and they are the tiles run."""
+    monkeypatch.setattr(fp8_gemv, "triton_available", lambda device: True)  # the interpreter runs it
+    monkeypatch.setattr(fp8_gemv, "SMALL_M_ACTIVATION", activation)
+    key = (32, 64) if activation == "hp" else (32, 64, "fp8")
+    tiles = {"block_n": 16, "block_k": 32, "split_k": 2, "num_warps": 4, "num_stages": 2, "swap_ab": False}
+    monkeypatch.setitem(fp8_gemv.TUNED_CONFIGS, key, tiles)
+    model = _inference(nn.Linear(64, 32).to(BF16), weight_only_max_m=16)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    x = _x(4, 64)
+    with torch.no_grad():
+        out = torch.compile(model, backend=record, fullgraph=True)(x)
+        expected = model(x)
+    op = "weight_only_mm" if activation == "hp" else "fp8_small_mm"
+    assert op in graphs[0] and "[16, 32, 2, 4, 2, 0]" in graphs[0], graphs[0]
+    assert torch.allclose(out.float(), expected.float(), rtol=2**-7, atol=1e-6), (out - expected).abs().max()
+
+
 def test_unknown_small_m_activation_is_an_error(monkeypatch):
     monkeypatch.setattr(fp8_gemv, "SMALL_M_ACTIVATION", "bf16")
     model = _inference(nn.Linear(64, 32).to(BF16), weight_only_max_m=16)
