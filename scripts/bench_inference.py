@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_linear import cuda_kernels, kernel_timeline  # noqa: E402
+from bench_linear import kernel_timeline, kernels_by_name  # noqa: E402
 from bench_train_step import try_variant  # noqa: E402
 
 VARIANTS = ("bf16", "ours-tensorwise", "ours-rowwise", "ours-static", "ours-tensorwise-fp8x", "ours-rowwise-fp8x",
@@ -138,7 +138,7 @@ def kernel_profile(fn, device, calls: int = 20) -> dict:
     if device.type != "cuda":
         return {"kernels": [], "total_us": 0.0, "launches": 0.0, "gaps": None}
     timeline = kernel_timeline(fn, calls)
-    per_name = cuda_kernels(fn, calls, timeline)
+    per_name = kernels_by_name(timeline)
     kernels = sorted(([name, n / calls, us / calls] for name, (n, us) in per_name.items()), key=lambda k: -k[2])
     return {"kernels": kernels, "total_us": sum(k[2] for k in kernels), "launches": sum(k[1] for k in kernels),
             "gaps": kernel_gaps(timeline, calls)}

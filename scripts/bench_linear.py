@@ -247,15 +247,19 @@ def kernel_timeline(fn, steps: int = 20) -> list[tuple[str, float, float]]:
     return sorted(timeline, key=lambda k: k[1])
 
 
-def cuda_kernels(fn, steps: int = 20, timeline=None) -> dict[str, list]:
-    """The CUDA kernels of `steps` calls of `fn` (or of a `kernel_timeline` already taken):
-    name -> [launches, total us]."""
+def kernels_by_name(timeline) -> dict[str, list]:
+    """A `kernel_timeline` summed per kernel name: name -> [launches, total us]."""
     kernels: dict[str, list] = {}
-    for name, _, us in kernel_timeline(fn, steps) if timeline is None else timeline:
+    for name, _, us in timeline:
         entry = kernels.setdefault(name, [0, 0.0])
         entry[0] += 1
         entry[1] += us
     return kernels
+
+
+def cuda_kernels(fn, steps: int = 20) -> dict[str, list]:
+    """The CUDA kernels of `steps` calls of `fn` (torch profiler): name -> [launches, total us]."""
+    return kernels_by_name(kernel_timeline(fn, steps))
 
 
 def time_kernels(fn, steps: int = 20) -> float:
