@@ -25,8 +25,11 @@ activation cast, half the bytes of a bf16 GEMM: the numerics are those of `x @ d
 Work split: a program owns BLOCK_N output columns (weight rows) for all M rows (BLOCK_M, M <=
 64 in one block, so each weight byte is read once) and walks K in BLOCK_K steps; the weight tile
 [BLOCK_N, BLOCK_K] is contiguous along K (row-major [N, K]), so loads are coalesced. SPLIT_K > 1
-cuts K into interleaved slices run by separate programs (more programs for small N) that add
-their float32 partial sums atomically; the result is then not bit-deterministic run to run.
+cuts K into interleaved slices run by separate programs (more programs for small N); each writes
+its float32 partial sums to a [SPLIT_K, M, N] workspace and the epilogue (sum, scales, bias,
+rounding) runs in torch: under torch.compile inductor unrolls that short sum into the kernel
+that consumes the output (the residual add, the norm), so split K costs no extra kernel there,
+needs no zero-filled buffer, and sums in a fixed order (bit-deterministic run to run).
 SWAP_AB computes out.T = w @ x.T instead: the same products and sums, with the weight tile as the
 MMA's first operand, so a program can own 64-128 weight rows against M = 16 tokens (the
 small-M trick of GEMM libraries); `config_for` and the H200 tile sweep choose between the two.
@@ -162,12 +165,19 @@ def weight_only_reference(x, weight_fp8, weight_scale, bias=None, x_scale=None, 
     """The kernel's math in torch: float32 products and sums (exact for float8 x too), one divide
     by the weight's scale, then by x's scale if x is float8, the bias in float32, one rounding to
     `out_dtype` (default x's dtype), so eager and inductor agree bit for bit."""
-    # [M, K] @ [K, N] -> [M, N]; the [N, 1] scale becomes [1, N] (one per output column)
+    # [M, K] @ [K, N] -> [M, N]
     out = torch.mm(x.to(torch.float32), weight_fp8.to(torch.float32).t())
-    out = out / weight_scale.reshape(1, -1)
-    if x_scale is not None:  # [] or [M, 1]: one per row of x
+    return _epilogue(out, weight_scale, bias, x_scale, x.dtype if out_dtype is None else out_dtype)
+
+
+def _epilogue(acc, weight_scale, bias, x_scale, out_dtype):
+    """The kernel's epilogue on float32 sums `acc` [M, N]: divide by the weight's scale (the
+    [N, 1] scale becomes [1, N], one per output column), by x's ([] or [M, 1], one per row of
+    x), add the bias in float32, round once to `out_dtype`."""
+    out = acc / weight_scale.reshape(1, -1)
+    if x_scale is not None:
         out = out / x_scale.reshape(-1, 1)
-    return (out if bias is None else out + bias.to(torch.float32)).to(x.dtype if out_dtype is None else out_dtype)
+    return (out if bias is None else out + bias.to(torch.float32)).to(out_dtype)
 
 
 SHARED_MEMORY_BUDGET = 192 * 1024  # bytes; the H200 has 227 KiB per block
@@ -191,7 +201,7 @@ if triton is not None:
     @triton.jit
     def _weight_only_kernel(
         x_ptr, w_ptr, scale_ptr, x_scale_ptr, bias_ptr, out_ptr, M, N, K,
-        stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
+        stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on, stride_os,
         K_TILES: tl.constexpr, SPLIT_K: tl.constexpr, ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
         FP32_DOT: tl.constexpr, SWAP_AB: tl.constexpr, X_FP8: tl.constexpr, X_ROWWISE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -223,6 +233,11 @@ if triton is not None:
                 acc = tl.dot(x, tl.trans(w), acc)  # [BM, BK] @ [BK, BN] -> [BM, BN]
         if SWAP_AB:
             acc = tl.trans(acc_t)
+        out_offs = offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        if SPLIT_K > 1:  # float32 partial sums of slice pid_k; the epilogue runs in torch
+            tl.store(out_ptr + pid_k * stride_os + out_offs, acc, mask=out_mask)
+            return
         if ROWWISE:
             scale = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=1.0)  # [BLOCK_N]
             acc = acc / scale[None, :]
@@ -232,22 +247,17 @@ if triton is not None:
             acc = acc / tl.load(x_scale_ptr + offs_m, mask=offs_m < M, other=1.0)[:, None]
         elif X_FP8:
             acc = acc / tl.load(x_scale_ptr)
-        if HAS_BIAS:  # added once: by the first K slice's program
-            bias = tl.load(bias_ptr + offs_n, mask=(offs_n < N) & (pid_k == 0), other=0.0)
-            acc = acc + bias.to(tl.float32)[None, :]
-        out_offs = offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-        out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        if SPLIT_K == 1:
-            tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-        else:
-            tl.atomic_add(out_ptr + out_offs, acc, mask=out_mask)  # float32 partial sums
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
     def _launch_weight_only(
         x, weight_fp8, weight_scale, bias, block_n, block_k, split_k, num_warps, num_stages, swap_ab=False,
-        x_scale=None, out_dtype=None,
+        x_scale=None, out_dtype=None, reduce=True,
     ):  # fmt: skip
         """Launch the kernel; with `x_scale` (float8 x and its scale, [] or [M, 1]) both operands
-        are float8 and `out_dtype` is the output's dtype."""
+        are float8 and `out_dtype` is the output's dtype. `reduce=False` (the tile sweep, which
+        times the kernel alone) returns split K's float32 partial sums [SPLIT_K, M, N] as they are."""
         out_dtype = x.dtype if out_dtype is None else out_dtype
         m, k = x.shape
         n = weight_fp8.shape[0]
@@ -256,21 +266,23 @@ if triton is not None:
         k_tiles = triton.cdiv(triton.cdiv(k, block_k), split_k)
         if split_k == 1:
             out = torch.empty((m, n), dtype=out_dtype, device=x.device)
-        else:
-            out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
+        else:  # every element written by one program per slice: no zero fill
+            out = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
         launch = {} if _interpreting() else {"num_warps": num_warps, "num_stages": num_stages}
         torch.library.wrap_triton(_weight_only_kernel)[grid](
             x, weight_fp8, weight_scale, weight_scale if x_scale is None else x_scale,
             weight_scale if bias is None else bias, out, m, n, k,
             x.stride(0), x.stride(1), weight_fp8.stride(0), weight_fp8.stride(1),
-            out.stride(0), out.stride(1),
+            out.stride(-2), out.stride(-1), out.stride(0) if split_k > 1 else 0,
             K_TILES=k_tiles, SPLIT_K=split_k, ROWWISE=weight_scale.numel() != 1, HAS_BIAS=bias is not None,
             FP32_DOT=_interpreting(), SWAP_AB=swap_ab,
             X_FP8=x_scale is not None, X_ROWWISE=x_scale is not None and x_scale.numel() != 1,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch,
         )  # fmt: skip
-        return out if split_k == 1 else out.to(out_dtype)
+        if split_k == 1 or not reduce:
+            return out
+        return _epilogue(out.sum(0), weight_scale, bias, x_scale, out_dtype)
 
     @torch.library.triton_op("compile_fp8::weight_only_mm", mutates_args=())
     def _weight_only_op(

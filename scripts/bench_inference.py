@@ -195,14 +195,49 @@ def sqnr(ref: torch.Tensor, actual: torch.Tensor) -> float:
     return float("inf") if noise == 0 else (20 * torch.log10(ref.norm() / noise)).item()
 
 
-def bench_variant(name, base, tokens, mode, reference, args, device) -> dict:
-    torch._dynamo.reset()
-    if name.startswith("ours"):  # read when the model compiles: set per variant
-        from compile_fp8 import fp8_gemv
+# Small-M tile experiments, as a variant suffix `ours-static@PRESET`: per weight shape (N, K) of
+# the 956M model, overrides of the float8-x kernel's tiles (fp8_gemv.TUNED_CONFIGS) while that
+# variant converts and compiles (the tiles are arguments of the traced op: each variant's graph
+# keeps its own). "split": the two N = 2048 projections (32 programs of 64 weight rows on 132
+# SMs) cut K into 4 slices, whose sum inductor unrolls into the consumer; "splitall": also 2
+# slices for the wide ones; "stages2" / "smallsmem": less shared memory per program (~80 / ~30
+# KiB instead of ~160), to test whether the big footprint causes the idle time around the GEMMs.
+_FP8_TILES = {"block_n": 64, "block_k": 512, "split_k": 1, "num_warps": 4, "num_stages": 4, "swap_ab": True}
+_NARROW, _WIDE = ((2048, 2048), (2048, 5632)), ((6144, 2048), (5632, 2048))
+TILE_PRESETS = {
+    "split": {(n, k, "fp8"): {**_FP8_TILES, "split_k": 4} for n, k in _NARROW},
+    "splitall": {**{(n, k, "fp8"): {**_FP8_TILES, "split_k": 4} for n, k in _NARROW},
+                 **{(n, k, "fp8"): {**_FP8_TILES, "split_k": 2} for n, k in _WIDE}},
+    "stages2": {(n, k, "fp8"): {**_FP8_TILES, "num_stages": 2} for n, k in _NARROW + _WIDE},
+    "smallsmem": {(n, k, "fp8"): {**_FP8_TILES, "block_k": 128, "num_stages": 3} for n, k in _NARROW + _WIDE},
+}  # fmt: skip
 
+
+def split_variant(name: str) -> tuple[str, str | None]:
+    """'ours-static@split' -> ('ours-static', 'split'); a name without '@' -> (name, None)."""
+    base, _, preset = name.partition("@")
+    return base, preset or None
+
+
+def bench_variant(name, base, tokens, mode, reference, args, device) -> dict:
+    from compile_fp8 import fp8_gemv
+
+    torch._dynamo.reset()
+    name, preset = split_variant(name)
+    if name.startswith("ours"):  # read when the model compiles: set per variant
         fp8_gemv.SMALL_M_ACTIVATION = "fp8" if name.endswith("-fp8x") else "auto"  # the default
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    tuned = dict(fp8_gemv.TUNED_CONFIGS)
+    fp8_gemv.TUNED_CONFIGS.update(TILE_PRESETS[preset] if preset else {})
+    try:
+        return _bench_converted(name, base, tokens, mode, reference, args, device)
+    finally:
+        fp8_gemv.TUNED_CONFIGS.clear()
+        fp8_gemv.TUNED_CONFIGS.update(tuned)
+
+
+def _bench_converted(name, base, tokens, mode, reference, args, device) -> dict:
     model = convert(name, copy.deepcopy(base), args, device, tokens)
     compiled = torch.compile(model, mode=None if mode == "default" else mode)
     with torch.inference_mode():
@@ -302,10 +337,13 @@ SWEEP_TILES = {
            for sk in (1, 4)]
     + [dict(block_n=64, block_k=256, split_k=sk, num_warps=4, num_stages=3, swap_ab=True) for sk in (1, 4)],
     "fp8": [dict(block_n=bn, block_k=bk, split_k=sk, num_warps=4, num_stages=4, swap_ab=True)
-            for bn in (16, 32, 64, 128) for bk in (256, 512) for sk in (1, 2, 4)],
+            for bn in (16, 32, 64, 128) for bk in (256, 512) for sk in (1, 2, 4, 8)]
+    + [dict(block_n=64, block_k=bk, split_k=1, num_warps=4, num_stages=st, swap_ab=True) for bk, st in ((512, 2), (128, 3))],
 }  # fmt: skip
 # (18:xx: the fp8 grid now also tries 16 and 32 weight rows per program and 4 K slices - more
-# programs on the GPU's 132 SMs for the N = 2048 shapes, which ran 32 programs at block_n 64.)
+# programs on the GPU's 132 SMs for the N = 2048 shapes, which ran 32 programs at block_n 64.
+# Session 7: split K writes partial sums instead of atomics (no zero fill; sum fused into the
+# consumer), timed without the sum; 8 slices; 2 stages and 128 K for less shared memory.)
 # Each timed graph cycles through copies of the weight worth this many bytes (> the H200's 50 MB
 # L2), so every call reads its weight from HBM as in the model (the 16:47 sweep reused one weight).
 ROTATE_BYTES = 200 * 2**20
@@ -393,8 +431,9 @@ def _sweep_tiles(n, k, args, device) -> list[dict]:
         extra = {"x_scale": xq.scale} if flavour == "fp8" else {}
         xin = xq.fp8_data if flavour == "fp8" else x
 
-        def launch(tiles, q):
-            return fp8_gemv._launch_weight_only(xin, q.fp8_data, q.scale, None, **tiles, **extra, out_dtype=x.dtype)
+        def launch(tiles, q):  # split K: the kernel alone (the model's inductor unrolls the sum into the consumer)
+            return fp8_gemv._launch_weight_only(xin, q.fp8_data, q.scale, None, **tiles, **extra, out_dtype=x.dtype,
+                                                reduce=False)  # fmt: skip
 
         grid = _distinct_tiles(grid, k)
         if device.type == "cuda":  # compile every config first, several at once (ptxas runs outside the GIL)
@@ -485,7 +524,8 @@ def render_sweep(rows, notes, args) -> str:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list from {VARIANTS}")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma list from {VARIANTS}, each optionally @PRESET from {tuple(TILE_PRESETS)}")
     p.add_argument("--cases", default="prefill,decode", help=f"comma list from {tuple(CASES)}")
     p.add_argument("--modes", default="default,reduce-overhead", help="compile modes to run (where a case has them)")
     p.add_argument("--preset", default="anchor")
@@ -512,7 +552,9 @@ def parse_args(argv):
     args.cases = [c for c in args.cases.split(",") if c]
     args.modes = [m for m in args.modes.split(",") if m]
     args.sweep_flavours = [f for f in args.sweep_flavours.split(",") if f]
-    unknown = [v for v in args.variants if v not in VARIANTS] + [c for c in args.cases if c not in CASES]
+    unknown = [v for v, preset in map(split_variant, args.variants)
+               if v not in VARIANTS or preset not in (None, *TILE_PRESETS)]  # fmt: skip
+    unknown += [c for c in args.cases if c not in CASES]
     unknown += [m for m in args.modes if m not in ("default", "reduce-overhead")]
     unknown += [f for f in args.sweep_flavours if f not in SWEEP_TILES]
     if unknown:

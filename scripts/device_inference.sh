@@ -19,7 +19,7 @@
 # stage, one log per stage and env.txt; the json files stay in /tmp/bench on the device.
 set -uo pipefail
 OUT=${OUT:-runs/device_inference}
-WORK=/tmp/bench
+WORK=${WORK:-/tmp/bench}  # per process when two run at once (the decode stage reads the sweep json here)
 mkdir -p "$OUT" "$WORK"
 source scripts/device_env.sh  # PYTHONPATH, carried wheels
 {

@@ -122,6 +122,24 @@ def test_bench_inference_installs_fastest_tiles_per_shape(tmp_path, monkeypatch)
     assert fp8_gemv.config_for(32, 64) == fp8_gemv.WEIGHT_ONLY_CONFIG
 
 
+def test_bench_inference_tile_preset_applies_to_its_variant_only(monkeypatch):
+    """`ours-static@split`: the preset's tiles are in TUNED_CONFIGS while the variant converts and
+    compiles (the layer traces them into its graph), and the previous tuning comes back after."""
+    from compile_fp8 import fp8_gemv
+
+    bench = _load("bench_inference")
+    monkeypatch.setattr(fp8_gemv, "TUNED_CONFIGS", {(1, 2): {"block_n": 16}})
+    seen = []
+    monkeypatch.setattr(bench, "_bench_converted", lambda name, *a: seen.append((name, dict(fp8_gemv.TUNED_CONFIGS))))
+    bench.bench_variant("ours-static@split", None, None, "default", None, None, torch.device("cpu"))
+    name, tuned = seen[0]
+    assert name == "ours-static" and tuned[(2048, 5632, "fp8")]["split_k"] == 4 and (1, 2) in tuned, seen
+    assert fp8_gemv.TUNED_CONFIGS == {(1, 2): {"block_n": 16}}
+    assert bench.split_variant("bf16") == ("bf16", None)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--variants", "ours-static@nosuchpreset"])
+
+
 def test_profile_compile_splits_the_first_step(tmp_path):
     """Run as a subprocess: the script turns inductor's caches off for its whole process."""
     import subprocess
