@@ -83,6 +83,12 @@ def small_m_activation() -> str:
             f"compile_fp8.fp8_gemv.SMALL_M_ACTIVATION={SMALL_M_ACTIVATION!r}; allowed: {SMALL_M_ACTIVATIONS}"
         )
     return SMALL_M_ACTIVATION
+# Experiment (off): launch the float8-x kernel with programmatic dependent launch (PDL, sm90+)
+# through an opaque custom op and Triton's own launcher (inductor launches user Triton kernels
+# without PDL), the kernel waiting for its predecessor (`gdc_wait`) before it reads x and letting
+# its successor launch once its K loop is done. Read when the layer is traced (the op's name is in
+# the graph, so the caches key on it). Measured in docs/benchmarks.md.
+LAUNCH_PDL = False
 KERNEL_X_DTYPES = (torch.bfloat16, torch.float16)  # float32 x would run tl.dot in tf32: torch
 # Tiles, from the H200 sweep (`scripts/bench_inference.py --sweep tiles`, M = 16, the 956M
 # model's shapes; docs/benchmarks.md): 32 output columns per program won at every shape; BLOCK_K
@@ -90,9 +96,17 @@ KERNEL_X_DTYPES = (torch.bfloat16, torch.float16)  # float32 x would run tl.dot 
 # 0.0102 ms with 4-8 slices, 0.0113 with 2) and cost ~10% at K = 2048.
 WEIGHT_ONLY_CONFIG = {"block_n": 32, "block_k": 256, "split_k": 1, "num_warps": 4, "num_stages": 3}
 # Both operands float8 (`fp8_small_mm`): no dequantization, float8 MMAs with the weight tile as
-# the tall operand. H200 sweep (M = 16, weights read from HBM): 64 rows x 512 K per program, one
-# K slice, won or came within 2% at all four shapes of the 956M model, 1.15-1.50x cuBLAS's bf16 mm.
+# the tall operand. H200 sweep (M = 16, weights read from HBM): 64 rows x 512 K per program won or
+# came within 2% at all four shapes of the 956M model. K slices: see `split_for_sms`.
 FP8_X_CONFIG = {"block_n": 64, "block_k": 512, "split_k": 1, "num_warps": 4, "num_stages": 4, "swap_ab": True}
+# Where a weight has so few rows that fewer than half the SMs get a program (N = 2048 at 64 rows
+# a program: 32 programs on the H200's 132 SMs), cut K into slices until ~all SMs work. H200,
+# 2026-11-29 (docs/benchmarks.md): the kernel alone 0.0049 -> 0.0034 ms at [2048, 2048] and
+# 0.0089 -> 0.0052 ms at [2048, 5632] with 4 slices; in the 956M decode step the 80 GEMMs took
+# 402 us instead of 486 and the norms that sum the partials 20 us more (779 -> 714 us of
+# kernels). Splitting the wide weights too (88-96 programs, 2 slices) saved 6 us more in the
+# GEMMs and cost 25 us in their consumers (v's sum is a kernel of its own): not done.
+SPLIT_BELOW_SM_FRACTION, SPLIT_TO_SM_FRACTION, MAX_SPLIT_K = 0.5, 0.9, 8
 LONG_K, SPLIT_K_LONG = 4096, 4  # K from which the kernel cuts K into SPLIT_K_LONG slices
 # Per weight shape (N, K) overrides (key (N, K, "fp8") for the float8-x flavour), e.g. the winners
 # of a tile sweep on another GPU (scripts/bench_inference.py --weight-only-tuning sweep.json).
@@ -102,13 +116,26 @@ TUNED_CONFIGS: dict[tuple, dict] = {}
 TILE_KEYS = ("block_n", "block_k", "split_k", "num_warps", "num_stages", "swap_ab")
 
 
-def tiles_for(n: int, k: int, flavour: str = "hp") -> list[int]:
+def tiles_for(n: int, k: int, flavour: str = "hp", sms: Optional[int] = None) -> list[int]:
     """`config_for` as the ops' `tiles` argument (ints in TILE_KEYS order). Passed by the layer,
     the tiles are constants of the traced graph, so torch.compile's caches key on them: a tile
     config read inside the op would not be (AOTAutograd's cache key sees only the op's name and
     arguments), and a changed `TUNED_CONFIGS` would silently get the old kernel from the cache."""
-    config = config_for(n, k, flavour)
+    config = config_for(n, k, flavour, sms)
     return [int(config.get(key, False)) for key in TILE_KEYS]
+
+
+def split_for_sms(n: int, k: int, config: dict, sms: int) -> int:
+    """K slices for a weight [N, K] on a GPU of `sms` SMs: 1 unless fewer than
+    SPLIT_BELOW_SM_FRACTION of the SMs get a program (one per `block_n` rows); then doubled until
+    the programs cover SPLIT_TO_SM_FRACTION of them, at most MAX_SPLIT_K, each slice >= 1 K block."""
+    programs, split = -(-n // config["block_n"]), 1
+    if programs >= SPLIT_BELOW_SM_FRACTION * sms:
+        return 1
+    k_blocks = -(-k // config["block_k"])
+    while programs * split < SPLIT_TO_SM_FRACTION * sms and split * 2 <= min(MAX_SPLIT_K, k_blocks):
+        split *= 2
+    return split
 
 
 def _tile_config(tiles: Optional[list[int]], n: int, k: int, flavour: str) -> dict:
@@ -119,15 +146,22 @@ def _tile_config(tiles: Optional[list[int]], n: int, k: int, flavour: str) -> di
     return {**config, "swap_ab": bool(config["swap_ab"])}
 
 
-def config_for(n: int, k: int, flavour: str = "hp") -> dict:
+def config_for(n: int, k: int, flavour: str = "hp", sms: Optional[int] = None) -> dict:
     """The tile config the kernel uses for a weight of shape [N, K] and an x flavour
-    ("hp": weight-only, "fp8": float8 x; see `SMALL_M_ACTIVATION`)."""
+    ("hp": weight-only, "fp8": float8 x; see `SMALL_M_ACTIVATION`) on a GPU of `sms` SMs (None:
+    unknown, no K slices for the float8-x flavour)."""
     key = (n, k) if flavour == "hp" else (n, k, flavour)
     if key in TUNED_CONFIGS:
         return TUNED_CONFIGS[key]
     if flavour == "fp8":
-        return FP8_X_CONFIG
+        return {**FP8_X_CONFIG, "split_k": split_for_sms(n, k, FP8_X_CONFIG, sms)} if sms else FP8_X_CONFIG
     return {**WEIGHT_ONLY_CONFIG, "split_k": SPLIT_K_LONG} if k >= LONG_K else WEIGHT_ONLY_CONFIG
+
+
+def sm_count(device: torch.device) -> Optional[int]:
+    """The GPU's SM count, None off CUDA (the interpreter). Dynamo folds `get_device_properties`
+    to a constant of the graph."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
 MAX_BLOCK_M = 64  # M above this runs in several M blocks (each re-reads the weight)
@@ -151,7 +185,10 @@ def fp8_small_m_linear(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype
     """`(x_fp8 / x_scale) @ (weight_fp8 / weight_scale).T + bias` in `out_dtype`, both operands
     float8 (x's scale [] or [M, 1]): the small-M kernel with float8 MMAs, or its torch math."""
     if triton_available(x_fp8.device) and x_fp8.numel() > 0:
-        tiles = tiles_for(*weight_fp8.shape, "fp8")
+        tiles = tiles_for(*weight_fp8.shape, "fp8", sm_count(x_fp8.device))
+        if LAUNCH_PDL:
+            out = torch.ops.compile_fp8.fp8_small_mm_pdl(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype, tiles)
+            return out if out.dim() == 2 else _epilogue(out.sum(0), weight_scale, bias, x_scale, out_dtype)
         return torch.ops.compile_fp8.fp8_small_mm(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype, tiles)
     return fp8_small_m_reference(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype)
 
@@ -196,6 +233,12 @@ def _block_sizes(m: int, k: int, config: dict) -> tuple[int, int]:
     return block_m, block_k
 
 
+def _launch_blocks(m: int, k: int, config: dict) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, SPLIT_K) of a launch: `_block_sizes`, and no more K slices than K blocks."""
+    block_m, block_k = _block_sizes(m, k, config)
+    return block_m, block_k, max(1, min(config["split_k"], -(-k // block_k)))
+
+
 if triton is not None:
 
     @triton.jit
@@ -204,9 +247,11 @@ if triton is not None:
         stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on, stride_os,
         K_TILES: tl.constexpr, SPLIT_K: tl.constexpr, ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
         FP32_DOT: tl.constexpr, SWAP_AB: tl.constexpr, X_FP8: tl.constexpr, X_ROWWISE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr,
     ):  # fmt: skip
         """One [BLOCK_M, BLOCK_N] tile of out, over K slice `program_id(1)` of SPLIT_K."""
+        if USE_GDC:  # launched with PDL: wait until the kernel before (that wrote x) is done
+            tl.extra.cuda.gdc_wait()
         pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -231,6 +276,8 @@ if triton is not None:
                 acc_t = tl.dot(w, tl.trans(x), acc_t)  # [BN, BK] @ [BK, BM] -> [BN, BM]
             else:
                 acc = tl.dot(x, tl.trans(w), acc)  # [BM, BK] @ [BK, BN] -> [BM, BN]
+        if USE_GDC:  # the next kernel may launch now (it waits for this one before reading out)
+            tl.extra.cuda.gdc_launch_dependents()
         if SWAP_AB:
             acc = tl.trans(acc_t)
         out_offs = offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
@@ -253,7 +300,7 @@ if triton is not None:
 
     def _launch_weight_only(
         x, weight_fp8, weight_scale, bias, block_n, block_k, split_k, num_warps, num_stages, swap_ab=False,
-        x_scale=None, out_dtype=None, reduce=True,
+        x_scale=None, out_dtype=None, reduce=True, pdl=False,
     ):  # fmt: skip
         """Launch the kernel; with `x_scale` (float8 x and its scale, [] or [M, 1]) both operands
         are float8 and `out_dtype` is the output's dtype. `reduce=False` (the tile sweep, which
@@ -261,8 +308,8 @@ if triton is not None:
         out_dtype = x.dtype if out_dtype is None else out_dtype
         m, k = x.shape
         n = weight_fp8.shape[0]
-        block_m, block_k = _block_sizes(m, k, {"block_k": block_k, "block_n": block_n, "num_stages": num_stages})
-        split_k = max(1, min(split_k, triton.cdiv(k, block_k)))
+        block_m, block_k, split_k = _launch_blocks(m, k, dict(block_k=block_k, block_n=block_n, num_stages=num_stages,
+                                                              split_k=split_k))  # fmt: skip
         k_tiles = triton.cdiv(triton.cdiv(k, block_k), split_k)
         if split_k == 1:
             out = torch.empty((m, n), dtype=out_dtype, device=x.device)
@@ -270,7 +317,8 @@ if triton is not None:
             out = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
         launch = {} if _interpreting() else {"num_warps": num_warps, "num_stages": num_stages}
-        torch.library.wrap_triton(_weight_only_kernel)[grid](
+        kernel = _weight_only_kernel if pdl else torch.library.wrap_triton(_weight_only_kernel)
+        kernel[grid](
             x, weight_fp8, weight_scale, weight_scale if x_scale is None else x_scale,
             weight_scale if bias is None else bias, out, m, n, k,
             x.stride(0), x.stride(1), weight_fp8.stride(0), weight_fp8.stride(1),
@@ -278,7 +326,7 @@ if triton is not None:
             K_TILES=k_tiles, SPLIT_K=split_k, ROWWISE=weight_scale.numel() != 1, HAS_BIAS=bias is not None,
             FP32_DOT=_interpreting(), SWAP_AB=swap_ab,
             X_FP8=x_scale is not None, X_ROWWISE=x_scale is not None and x_scale.numel() != 1,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_GDC=pdl, **launch, **({"launch_pdl": True} if pdl else {}),
         )  # fmt: skip
         if split_k == 1 or not reduce:
             return out
@@ -307,3 +355,22 @@ if triton is not None:
     @_fp8_small_op.register_fake
     def _(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype, tiles=None):
         return x_fp8.new_empty((x_fp8.shape[0], weight_fp8.shape[0]), dtype=out_dtype)
+
+    @torch.library.custom_op("compile_fp8::fp8_small_mm_pdl", mutates_args=())
+    def _fp8_small_pdl_op(
+        x_fp8: torch.Tensor, x_scale: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
+        bias: Optional[torch.Tensor], out_dtype: torch.dtype, tiles: list[int],
+    ) -> torch.Tensor:  # fmt: skip
+        """`fp8_small_mm` launched with PDL (`LAUNCH_PDL`): opaque to inductor, which calls it as is.
+        With K slices it returns the float32 partial sums [SPLIT_K, M, N] (the caller sums them)."""
+        config = _tile_config(tiles, *weight_fp8.shape, "fp8")
+        return _launch_weight_only(x_fp8, weight_fp8, weight_scale, bias, **config, x_scale=x_scale,
+                                   out_dtype=out_dtype, reduce=False, pdl=True)  # fmt: skip
+
+    @_fp8_small_pdl_op.register_fake
+    def _(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype, tiles):
+        m, (n, k) = x_fp8.shape[0], weight_fp8.shape
+        split_k = _launch_blocks(m, k, _tile_config(tiles, n, k, "fp8"))[2]
+        if split_k == 1:
+            return x_fp8.new_empty((m, n), dtype=out_dtype)
+        return x_fp8.new_empty((split_k, m, n), dtype=torch.float32)

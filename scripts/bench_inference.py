@@ -131,6 +131,20 @@ def time_ms(fn, args, device) -> float:
     return statistics.median(rounds)
 
 
+def host_ms(fn, args, device) -> float:
+    """ms per call the CPU spends issuing `--iters` calls (no sync inside): about `time_ms` when
+    the step is bound by the host (CUDA graph replay bookkeeping), below it when the GPU is."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    begin = time.perf_counter()
+    for _ in range(args.iters):
+        fn()
+    host = (time.perf_counter() - begin) * 1e3 / args.iters
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return host
+
+
 def kernel_profile(fn, device, calls: int = 20) -> dict:
     """The CUDA kernels of one call of `fn`, from the torch profiler over `calls` calls: per kernel
     name its launches and microseconds per call, and the totals (kernel time excludes the gaps
@@ -174,7 +188,8 @@ def render_profiles(rows) -> str:
     lines = ["# bench_inference --profile: CUDA kernels per call", ""]
     for r in (r for r in rows if r.get("profile")):
         prof = r["profile"]
-        lines += [f"## {r['case']} {r['mode']} {r['variant']}: {r['ms'] * 1e3:.0f} us per call measured, "
+        lines += [f"## {r['case']} {r['mode']} {r['variant']}: {r['ms'] * 1e3:.0f} us per call measured "
+                  f"({r.get('host_ms', float('nan')) * 1e3:.0f} us of it issuing the call on the CPU), "
                   f"{prof['total_us']:.0f} us of kernels in {prof['launches']:.0f} launches", "",
                   "| kernel | launches | us per call |", "|---|---:|---:|"]  # fmt: skip
         lines += [f"| `{name[:90]}` | {n:.0f} | {us:.1f} |" for name, n, us in prof["kernels"][:25]]
@@ -195,22 +210,29 @@ def sqnr(ref: torch.Tensor, actual: torch.Tensor) -> float:
     return float("inf") if noise == 0 else (20 * torch.log10(ref.norm() / noise)).item()
 
 
-# Small-M tile experiments, as a variant suffix `ours-static@PRESET`: per weight shape (N, K) of
-# the 956M model, overrides of the float8-x kernel's tiles (fp8_gemv.TUNED_CONFIGS) while that
-# variant converts and compiles (the tiles are arguments of the traced op: each variant's graph
-# keeps its own). "split": the two N = 2048 projections (32 programs of 64 weight rows on 132
-# SMs) cut K into 4 slices, whose sum inductor unrolls into the consumer; "splitall": also 2
-# slices for the wide ones; "stages2" / "smallsmem": less shared memory per program (~80 / ~30
-# KiB instead of ~160), to test whether the big footprint causes the idle time around the GEMMs.
+# Small-M kernel experiments, as a variant suffix `ours-static@PRESET`: overrides of the float8-x
+# kernel's tiles per weight shape (N, K) of the 956M model (fp8_gemv.TUNED_CONFIGS) and of
+# fp8_gemv switches, set while that variant converts and compiles (the tiles and the op are in
+# the traced graph: each variant's graph keeps its own). "nosplit": no K slices (the default
+# before `split_for_sms`); "split2": 2 slices for the two N = 2048 projections instead of 4;
+# "splitall": also 2 for the wide ones; "stages2" / "smallsmem": less shared memory per program
+# (~80 / ~30 KiB instead of ~160); "pdl": `fp8_gemv.LAUNCH_PDL` (programmatic dependent launch).
 _FP8_TILES = {"block_n": 64, "block_k": 512, "split_k": 1, "num_warps": 4, "num_stages": 4, "swap_ab": True}
 _NARROW, _WIDE = ((2048, 2048), (2048, 5632)), ((6144, 2048), (5632, 2048))
-TILE_PRESETS = {
-    "split": {(n, k, "fp8"): {**_FP8_TILES, "split_k": 4} for n, k in _NARROW},
-    "splitall": {**{(n, k, "fp8"): {**_FP8_TILES, "split_k": 4} for n, k in _NARROW},
-                 **{(n, k, "fp8"): {**_FP8_TILES, "split_k": 2} for n, k in _WIDE}},
-    "stages2": {(n, k, "fp8"): {**_FP8_TILES, "num_stages": 2} for n, k in _NARROW + _WIDE},
-    "smallsmem": {(n, k, "fp8"): {**_FP8_TILES, "block_k": 128, "num_stages": 3} for n, k in _NARROW + _WIDE},
-}  # fmt: skip
+
+
+def _tiles(shapes, **change) -> dict:
+    return {(n, k, "fp8"): {**_FP8_TILES, "split_k": 4 if (n, k) in _NARROW else 1, **change} for n, k in shapes}
+
+
+PRESETS = {
+    "nosplit": {"tiles": _tiles(_NARROW + _WIDE, split_k=1)},
+    "split2": {"tiles": _tiles(_NARROW, split_k=2)},
+    "splitall": {"tiles": {**_tiles(_NARROW), **_tiles(_WIDE, split_k=2)}},
+    "stages2": {"tiles": _tiles(_NARROW + _WIDE, num_stages=2)},
+    "smallsmem": {"tiles": _tiles(_NARROW + _WIDE, block_k=128, num_stages=3)},
+    "pdl": {"switches": {"LAUNCH_PDL": True}},
+}
 
 
 def split_variant(name: str) -> tuple[str, str | None]:
@@ -228,13 +250,18 @@ def bench_variant(name, base, tokens, mode, reference, args, device) -> dict:
         fp8_gemv.SMALL_M_ACTIVATION = "fp8" if name.endswith("-fp8x") else "auto"  # the default
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    tuned = dict(fp8_gemv.TUNED_CONFIGS)
-    fp8_gemv.TUNED_CONFIGS.update(TILE_PRESETS[preset] if preset else {})
+    preset = PRESETS[preset] if preset else {}
+    tuned, switches = dict(fp8_gemv.TUNED_CONFIGS), {key: getattr(fp8_gemv, key) for key in preset.get("switches", {})}
+    fp8_gemv.TUNED_CONFIGS.update(preset.get("tiles", {}))
+    for key, value in preset.get("switches", {}).items():
+        setattr(fp8_gemv, key, value)
     try:
         return _bench_converted(name, base, tokens, mode, reference, args, device)
     finally:
         fp8_gemv.TUNED_CONFIGS.clear()
         fp8_gemv.TUNED_CONFIGS.update(tuned)
+        for key, value in switches.items():
+            setattr(fp8_gemv, key, value)
 
 
 def _bench_converted(name, base, tokens, mode, reference, args, device) -> dict:
@@ -245,9 +272,11 @@ def _bench_converted(name, base, tokens, mode, reference, args, device) -> dict:
         logits = compiled(tokens).clone()  # reduce-overhead reuses its output buffer
         first_s = time.perf_counter() - first
         ms = time_ms(lambda: compiled(tokens), args, device)
+        host = host_ms(lambda: compiled(tokens), args, device)
         profile = kernel_profile(lambda: compiled(tokens), device) if args.profile else None
     return {
         "ms": ms,
+        "host_ms": host,
         "profile": profile,
         "first_call_s": first_s,
         "linear_weight_bytes": linear_weight_bytes(model),
@@ -525,7 +554,7 @@ def render_sweep(rows, notes, args) -> str:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                   help=f"comma list from {VARIANTS}, each optionally @PRESET from {tuple(TILE_PRESETS)}")
+                   help=f"comma list from {VARIANTS}, each optionally @PRESET from {tuple(PRESETS)}")
     p.add_argument("--cases", default="prefill,decode", help=f"comma list from {tuple(CASES)}")
     p.add_argument("--modes", default="default,reduce-overhead", help="compile modes to run (where a case has them)")
     p.add_argument("--preset", default="anchor")
@@ -553,7 +582,7 @@ def parse_args(argv):
     args.modes = [m for m in args.modes.split(",") if m]
     args.sweep_flavours = [f for f in args.sweep_flavours.split(",") if f]
     unknown = [v for v, preset in map(split_variant, args.variants)
-               if v not in VARIANTS or preset not in (None, *TILE_PRESETS)]  # fmt: skip
+               if v not in VARIANTS or preset not in (None, *PRESETS)]  # fmt: skip
     unknown += [c for c in args.cases if c not in CASES]
     unknown += [m for m in args.modes if m not in ("default", "reduce-overhead")]
     unknown += [f for f in args.sweep_flavours if f not in SWEEP_TILES]

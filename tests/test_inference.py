@@ -213,6 +213,19 @@ def test_compiled_small_m_graph_carries_the_tiles(activation, monkeypatch):
     assert torch.allclose(out.float(), expected.float(), rtol=2**-7, atol=1e-6), (out - expected).abs().max()
 
 
+def test_float8_x_tiles_split_k_only_where_few_sms_have_work():
+    """K slices where a weight has fewer programs (64 rows each) than half the SMs: the 956M
+    model's two N = 2048 projections on the H200's 132 SMs get 4 slices (128 programs), the wide
+    ones (88-96 programs) none; never more slices than K blocks, none when the SM count is unknown."""
+    split = {shape: fp8_gemv.config_for(*shape, "fp8", sms=132)["split_k"]
+             for shape in [(2048, 2048), (2048, 5632), (5632, 2048), (6144, 2048), (1024, 1024), (2048, 512)]}  # fmt: skip
+    assert split == {(2048, 2048): 4, (2048, 5632): 4, (5632, 2048): 1, (6144, 2048): 1, (1024, 1024): 2,
+                     (2048, 512): 1}, split  # fmt: skip
+    assert fp8_gemv.config_for(2048, 2048, "fp8") == fp8_gemv.FP8_X_CONFIG  # no SM count: one slice
+    assert fp8_gemv.tiles_for(2048, 5632, "fp8", sms=132) == [64, 512, 4, 4, 4, 1]
+    assert fp8_gemv.sm_count(torch.device("cpu")) is None
+
+
 def test_unknown_small_m_activation_is_an_error(monkeypatch):
     monkeypatch.setattr(fp8_gemv, "SMALL_M_ACTIVATION", "bf16")
     model = _inference(nn.Linear(64, 32).to(BF16), weight_only_max_m=16)
