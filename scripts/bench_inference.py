@@ -145,6 +145,23 @@ def host_ms(fn, args, device) -> float:
     return host
 
 
+def python_profile(fn, args, top: int = 30) -> str:
+    """Where the CPU's time per call goes: cProfile over `--iters` calls, the `top` functions by
+    cumulative time (the host side of a step: guards, AOTAutograd's and CUDA graphs' wrappers)."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(args.iters):
+        fn()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(top)
+    return text.getvalue()
+
+
 def kernel_profile(fn, device, calls: int = 20) -> dict:
     """The CUDA kernels of one call of `fn`, from the torch profiler over `calls` calls: per kernel
     name its launches and microseconds per call, and the totals (kernel time excludes the gaps
@@ -200,6 +217,8 @@ def render_profiles(rows) -> str:
             lines += [f"- {us:.1f} us: `{before[:60]}` -> `{after[:60]}`" for us, before, after in gaps["largest"]]
             lines += ["", "Idle per call before each kernel, by kernel (launches per call, us):", ""]
             lines += [f"- {us:.1f} us before {n} x `{name[:80]}`" for name, n, us in gaps.get("by_kernel", [])]
+        if r.get("host_profile"):
+            lines += ["", f"CPU per call, cProfile over {r['host_profile_calls']} calls:", "", "```", r["host_profile"], "```"]
         lines.append("")
     return "\n".join(lines)
 
@@ -273,10 +292,13 @@ def _bench_converted(name, base, tokens, mode, reference, args, device) -> dict:
         first_s = time.perf_counter() - first
         ms = time_ms(lambda: compiled(tokens), args, device)
         host = host_ms(lambda: compiled(tokens), args, device)
+        host_profile = python_profile(lambda: compiled(tokens), args) if args.host_profile else None
         profile = kernel_profile(lambda: compiled(tokens), device) if args.profile else None
     return {
         "ms": ms,
         "host_ms": host,
+        "host_profile": host_profile,
+        "host_profile_calls": args.iters,
         "profile": profile,
         "first_call_s": first_s,
         "linear_weight_bytes": linear_weight_bytes(model),
@@ -573,6 +595,8 @@ def parse_args(argv):
     p.add_argument("--profile", action="store_true",
                    help="also write bench_inference_profile.md: each variant's CUDA kernels per call "
                         "(torch profiler), to see where a step's time goes")
+    p.add_argument("--host-profile", action="store_true",
+                   help="with --profile: also cProfile the calls on the CPU (where a host-bound step's time goes)")
     p.add_argument("--weight-only-tuning", default=None, metavar="SWEEP_JSON",
                    help="use the fastest tiles per weight shape from a --sweep run's json")
     p.add_argument("--out", default=None, help="write bench_inference.md and .json here")

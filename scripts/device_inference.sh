@@ -11,7 +11,8 @@
 #            x flavours in $SWEEP_FLAVOURS (default hp,fp8)
 #   decode   16 x 1 tokens, compile modes $DECODE_MODES (default: reduce-overhead), with the
 #            sweep's per-shape winners when the same call ran the sweep; PROFILE=1 adds each
-#            variant's CUDA kernels per call (decode_profile.md)
+#            variant's CUDA kernels per call (decode_profile.md), HOST_PROFILE=1 with it a cProfile
+#            of the CPU side of the calls
 #   prefill  4 x 2048 tokens, compile mode default
 #
 # Variants: $VARIANTS (default bf16,ours-tensorwise,ours-rowwise; add torchao-tensorwise for
@@ -47,7 +48,7 @@ for stage in "${@:-tests sweep decode prefill}"; do
       decode) TUNING=()  # the sweep's per-shape winners, when this call ran the sweep
               [ -f "$WORK/sweep/bench_inference_sweep.json" ] && TUNING=(--weight-only-tuning "$WORK/sweep/bench_inference_sweep.json")
               step "${DECODE_S:-150}" decode $BENCH --cases decode --modes "${DECODE_MODES:-reduce-overhead}" \
-                --variants "$VARIANTS" "${TUNING[@]}" ${PROFILE:+--profile} --out "$WORK/decode"
+                --variants "$VARIANTS" "${TUNING[@]}" ${PROFILE:+--profile} ${HOST_PROFILE:+--host-profile} --out "$WORK/decode"
               cp "$WORK/decode/bench_inference.md" "$OUT/decode.md" 2>/dev/null
               cp "$WORK/decode/bench_inference_profile.md" "$OUT/decode_profile.md" 2>/dev/null ;;
       prefill) step "${PREFILL_S:-170}" prefill $BENCH --cases prefill --variants "$VARIANTS" --out "$WORK/prefill"
