@@ -346,10 +346,25 @@ def _drop_training_state(module: nn.Module) -> None:
         module.__dict__.pop(name, None)
 
 
+class Float8InferenceLinear(nn.Linear):
+    """The class of a converted plain `nn.Linear`: its `forward` is `linear_forward`.
+
+    A class rather than a per-layer `forward` attribute (what Conv1D and nn.Linear subclasses
+    get, a `functools.partial`) because torch.compile checks its guards on every call, and a
+    per-instance forward adds ~6 of them per layer; with the frozen weight's own guards this
+    made a compiled 16 x 1 decode step of the 956M model host-bound (docs/inference.md, "Host
+    overhead"). Importable by name, so deepcopy and pickling keep it."""
+
+    forward = linear_forward
+
+
 def _attach(module: nn.Module, spec: InferenceSpec) -> None:
     setattr(module, INFERENCE_ATTR, spec)
-    forward = conv1d_forward if is_conv1d(module) else linear_forward
-    module.forward = functools.partial(forward, module)  # deepcopy / pickle keep it bound
+    if type(module) is nn.Linear:
+        module.__class__ = Float8InferenceLinear
+    else:  # Conv1D, or a subclass of nn.Linear: its other methods stay
+        forward = conv1d_forward if is_conv1d(module) else linear_forward
+        module.forward = functools.partial(forward, module)  # deepcopy / pickle keep it bound
     if spec.scaling == "static":
         zeros = torch.zeros((), dtype=torch.float32, device=module.weight.device)
         module.register_buffer(INPUT_AMAX, zeros)
