@@ -69,6 +69,7 @@ from .scaling import EPS, amax, saturated_cast
 from .tensor import Float8Tensor
 
 INFERENCE_ATTR = "_compile_fp8_inference"  # the layer's InferenceSpec
+INNER_WEIGHT = ("fp8_weight_data", "fp8_weight_scale")  # Float8InferenceLinear's views of its weight
 INPUT_AMAX = "fp8_amax_input"  # scaling="static": calibrated max |input|, float32 scalar
 # scaling="static": the input scale of INPUT_AMAX (float32 scalar), kept by `refresh_ready`; not
 # saved (non-persistent), and not an `is_fp8_buffer` (those are the checkpointed fp8_amax_*)
@@ -154,6 +155,31 @@ def linear_forward(module: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     return _fp8_linear(module, input, weight.fp8_data, weight.scale)
 
 
+def _inner_forward(module: "Float8InferenceLinear", input: torch.Tensor) -> torch.Tensor:
+    """Float8InferenceLinear.forward: the weight's float8 data and scale read from the layer's
+    INNER_WEIGHT buffers (the same tensors, `_bind_inner`). Eager calls check the weight first
+    (frozen, still the buffers' tensors); compiled graphs read only the buffers, so
+    torch.compile guards two plain tensors per layer instead of a tensor subclass."""
+    if not torch.compiler.is_compiling():
+        weight = _frozen_weight(module)
+        if getattr(module, INNER_WEIGHT[0], None) is not getattr(weight, "fp8_data", None):
+            _bind_inner(module)  # the weight was replaced behind nn.Module's back
+    data, scale = (getattr(module, name) for name in INNER_WEIGHT)
+    return _fp8_linear(module, input, data, scale)
+
+
+def _bind_inner(module: nn.Module) -> None:
+    """Point the INNER_WEIGHT buffers at the weight's float8 data and scale (no copy); a weight
+    that is no Float8Tensor any more leaves none (the forward then says what happened)."""
+    weight = module._parameters.get("weight")
+    for name, inner in zip(INNER_WEIGHT, ("fp8_data", "scale")):
+        if isinstance(weight, Float8Tensor):
+            module._buffers[name] = getattr(weight, inner)
+            module._non_persistent_buffers_set.add(name)
+        else:
+            module._buffers.pop(name, None)
+
+
 def conv1d_forward(module: nn.Module, input: torch.Tensor) -> torch.Tensor:
     """transformers Conv1D.forward of a converted layer: weight [K, N] = a transposed [N, K]."""
     weight = _frozen_weight(module)
@@ -163,6 +189,11 @@ def conv1d_forward(module: nn.Module, input: torch.Tensor) -> torch.Tensor:
 
 def _frozen_weight(module) -> Float8Tensor:
     weight = module.weight
+    if not isinstance(weight, Float8Tensor):
+        raise RuntimeError(
+            f"compile_fp8: {module!r} was converted for FP8 inference, then its weight was replaced "
+            f"by a {type(weight).__name__}; convert the model once its weights are in place"
+        )
     if weight.requires_grad:
         raise RuntimeError(
             f"compile_fp8: the FP8 inference weight of {module!r} requires grad, but inference "
@@ -347,21 +378,38 @@ def _drop_training_state(module: nn.Module) -> None:
 
 
 class Float8InferenceLinear(nn.Linear):
-    """The class of a converted plain `nn.Linear`: its `forward` is `linear_forward`.
+    """The class of a converted plain `nn.Linear` (Conv1D and nn.Linear subclasses keep their
+    class and get a per-instance `forward` instead).
 
-    A class rather than a per-layer `forward` attribute (what Conv1D and nn.Linear subclasses
-    get, a `functools.partial`) because torch.compile checks its guards on every call, and a
-    per-instance forward adds ~6 of them per layer; with the frozen weight's own guards this
-    made a compiled 16 x 1 decode step of the 956M model host-bound (docs/inference.md, "Host
-    overhead"). Importable by name, so deepcopy and pickling keep it."""
+    Why a class, and the INNER_WEIGHT buffers: torch.compile checks its guards on every call, on
+    the CPU, before the compiled graph runs. A per-instance forward (a `functools.partial`) adds
+    ~6 guards per layer, and a Float8Tensor weight ~10 (the subclass, its metadata, then its
+    two tensors), where a bf16 weight has one; AOTAutograd then unwraps every subclass input on
+    every call too. That made a compiled 16 x 1 decode step of the 956M model host-bound on the
+    H200 (~0.9 ms of CPU per call, against 0.2 ms for bf16; docs/inference.md, "Host overhead").
+    The forward reads the weight's float8 data and scale from two non-persistent buffers that
+    are the very same tensors (no copy, not in `state_dict`), re-pointed whenever the weight is
+    replaced (`weight = ...`, `load_state_dict(assign=True)`, `.to()`). Importable by name, so
+    deepcopy and pickling keep it."""
 
-    forward = linear_forward
+    forward = _inner_forward
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "weight":
+            _bind_inner(self)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)  # converts the weight and the buffers separately
+        _bind_inner(self)  # ... so the buffers are the converted weight's tensors again
+        return out
 
 
 def _attach(module: nn.Module, spec: InferenceSpec) -> None:
     setattr(module, INFERENCE_ATTR, spec)
     if type(module) is nn.Linear:
         module.__class__ = Float8InferenceLinear
+        _bind_inner(module)
     else:  # Conv1D, or a subclass of nn.Linear: its other methods stay
         forward = conv1d_forward if is_conv1d(module) else linear_forward
         module.forward = functools.partial(forward, module)  # deepcopy / pickle keep it bound

@@ -740,3 +740,50 @@ def test_conversion_lets_inductor_launch_our_kernels_statically(monkeypatch):
     monkeypatch.setattr(torch._inductor.config, "static_launch_user_defined_triton_kernels", False)
     _inference(nn.Linear(64, 48).to(BF16))
     assert torch._inductor.config.static_launch_user_defined_triton_kernels
+
+
+def test_inference_linear_reads_its_weight_through_aliases_kept_in_step():
+    """A converted nn.Linear is a Float8InferenceLinear whose forward reads two non-persistent
+    buffers that are the weight's own float8 data and scale (no copy, not in state_dict), and
+    stay so when the weight changes: in-place load, load with assign=True, deepcopy, `.to()`."""
+    layer = _inference(nn.Linear(64, 32).to(BF16))
+    data, scale = inference.INNER_WEIGHT
+    assert type(layer) is inference.Float8InferenceLinear and isinstance(layer, nn.Linear)
+
+    def bound(module):
+        return getattr(module, data) is module.weight.fp8_data and getattr(module, scale) is module.weight.scale
+
+    assert bound(layer) and set(layer.state_dict()) == {"weight", "bias"}
+    x = _x(4, 64)
+    other = nn.Linear(64, 32).to(BF16)
+    expected = _inference(copy.deepcopy(other))(x)
+    with torch.no_grad():
+        layer.load_state_dict(other.state_dict())  # in place: the same tensors, new values
+    assert bound(layer) and bits_equal(layer(x), expected)
+    layer.load_state_dict(_inference(nn.Linear(64, 32).to(BF16)).state_dict(), assign=True)
+    assert bound(layer), "assign=True replaced the weight: the buffers follow it"
+    twin = copy.deepcopy(layer).to("cpu", BF16)
+    assert bound(twin) and getattr(twin, data) is not getattr(layer, data)
+    with pytest.raises(RuntimeError, match="its weight was replaced by a Parameter"):
+        layer.weight = nn.Parameter(torch.randn(32, 64, dtype=BF16), requires_grad=False)
+        layer(x)
+
+
+def test_compiled_inference_graph_holds_no_tensor_subclass_input():
+    """Under torch.compile the layer's graph reads the plain buffers, not the Float8Tensor: its
+    guards are those of two plain tensors, and AOTAutograd unwraps no subclass per call (a
+    host-bound decode step otherwise); the compiled output follows an in-place weight load."""
+    layer = _inference(nn.Linear(64, 32).to(BF16))
+    inputs = []
+
+    def record(gm, example_inputs):
+        inputs.extend(example_inputs)
+        return gm.forward
+
+    compiled = torch.compile(layer, backend=record, fullgraph=True)
+    x = _x(4, 64)
+    with torch.no_grad():
+        assert bits_equal(compiled(x), layer(x))
+        assert inputs and not any(isinstance(t, Float8Tensor) for t in inputs), [type(t) for t in inputs]
+        layer.load_state_dict(_inference(nn.Linear(64, 32).to(BF16)).state_dict())
+        assert bits_equal(compiled(x), layer(x))
