@@ -43,10 +43,11 @@ Measured on the H200 at M = 16 with weights read from HBM (docs/benchmarks.md): 
 flavour runs at 0.83-1.00x cuBLAS's bf16 mm on the 956M model's shapes (converting every weight
 element in registers costs what the halved bytes save), the float8-x flavour at 1.15-1.50x, and
 cuBLAS's own `_scaled_mm` at 0.5-0.7x. In a whole decode step (16 x 1 tokens, CUDA graphs) the
-float8-x flavour wins where the activation's scale is static (1.11-1.12x bf16: the cast is one
-multiply in the producer's kernel) and not where it is dynamic (0.72-1.02x: an amax reduction per layer input, and its row
-scales), so "auto" takes float8 x for calibrated static layers and weight-only otherwise (the
-more accurate: no activation quantization).
+float8-x flavour wins where the activation's scale is static (1.23x bf16 with K slices for the
+narrow weights and the inference layers' cheaper guards, 2026-11-29 20:50; the cast is one
+multiply in the producer's kernel) and not where it is dynamic (0.72-1.02x: an amax reduction
+per layer input, and its row scales), so "auto" takes float8 x for calibrated static layers and
+weight-only otherwise (the more accurate: no activation quantization; 0.96x bf16).
 
 The op is a `torch.library.triton_op` (the pattern of `kernels.py`): eager calls launch the
 kernel, torch.compile (fullgraph, CUDA graphs) sees the kernel itself. `weight_only_linear` uses
@@ -70,8 +71,8 @@ if triton is not None:
 # float8 x float8 kernel where the layer has a calibrated static input scale (the cast is then one
 # multiply, written by the kernel that produces x), else keeps x in high precision (weight-only:
 # a dynamic cast's amax pass costs what the float8 MMAs save); "hp" / "fp8" force one path.
-# Measured on the H200 (docs/benchmarks.md): decode step 1.11-1.12x bf16 static + float8 x,
-# 0.93-0.94x weight-only, 0.72-1.02x dynamic rowwise + float8 x.
+# Measured on the H200 (docs/benchmarks.md): decode step 1.23x bf16 static + float8 x,
+# 0.96x weight-only, 0.72-1.02x dynamic rowwise + float8 x.
 SMALL_M_ACTIVATION = "auto"
 SMALL_M_ACTIVATIONS = ("auto", "hp", "fp8")
 
@@ -83,12 +84,6 @@ def small_m_activation() -> str:
             f"compile_fp8.fp8_gemv.SMALL_M_ACTIVATION={SMALL_M_ACTIVATION!r}; allowed: {SMALL_M_ACTIVATIONS}"
         )
     return SMALL_M_ACTIVATION
-# Experiment (off): launch the float8-x kernel with programmatic dependent launch (PDL, sm90+)
-# through an opaque custom op and Triton's own launcher (inductor launches user Triton kernels
-# without PDL), the kernel waiting for its predecessor (`gdc_wait`) before it reads x and letting
-# its successor launch once its K loop is done. Read when the layer is traced (the op's name is in
-# the graph, so the caches key on it). Measured in docs/benchmarks.md.
-LAUNCH_PDL = False
 KERNEL_X_DTYPES = (torch.bfloat16, torch.float16)  # float32 x would run tl.dot in tf32: torch
 # Tiles, from the H200 sweep (`scripts/bench_inference.py --sweep tiles`, M = 16, the 956M
 # model's shapes; docs/benchmarks.md): 32 output columns per program won at every shape; BLOCK_K
@@ -186,9 +181,6 @@ def fp8_small_m_linear(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype
     float8 (x's scale [] or [M, 1]): the small-M kernel with float8 MMAs, or its torch math."""
     if triton_available(x_fp8.device) and x_fp8.numel() > 0:
         tiles = tiles_for(*weight_fp8.shape, "fp8", sm_count(x_fp8.device))
-        if LAUNCH_PDL:
-            out = torch.ops.compile_fp8.fp8_small_mm_pdl(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype, tiles)
-            return out if out.dim() == 2 else _epilogue(out.sum(0), weight_scale, bias, x_scale, out_dtype)
         return torch.ops.compile_fp8.fp8_small_mm(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype, tiles)
     return fp8_small_m_reference(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype)
 
@@ -247,11 +239,9 @@ if triton is not None:
         stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on, stride_os,
         K_TILES: tl.constexpr, SPLIT_K: tl.constexpr, ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
         FP32_DOT: tl.constexpr, SWAP_AB: tl.constexpr, X_FP8: tl.constexpr, X_ROWWISE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         """One [BLOCK_M, BLOCK_N] tile of out, over K slice `program_id(1)` of SPLIT_K."""
-        if USE_GDC:  # launched with PDL: wait until the kernel before (that wrote x) is done
-            tl.extra.cuda.gdc_wait()
         pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -276,8 +266,6 @@ if triton is not None:
                 acc_t = tl.dot(w, tl.trans(x), acc_t)  # [BN, BK] @ [BK, BM] -> [BN, BM]
             else:
                 acc = tl.dot(x, tl.trans(w), acc)  # [BM, BK] @ [BK, BN] -> [BM, BN]
-        if USE_GDC:  # the next kernel may launch now (it waits for this one before reading out)
-            tl.extra.cuda.gdc_launch_dependents()
         if SWAP_AB:
             acc = tl.trans(acc_t)
         out_offs = offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
@@ -300,7 +288,7 @@ if triton is not None:
 
     def _launch_weight_only(
         x, weight_fp8, weight_scale, bias, block_n, block_k, split_k, num_warps, num_stages, swap_ab=False,
-        x_scale=None, out_dtype=None, reduce=True, pdl=False,
+        x_scale=None, out_dtype=None, reduce=True,
     ):  # fmt: skip
         """Launch the kernel; with `x_scale` (float8 x and its scale, [] or [M, 1]) both operands
         are float8 and `out_dtype` is the output's dtype. `reduce=False` (the tile sweep, which
@@ -317,8 +305,7 @@ if triton is not None:
             out = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
         launch = {} if _interpreting() else {"num_warps": num_warps, "num_stages": num_stages}
-        kernel = _weight_only_kernel if pdl else torch.library.wrap_triton(_weight_only_kernel)
-        kernel[grid](
+        torch.library.wrap_triton(_weight_only_kernel)[grid](
             x, weight_fp8, weight_scale, weight_scale if x_scale is None else x_scale,
             weight_scale if bias is None else bias, out, m, n, k,
             x.stride(0), x.stride(1), weight_fp8.stride(0), weight_fp8.stride(1),
@@ -326,7 +313,7 @@ if triton is not None:
             K_TILES=k_tiles, SPLIT_K=split_k, ROWWISE=weight_scale.numel() != 1, HAS_BIAS=bias is not None,
             FP32_DOT=_interpreting(), SWAP_AB=swap_ab,
             X_FP8=x_scale is not None, X_ROWWISE=x_scale is not None and x_scale.numel() != 1,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_GDC=pdl, **launch, **({"launch_pdl": True} if pdl else {}),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch,
         )  # fmt: skip
         if split_k == 1 or not reduce:
             return out
@@ -355,22 +342,3 @@ if triton is not None:
     @_fp8_small_op.register_fake
     def _(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype, tiles=None):
         return x_fp8.new_empty((x_fp8.shape[0], weight_fp8.shape[0]), dtype=out_dtype)
-
-    @torch.library.custom_op("compile_fp8::fp8_small_mm_pdl", mutates_args=())
-    def _fp8_small_pdl_op(
-        x_fp8: torch.Tensor, x_scale: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
-        bias: Optional[torch.Tensor], out_dtype: torch.dtype, tiles: list[int],
-    ) -> torch.Tensor:  # fmt: skip
-        """`fp8_small_mm` launched with PDL (`LAUNCH_PDL`): opaque to inductor, which calls it as is.
-        With K slices it returns the float32 partial sums [SPLIT_K, M, N] (the caller sums them)."""
-        config = _tile_config(tiles, *weight_fp8.shape, "fp8")
-        return _launch_weight_only(x_fp8, weight_fp8, weight_scale, bias, **config, x_scale=x_scale,
-                                   out_dtype=out_dtype, reduce=False, pdl=True)  # fmt: skip
-
-    @_fp8_small_pdl_op.register_fake
-    def _(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype, tiles):
-        m, (n, k) = x_fp8.shape[0], weight_fp8.shape
-        split_k = _launch_blocks(m, k, _tile_config(tiles, n, k, "fp8"))[2]
-        if split_k == 1:
-            return x_fp8.new_empty((m, n), dtype=out_dtype)
-        return x_fp8.new_empty((split_k, m, n), dtype=torch.float32)

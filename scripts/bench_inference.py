@@ -229,13 +229,12 @@ def sqnr(ref: torch.Tensor, actual: torch.Tensor) -> float:
     return float("inf") if noise == 0 else (20 * torch.log10(ref.norm() / noise)).item()
 
 
-# Small-M kernel experiments, as a variant suffix `ours-static@PRESET`: overrides of the float8-x
-# kernel's tiles per weight shape (N, K) of the 956M model (fp8_gemv.TUNED_CONFIGS) and of
-# fp8_gemv switches, set while that variant converts and compiles (the tiles and the op are in
-# the traced graph: each variant's graph keeps its own). "nosplit": no K slices (the default
-# before `split_for_sms`); "split2": 2 slices for the two N = 2048 projections instead of 4;
-# "splitall": also 2 for the wide ones; "stages2" / "smallsmem": less shared memory per program
-# (~80 / ~30 KiB instead of ~160); "pdl": `fp8_gemv.LAUNCH_PDL` (programmatic dependent launch).
+# Small-M kernel experiments, as a variant suffix `ours-static@PRESET`: the float8-x kernel's
+# tiles per weight shape (N, K) of the 956M model, set in fp8_gemv.TUNED_CONFIGS while that
+# variant converts and compiles (the tiles are arguments of the traced op: each variant's graph
+# keeps its own). "nosplit": no K slices (the default before `split_for_sms`); "split2": 2 slices
+# for the two N = 2048 projections instead of 4; "splitall": also 2 for the wide ones;
+# "stages2" / "smallsmem": less shared memory per program (~80 / ~30 KiB instead of ~160).
 _FP8_TILES = {"block_n": 64, "block_k": 512, "split_k": 1, "num_warps": 4, "num_stages": 4, "swap_ab": True}
 _NARROW, _WIDE = ((2048, 2048), (2048, 5632)), ((6144, 2048), (5632, 2048))
 
@@ -245,12 +244,11 @@ def _tiles(shapes, **change) -> dict:
 
 
 PRESETS = {
-    "nosplit": {"tiles": _tiles(_NARROW + _WIDE, split_k=1)},
-    "split2": {"tiles": _tiles(_NARROW, split_k=2)},
-    "splitall": {"tiles": {**_tiles(_NARROW), **_tiles(_WIDE, split_k=2)}},
-    "stages2": {"tiles": _tiles(_NARROW + _WIDE, num_stages=2)},
-    "smallsmem": {"tiles": _tiles(_NARROW + _WIDE, block_k=128, num_stages=3)},
-    "pdl": {"switches": {"LAUNCH_PDL": True}},
+    "nosplit": _tiles(_NARROW + _WIDE, split_k=1),
+    "split2": _tiles(_NARROW, split_k=2),
+    "splitall": {**_tiles(_NARROW), **_tiles(_WIDE, split_k=2)},
+    "stages2": _tiles(_NARROW + _WIDE, num_stages=2),
+    "smallsmem": _tiles(_NARROW + _WIDE, block_k=128, num_stages=3),
 }
 
 
@@ -269,18 +267,13 @@ def bench_variant(name, base, tokens, mode, reference, args, device) -> dict:
         fp8_gemv.SMALL_M_ACTIVATION = "fp8" if name.endswith("-fp8x") else "auto"  # the default
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    preset = PRESETS[preset] if preset else {}
-    tuned, switches = dict(fp8_gemv.TUNED_CONFIGS), {key: getattr(fp8_gemv, key) for key in preset.get("switches", {})}
-    fp8_gemv.TUNED_CONFIGS.update(preset.get("tiles", {}))
-    for key, value in preset.get("switches", {}).items():
-        setattr(fp8_gemv, key, value)
+    tuned = dict(fp8_gemv.TUNED_CONFIGS)
+    fp8_gemv.TUNED_CONFIGS.update(PRESETS[preset] if preset else {})
     try:
         return _bench_converted(name, base, tokens, mode, reference, args, device)
     finally:
         fp8_gemv.TUNED_CONFIGS.clear()
         fp8_gemv.TUNED_CONFIGS.update(tuned)
-        for key, value in switches.items():
-            setattr(fp8_gemv, key, value)
 
 
 def _bench_converted(name, base, tokens, mode, reference, args, device) -> dict:

@@ -131,14 +131,10 @@ def test_bench_inference_tile_preset_applies_to_its_variant_only(monkeypatch):
     monkeypatch.setattr(fp8_gemv, "TUNED_CONFIGS", {(1, 2): {"block_n": 16}})
     seen = []
     monkeypatch.setattr(bench, "_bench_converted", lambda name, *a: seen.append((name, dict(fp8_gemv.TUNED_CONFIGS))))
-    monkeypatch.setattr(fp8_gemv, "LAUNCH_PDL", False)
     bench.bench_variant("ours-static@split2", None, None, "default", None, None, torch.device("cpu"))
     name, tuned = seen[0]
     assert name == "ours-static" and tuned[(2048, 5632, "fp8")]["split_k"] == 2 and (1, 2) in tuned, seen
     assert fp8_gemv.TUNED_CONFIGS == {(1, 2): {"block_n": 16}}
-    monkeypatch.setattr(bench, "_bench_converted", lambda *a: seen.append(fp8_gemv.LAUNCH_PDL))
-    bench.bench_variant("ours-static@pdl", None, None, "default", None, None, torch.device("cpu"))
-    assert seen[-1] is True and fp8_gemv.LAUNCH_PDL is False  # a switch, set for the variant only
     assert bench.split_variant("bf16") == ("bf16", None)
     with pytest.raises(SystemExit):
         bench.parse_args(["--variants", "ours-static@nosuchpreset"])
