@@ -6,7 +6,9 @@
 Each eligible linear layer (the rules of training, `api.py`) gets, once, a frozen `Float8Tensor`
 weight: e4m3 data [N, K] plus its float32 scale, one per tensor or one per output row. That is
 1 byte per element instead of 2 (bf16): half the parameter bytes, and no per-step weight cast.
-Its `forward` (an instance attribute, as for static scaling in `linear.py`) then runs::
+A plain nn.Linear becomes a `Float8InferenceLinear` whose forward reads the weight's data and
+scale through two buffers that are the same tensors (cheap torch.compile guards, see the class);
+Conv1D and nn.Linear subclasses get an instance `forward` instead. Either forward runs::
 
     M > weight_only_max_m (prefill):       the `_scaled_mm` path
         input_fp8  = saturate(input * input_scale).to(e4m3)    # [M, K], scale [] or [M, 1]

@@ -764,6 +764,11 @@ def test_inference_linear_reads_its_weight_through_aliases_kept_in_step():
     assert bound(layer), "assign=True replaced the weight: the buffers follow it"
     twin = copy.deepcopy(layer).to("cpu", BF16)
     assert bound(twin) and getattr(twin, data) is not getattr(layer, data)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)  # the whole module: its class is importable by name
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is inference.Float8InferenceLinear and bound(loaded) and bits_equal(loaded(x), layer(x))
     with pytest.raises(RuntimeError, match="its weight was replaced by a Parameter"):
         layer.weight = nn.Parameter(torch.randn(32, 64, dtype=BF16), requires_grad=False)
         layer(x)
