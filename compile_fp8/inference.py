@@ -391,8 +391,8 @@ class Float8InferenceLinear(nn.Linear):
     H200 (~0.9 ms of CPU per call, against 0.2 ms for bf16; docs/inference.md, "Host overhead").
     The forward reads the weight's float8 data and scale from two non-persistent buffers that
     are the very same tensors (no copy, not in `state_dict`), re-pointed whenever the weight is
-    replaced (`weight = ...`, `load_state_dict(assign=True)`, `.to()`). Importable by name, so
-    deepcopy and pickling keep it."""
+    replaced (`weight = ...`, `load_state_dict(assign=True)`, `.to()`, unpickling). Importable
+    by name, so deepcopy and pickling keep it."""
 
     forward = _inner_forward
 
@@ -405,6 +405,10 @@ class Float8InferenceLinear(nn.Linear):
         out = super()._apply(fn, recurse)  # converts the weight and the buffers separately
         _bind_inner(self)  # ... so the buffers are the converted weight's tensors again
         return out
+
+    def __setstate__(self, state):  # unpickled: the weight's tensors were rebuilt on their own
+        super().__setstate__(state)
+        _bind_inner(self)
 
 
 def _attach(module: nn.Module, spec: InferenceSpec) -> None:
