@@ -163,8 +163,7 @@ def _inner_forward(module: "Float8InferenceLinear", input: torch.Tensor) -> torc
     (frozen, still the buffers' tensors); compiled graphs read only the buffers, so
     torch.compile guards two plain tensors per layer instead of a tensor subclass."""
     if not torch.compiler.is_compiling():
-        weight = _frozen_weight(module)
-        if getattr(module, INNER_WEIGHT[0], None) is not getattr(weight, "fp8_data", None):
+        if module._buffers.get(INNER_WEIGHT[0]) is not _frozen_weight(module).fp8_data:
             _bind_inner(module)  # the weight was replaced behind nn.Module's back
     data, scale = (getattr(module, name) for name in INNER_WEIGHT)
     return _fp8_linear(module, input, data, scale)

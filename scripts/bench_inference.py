@@ -54,7 +54,9 @@ from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_linear import kernel_timeline, kernels_by_name  # noqa: E402
-from bench_train_step import try_variant  # noqa: E402
+from bench_train_step import split_variant, try_variant  # noqa: E402
+
+from compile_fp8.fp8_gemv import FP8_X_CONFIG  # noqa: E402
 
 VARIANTS = ("bf16", "ours-tensorwise", "ours-rowwise", "ours-static", "ours-tensorwise-fp8x", "ours-rowwise-fp8x",
             "ours-static-fp8x", "torchao-tensorwise", "torchao-rowwise")  # fmt: skip
@@ -235,12 +237,11 @@ def sqnr(ref: torch.Tensor, actual: torch.Tensor) -> float:
 # keeps its own). "nosplit": no K slices (the default before `split_for_sms`); "split2": 2 slices
 # for the two N = 2048 projections instead of 4; "splitall": also 2 for the wide ones;
 # "stages2" / "smallsmem": less shared memory per program (~80 / ~30 KiB instead of ~160).
-_FP8_TILES = {"block_n": 64, "block_k": 512, "split_k": 1, "num_warps": 4, "num_stages": 4, "swap_ab": True}
 _NARROW, _WIDE = ((2048, 2048), (2048, 5632)), ((6144, 2048), (5632, 2048))
 
 
 def _tiles(shapes, **change) -> dict:
-    return {(n, k, "fp8"): {**_FP8_TILES, "split_k": 4 if (n, k) in _NARROW else 1, **change} for n, k in shapes}
+    return {(n, k, "fp8"): {**FP8_X_CONFIG, "split_k": 4 if (n, k) in _NARROW else 1, **change} for n, k in shapes}
 
 
 PRESETS = {
@@ -252,17 +253,11 @@ PRESETS = {
 }
 
 
-def split_variant(name: str) -> tuple[str, str | None]:
-    """'ours-static@split' -> ('ours-static', 'split'); a name without '@' -> (name, None)."""
-    base, _, preset = name.partition("@")
-    return base, preset or None
-
-
 def bench_variant(name, base, tokens, mode, reference, args, device) -> dict:
     from compile_fp8 import fp8_gemv
 
     torch._dynamo.reset()
-    name, preset = split_variant(name)
+    name, preset = split_variant(name, "@")
     if name.startswith("ours"):  # read when the model compiles: set per variant
         fp8_gemv.SMALL_M_ACTIVATION = "fp8" if name.endswith("-fp8x") else "auto"  # the default
     if device.type == "cuda":
@@ -441,8 +436,7 @@ def install_tuning(path) -> dict:
         key = (r["n"], r["k"], "fp8") if r.get("x") == "fp8" else (r["n"], r["k"])
         if r["sweep"] == "tiles" and (key not in best or r["ms"] < best[key]["ms"]):
             best[key] = r
-    keys = ("block_n", "block_k", "split_k", "num_warps", "num_stages", "swap_ab")
-    fp8_gemv.TUNED_CONFIGS.update({nk: {key: r.get(key, False) for key in keys} for nk, r in best.items()})
+    fp8_gemv.TUNED_CONFIGS.update({nk: {key: r.get(key, False) for key in fp8_gemv.TILE_KEYS} for nk, r in best.items()})
     return dict(fp8_gemv.TUNED_CONFIGS)
 
 
@@ -514,8 +508,7 @@ def _distinct_tiles(grid: list[dict], k: int) -> list[dict]:
 
     seen, out = set(), []
     for tiles in grid:
-        block_k = min(tiles["block_k"], max(16, fp8_gemv.triton.next_power_of_2(k)))
-        split_k = max(1, min(tiles["split_k"], -(-k // block_k)))
+        _, block_k, split_k = fp8_gemv._launch_blocks(16, k, tiles)  # what the launcher runs at M = 16
         key = tuple(sorted({**tiles, "block_k": block_k, "split_k": split_k}.items()))
         if key not in seen:
             seen.add(key)
@@ -598,7 +591,7 @@ def parse_args(argv):
     args.cases = [c for c in args.cases.split(",") if c]
     args.modes = [m for m in args.modes.split(",") if m]
     args.sweep_flavours = [f for f in args.sweep_flavours.split(",") if f]
-    unknown = [v for v, preset in map(split_variant, args.variants)
+    unknown = [v for v, preset in (split_variant(v, "@") for v in args.variants)
                if v not in VARIANTS or preset not in (None, *PRESETS)]  # fmt: skip
     unknown += [c for c in args.cases if c not in CASES]
     unknown += [m for m in args.modes if m not in ("default", "reduce-overhead")]

@@ -77,10 +77,11 @@ EXPERIMENTS = {
 }
 
 
-def split_variant(name: str) -> tuple[str, str | None]:
-    """"ours-tensorwise+rowamax" -> ("ours-tensorwise", "rowamax"); no suffix -> (name, None)."""
-    base, plus, experiment = name.partition("+")
-    return base, (experiment if plus else None)
+def split_variant(name: str, sep: str = "+") -> tuple[str, str | None]:
+    """"ours-tensorwise+rowamax" -> ("ours-tensorwise", "rowamax"); no suffix -> (name, None).
+    (bench_inference's tile presets use sep="@": "ours-static@nosplit".)"""
+    base, found, suffix = name.partition(sep)
+    return base, (suffix if found else None)
 
 
 def not_head(module, fqn: str) -> bool:

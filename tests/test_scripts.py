@@ -135,7 +135,7 @@ def test_bench_inference_tile_preset_applies_to_its_variant_only(monkeypatch):
     name, tuned = seen[0]
     assert name == "ours-static" and tuned[(2048, 5632, "fp8")]["split_k"] == 2 and (1, 2) in tuned, seen
     assert fp8_gemv.TUNED_CONFIGS == {(1, 2): {"block_n": 16}}
-    assert bench.split_variant("bf16") == ("bf16", None)
+    assert bench.split_variant("bf16", "@") == ("bf16", None)
     with pytest.raises(SystemExit):
         bench.parse_args(["--variants", "ours-static@nosuchpreset"])
 
