@@ -63,6 +63,11 @@ from typing import Optional
 import torch
 
 from .kernels import _interpreting, triton, triton_available
+from .scaling import saturated_cast
+
+if triton is not None:
+    from .kernels import _to_fp8
+
 
 if triton is not None:
     import triton.language as tl
@@ -102,6 +107,11 @@ FP8_X_CONFIG = {"block_n": 64, "block_k": 512, "split_k": 1, "num_warps": 4, "nu
 # kernels). Splitting the wide weights too (88-96 programs, 2 slices) saved 6 us more in the
 # GEMMs and cost 25 us in their consumers (v's sum is a kernel of its own): not done.
 SPLIT_BELOW_SM_FRACTION, SPLIT_TO_SM_FRACTION, MAX_SPLIT_K = 0.5, 0.9, 8
+# Where 64-row programs would be more than one per SM (a grouped gate + up: N = 11264, 176
+# programs, one resident per SM at ~160 KiB of shared memory), 128 rows a program: one wave.
+# H200 (2026-11-29, scripts/probe_gemv.py): the 80 GEMMs of a decode step with gate + up grouped
+# 401.7 us at 64 rows, 391.1 us at 128 (ungrouped 415.4).
+WIDE_BLOCK_N = 128
 LONG_K, SPLIT_K_LONG = 4096, 4  # K from which the kernel cuts K into SPLIT_K_LONG slices
 # Per weight shape (N, K) overrides (key (N, K, "fp8") for the float8-x flavour), e.g. the winners
 # of a tile sweep on another GPU (scripts/bench_inference.py --weight-only-tuning sweep.json).
@@ -149,7 +159,11 @@ def config_for(n: int, k: int, flavour: str = "hp", sms: Optional[int] = None) -
     if key in TUNED_CONFIGS:
         return TUNED_CONFIGS[key]
     if flavour == "fp8":
-        return {**FP8_X_CONFIG, "split_k": split_for_sms(n, k, FP8_X_CONFIG, sms)} if sms else FP8_X_CONFIG
+        if not sms:
+            return FP8_X_CONFIG
+        if -(-n // FP8_X_CONFIG["block_n"]) > sms:  # more than one wave of programs: wider ones
+            return {**FP8_X_CONFIG, "block_n": WIDE_BLOCK_N}
+        return {**FP8_X_CONFIG, "split_k": split_for_sms(n, k, FP8_X_CONFIG, sms)}
     return {**WEIGHT_ONLY_CONFIG, "split_k": SPLIT_K_LONG} if k >= LONG_K else WEIGHT_ONLY_CONFIG
 
 
@@ -178,7 +192,10 @@ def weight_only_linear(
 
 def fp8_small_m_linear(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype) -> torch.Tensor:
     """`(x_fp8 / x_scale) @ (weight_fp8 / weight_scale).T + bias` in `out_dtype`, both operands
-    float8 (x's scale [] or [M, 1]): the small-M kernel with float8 MMAs, or its torch math."""
+    float8 (x's scale [] or [M, 1]): the small-M kernel with float8 MMAs, or its torch math.
+    `x_fp8` may also be bf16/fp16 x itself: the kernel then casts it in its prologue, as
+    `saturated_cast(x, x_scale)` would (the same bits). `group.py` passes x so where x comes from
+    a kernel inductor cannot fuse the cast into (attention's output): one kernel less per layer."""
     if triton_available(x_fp8.device) and x_fp8.numel() > 0:
         tiles = tiles_for(*weight_fp8.shape, "fp8", sm_count(x_fp8.device))
         return torch.ops.compile_fp8.fp8_small_mm(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype, tiles)
@@ -186,8 +203,55 @@ def fp8_small_m_linear(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype
 
 
 def fp8_small_m_reference(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype):
-    """The float8-x kernel's math in torch (`weight_only_reference` with x's scale)."""
+    """The float8-x kernel's math in torch (`weight_only_reference` with x's scale); x in
+    bf16/fp16 (see `fp8_small_m_linear`) is first cast as the kernel's prologue casts it."""
+    if x_fp8.dtype in KERNEL_X_DTYPES:
+        x_fp8 = saturated_cast(x_fp8, x_scale, torch.float8_e4m3fn)
     return weight_only_reference(x_fp8, weight_fp8, weight_scale, bias, x_scale=x_scale, out_dtype=out_dtype)
+
+
+MAX_GROUP = 3  # linears one grouped launch runs (q, k, v)
+
+
+def check_group(xs, x_scales, ws, w_scales, biases) -> None:
+    """What one grouped launch needs of its 2-3 members (`group.py` groups only such linears):
+    one K, x's of one shape and strides, weights of one stride, the same scale granularities,
+    all biased or none. A ValueError names the first difference."""
+    n_members = len(ws)
+    if not 2 <= n_members <= MAX_GROUP or not len(xs) == len(w_scales) == len(biases) == n_members:
+        raise ValueError(f"a group runs 2-{MAX_GROUP} linears with one x, scale and bias each; got {len(xs)} x, "
+                         f"{n_members} weights, {len(w_scales)} scales, {len(biases)} biases")  # fmt: skip
+    if x_scales is not None and len(x_scales) != n_members:
+        raise ValueError(f"float8 x: one x scale per member, got {len(x_scales)} for {n_members}")
+    checks = {
+        "x shape and strides": [(tuple(x.shape), x.stride(), x.dtype) for x in xs],
+        "weight K and strides": [(w.shape[1], w.stride(), w.dtype) for w in ws],
+        "weight scale granularity": [s.numel() == 1 for s in w_scales],
+        "x scale granularity": [s.numel() == 1 for s in x_scales or ()],
+        "bias presence": [b is None for b in biases],
+    }
+    for what, values in checks.items():
+        if len(set(values)) > 1:
+            raise ValueError(f"the members of a small-M group differ in {what}: {values}")
+
+
+def small_m_group_linear(xs, x_scales, ws, w_scales, biases, out_dtype) -> list[torch.Tensor]:
+    """`fp8_small_m_linear` (x_scales given) or `weight_only_linear` (x_scales None) of 2-3
+    linears that share K, in one kernel launch where the kernel runs (a decode step's gate and
+    up projections: one launch's fixed cost instead of two), else member by member in torch."""
+    flavour = "hp" if x_scales is None else "fp8"
+    if triton_available(xs[0].device) and xs[0].numel() > 0 and (flavour == "fp8" or xs[0].dtype in KERNEL_X_DTYPES):
+        tiles = tiles_for(sum(w.shape[0] for w in ws), ws[0].shape[1], flavour, sm_count(xs[0].device))
+        return torch.ops.compile_fp8.small_mm_group(xs, x_scales or [], ws, w_scales, biases, out_dtype, tiles)
+    return small_m_group_reference(xs, x_scales, ws, w_scales, biases, out_dtype)
+
+
+def small_m_group_reference(xs, x_scales, ws, w_scales, biases, out_dtype) -> list[torch.Tensor]:
+    """The grouped kernel's math in torch: each member's `weight_only_reference`."""
+    check_group(xs, x_scales, ws, w_scales, biases)
+    if x_scales is None:
+        return [weight_only_reference(*args, out_dtype=out_dtype) for args in zip(xs, ws, w_scales, biases)]
+    return [fp8_small_m_reference(x, xs_, w, ws_, b, out_dtype) for x, xs_, w, ws_, b in zip(xs, x_scales, ws, w_scales, biases)]
 
 
 def weight_only_reference(x, weight_fp8, weight_scale, bias=None, x_scale=None, out_dtype=None):
@@ -234,15 +298,14 @@ def _launch_blocks(m: int, k: int, config: dict) -> tuple[int, int, int]:
 if triton is not None:
 
     @triton.jit
-    def _weight_only_kernel(
-        x_ptr, w_ptr, scale_ptr, x_scale_ptr, bias_ptr, out_ptr, M, N, K,
+    def _mm_tile(
+        x_ptr, w_ptr, scale_ptr, x_scale_ptr, bias_ptr, out_ptr, pid_n, pid_k, pid_m, M, N, K,
         stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on, stride_os,
         K_TILES: tl.constexpr, SPLIT_K: tl.constexpr, ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
         FP32_DOT: tl.constexpr, SWAP_AB: tl.constexpr, X_FP8: tl.constexpr, X_ROWWISE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        X_CAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
-        """One [BLOCK_M, BLOCK_N] tile of out, over K slice `program_id(1)` of SPLIT_K."""
-        pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        """One [BLOCK_M, BLOCK_N] tile of out (rows pid_m, columns pid_n), over K slice pid_k of SPLIT_K."""
         offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         if SWAP_AB:  # out.T = w @ x.T: the weight tile is the MMA's tall operand (BLOCK_N >= 64)
@@ -255,6 +318,11 @@ if triton is not None:
             x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                         mask=x_mask, other=0.0)  # [BLOCK_M, BLOCK_K], bf16/fp16 (float8 if X_FP8)  # fmt: skip
+            if X_CAST and X_ROWWISE:  # x in bf16/fp16: `saturated_cast` to e4m3 in the prologue
+                x_scale = tl.load(x_scale_ptr + offs_m, mask=offs_m < M, other=1.0)[:, None]
+                x = _to_fp8(x, x_scale, 448.0, 3, 7, FP32_DOT)  # software cast where interpreted
+            elif X_CAST:
+                x = _to_fp8(x, tl.load(x_scale_ptr), 448.0, 3, 7, FP32_DOT)
             w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
             w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                         mask=w_mask, other=0.0)  # [BLOCK_N, BLOCK_K], float8  # fmt: skip
@@ -286,6 +354,45 @@ if triton is not None:
             acc = acc + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
+    @triton.jit
+    def _weight_only_kernel(
+        x_ptr, w_ptr, scale_ptr, x_scale_ptr, bias_ptr, out_ptr, M, N, K,
+        stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on, stride_os,
+        K_TILES: tl.constexpr, SPLIT_K: tl.constexpr, ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        FP32_DOT: tl.constexpr, SWAP_AB: tl.constexpr, X_FP8: tl.constexpr, X_ROWWISE: tl.constexpr,
+        X_CAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """One linear: program (n, k, m) computes `_mm_tile` (n, k, m)."""
+        _mm_tile(x_ptr, w_ptr, scale_ptr, x_scale_ptr, bias_ptr, out_ptr, tl.program_id(0), tl.program_id(1),
+                 tl.program_id(2), M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
+                 stride_os, K_TILES, SPLIT_K, ROWWISE, HAS_BIAS, FP32_DOT, SWAP_AB, X_FP8, X_ROWWISE,
+                 X_CAST, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+
+    @triton.jit
+    def _grouped_kernel(
+        x0, w0, s0, xs0, b0, o0, N0, x1, w1, s1, xs1, b1, o1, N1, x2, w2, s2, xs2, b2, o2, N2,
+        M, K, P0, P1, stride_xm, stride_xk, stride_wn, stride_wk,
+        GROUP: tl.constexpr, K_TILES: tl.constexpr, SPLIT_K: tl.constexpr, ROWWISE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, SWAP_AB: tl.constexpr, X_FP8: tl.constexpr,
+        X_ROWWISE: tl.constexpr, X_CAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """GROUP (2 or 3) linears of one K in one launch: programs [0, P0) of axis 0 run member 0,
+        [P0, P0 + P1) member 1, the rest member 2. Outputs contiguous ([SPLIT_K,] M, N_i)."""
+        pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        if pid_n < P0:
+            _mm_tile(x0, w0, s0, xs0, b0, o0, pid_n, pid_k, pid_m, M, N0, K, stride_xm, stride_xk, stride_wn,
+                     stride_wk, N0, 1, M * N0, K_TILES, SPLIT_K, ROWWISE, HAS_BIAS, FP32_DOT, SWAP_AB, X_FP8,
+                     X_ROWWISE, X_CAST, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        elif GROUP == 2 or pid_n < P0 + P1:
+            _mm_tile(x1, w1, s1, xs1, b1, o1, pid_n - P0, pid_k, pid_m, M, N1, K, stride_xm, stride_xk, stride_wn,
+                     stride_wk, N1, 1, M * N1, K_TILES, SPLIT_K, ROWWISE, HAS_BIAS, FP32_DOT, SWAP_AB, X_FP8,
+                     X_ROWWISE, X_CAST, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        else:
+            _mm_tile(x2, w2, s2, xs2, b2, o2, pid_n - P0 - P1, pid_k, pid_m, M, N2, K, stride_xm, stride_xk,
+                     stride_wn, stride_wk, N2, 1, M * N2, K_TILES, SPLIT_K, ROWWISE, HAS_BIAS, FP32_DOT, SWAP_AB,
+                     X_FP8, X_ROWWISE, X_CAST, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+
     def _launch_weight_only(
         x, weight_fp8, weight_scale, bias, block_n, block_k, split_k, num_warps, num_stages, swap_ab=False,
         x_scale=None, out_dtype=None, reduce=True,
@@ -313,7 +420,7 @@ if triton is not None:
             K_TILES=k_tiles, SPLIT_K=split_k, ROWWISE=weight_scale.numel() != 1, HAS_BIAS=bias is not None,
             FP32_DOT=_interpreting(), SWAP_AB=swap_ab,
             X_FP8=x_scale is not None, X_ROWWISE=x_scale is not None and x_scale.numel() != 1,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch,
+            X_CAST=x_scale is not None and x.dtype in KERNEL_X_DTYPES, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch,
         )  # fmt: skip
         if split_k == 1 or not reduce:
             return out
@@ -342,3 +449,47 @@ if triton is not None:
     @_fp8_small_op.register_fake
     def _(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype, tiles=None):
         return x_fp8.new_empty((x_fp8.shape[0], weight_fp8.shape[0]), dtype=out_dtype)
+
+    def _launch_group(xs, x_scales, ws, w_scales, biases, out_dtype, block_n, block_k, split_k, num_warps,
+                      num_stages, swap_ab=False, reduce=True):  # fmt: skip
+        """`_launch_weight_only` for 2-3 linears of one K in one launch (`_grouped_kernel`); x_scales
+        None: weight-only (x in high precision). Returns one output per member."""
+        check_group(xs, x_scales, ws, w_scales, biases)
+        (m, k), ns, group = xs[0].shape, [w.shape[0] for w in ws], len(ws)
+        block_m, block_k, split_k = _launch_blocks(m, k, dict(block_k=block_k, block_n=block_n, num_stages=num_stages,
+                                                              split_k=split_k))  # fmt: skip
+        k_tiles = triton.cdiv(triton.cdiv(k, block_k), split_k)
+        programs = [triton.cdiv(n, block_n) for n in ns]
+        shape, dtype = ((m,), out_dtype) if split_k == 1 else ((split_k, m), torch.float32)
+        outs = [torch.empty((*shape, n), dtype=dtype, device=xs[0].device) for n in ns]
+        x_scales_or = x_scales if x_scales is not None else w_scales  # unread when X_FP8 is False
+        members = [(xs[i], ws[i], w_scales[i], x_scales_or[i], w_scales[i] if biases[i] is None else biases[i],
+                    outs[i], ns[i]) for i in range(group)]  # fmt: skip
+        members += [members[0]] * (3 - group)  # unused slot: any valid pointers
+        launch = {} if _interpreting() else {"num_warps": num_warps, "num_stages": num_stages}
+        x, w = xs[0], ws[0]
+        torch.library.wrap_triton(_grouped_kernel)[(sum(programs), split_k, triton.cdiv(m, block_m))](
+            *[arg for member in members for arg in member], m, k, programs[0], programs[1],
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+            GROUP=group, K_TILES=k_tiles, SPLIT_K=split_k, ROWWISE=w_scales[0].numel() != 1,
+            HAS_BIAS=biases[0] is not None, FP32_DOT=_interpreting(), SWAP_AB=swap_ab,
+            X_FP8=x_scales is not None, X_ROWWISE=x_scales is not None and x_scales[0].numel() != 1,
+            X_CAST=x_scales is not None and x.dtype in KERNEL_X_DTYPES, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch,
+        )  # fmt: skip
+        if split_k == 1 or not reduce:
+            return outs
+        return [_epilogue(out.sum(0), w_scales[i], biases[i], None if x_scales is None else x_scales[i], out_dtype)
+                for i, out in enumerate(outs)]  # fmt: skip
+
+    @torch.library.triton_op("compile_fp8::small_mm_group", mutates_args=())
+    def _small_mm_group_op(
+        xs: list[torch.Tensor], x_scales: list[torch.Tensor], ws: list[torch.Tensor],
+        w_scales: list[torch.Tensor], biases: list[Optional[torch.Tensor]], out_dtype: torch.dtype, tiles: list[int],
+    ) -> list[torch.Tensor]:  # fmt: skip
+        x_scales = x_scales or None  # [] in the op's schema: weight-only (x in high precision)
+        config = _tile_config(tiles, sum(w.shape[0] for w in ws), ws[0].shape[1], "hp" if x_scales is None else "fp8")
+        return _launch_group(xs, x_scales, ws, w_scales, biases, out_dtype, **config)
+
+    @_small_mm_group_op.register_fake
+    def _(xs, x_scales, ws, w_scales, biases, out_dtype, tiles):
+        return [xs[0].new_empty((xs[0].shape[0], w.shape[0]), dtype=out_dtype) for w in ws]

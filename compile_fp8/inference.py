@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fp8_gemv
+from . import fp8_gemv, group
 from .api import _skip_reason, linears_to_convert, training_weight
 from .config import E4M3, Float8Config, recipe_spec
 from .conv1d import is_conv1d
@@ -325,6 +325,13 @@ def convert_for_inference(model: nn.Module, config: Float8Config, module_filter_
     """Replace every eligible layer's weight by a Float8Tensor, in place (module docstring)."""
     granularity = recipe_spec(config.recipe).output.b.granularity
     launch_statically()  # the weight-only kernel (decode) is a user-defined Triton kernel
+    if group.ENABLED and not group.install():
+        warnings.warn(
+            "compile_fp8: torch._inductor.config.pre_grad_custom_pass is already set, so sibling "
+            "small-M linears are not grouped into one launch (compile_fp8.group); the model runs "
+            "correctly, each linear in its own launch",
+            stacklevel=3,
+        )
     layers = linears_to_convert(
         model,
         lambda module, fqn, owners: _inference_skip_reason(module, fqn, owners, module_filter_fn, config),

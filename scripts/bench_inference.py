@@ -43,6 +43,7 @@ import argparse
 import concurrent.futures
 import copy
 import datetime
+import importlib
 import json
 import pathlib
 import statistics
@@ -250,6 +251,15 @@ PRESETS = {
     "splitall": {**_tiles(_NARROW), **_tiles(_WIDE, split_k=2)},
     "stages2": _tiles(_NARROW + _WIDE, num_stages=2),
     "smallsmem": _tiles(_NARROW + _WIDE, block_k=128, num_stages=3),
+    # the grouped gate + up (N = 2 x 5632) at 64 rows a program, as a lone weight gets
+    "group64": {(11264, 2048, "fp8"): {**FP8_X_CONFIG, "split_k": 1}},
+    # module switches instead of tiles (FLAG_PRESETS): the A/B of one change
+    "nogroup": {}, "castout": {},
+}
+# preset -> (module name in compile_fp8, attribute, value) set while the variant compiles and runs
+FLAG_PRESETS = {
+    "nogroup": [("group", "ENABLED", False)],  # every small-M linear in its own launch
+    "castout": [("group", "CAST_IN_KERNEL", False)],  # attention's output cast by its own kernel
 }
 
 
@@ -264,11 +274,17 @@ def bench_variant(name, base, tokens, mode, reference, args, device) -> dict:
         torch.cuda.empty_cache()
     tuned = dict(fp8_gemv.TUNED_CONFIGS)
     fp8_gemv.TUNED_CONFIGS.update(PRESETS[preset] if preset else {})
+    flags = [(importlib.import_module(f"compile_fp8.{mod}"), attr, value) for mod, attr, value in FLAG_PRESETS.get(preset, ())]
+    saved = [(mod, attr, getattr(mod, attr)) for mod, attr, _ in flags]
+    for mod, attr, value in flags:
+        setattr(mod, attr, value)
     try:
         return _bench_converted(name, base, tokens, mode, reference, args, device)
     finally:
         fp8_gemv.TUNED_CONFIGS.clear()
         fp8_gemv.TUNED_CONFIGS.update(tuned)
+        for mod, attr, value in saved:
+            setattr(mod, attr, value)
 
 
 def _bench_converted(name, base, tokens, mode, reference, args, device) -> dict:

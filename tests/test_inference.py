@@ -14,7 +14,7 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from compile_fp8 import Float8Config, Float8Tensor, calibrate, compile_fp8, fp8_gemv, fp8_layers
-from compile_fp8 import inference
+from compile_fp8 import group, inference
 from compile_fp8.inference import parameter_bytes
 from compile_fp8.kernels import _interpreting
 from compile_fp8.lm.model import TransformerLM, get_preset
@@ -222,6 +222,9 @@ def test_float8_x_tiles_split_k_only_where_few_sms_have_work():
     assert split == {(2048, 2048): 4, (2048, 5632): 4, (5632, 2048): 1, (6144, 2048): 1, (1024, 1024): 2,
                      (2048, 512): 1}, split  # fmt: skip
     assert fp8_gemv.config_for(2048, 2048, "fp8") == fp8_gemv.FP8_X_CONFIG  # no SM count: one slice
+    # more 64-row programs than SMs (a grouped gate + up): 128 rows each, one wave
+    assert fp8_gemv.config_for(2 * 5632, 2048, "fp8", sms=132)["block_n"] == fp8_gemv.WIDE_BLOCK_N == 128
+    assert fp8_gemv.config_for(6144, 2048, "fp8", sms=132)["block_n"] == 64
     assert fp8_gemv.tiles_for(2048, 5632, "fp8", sms=132) == [64, 512, 4, 4, 4, 1]
     assert fp8_gemv.sm_count(torch.device("cpu")) is None
 
@@ -795,3 +798,213 @@ def test_compiled_inference_graph_holds_no_tensor_subclass_input():
         assert inputs and not any(isinstance(t, Float8Tensor) for t in inputs), [type(t) for t in inputs]
         layer.load_state_dict(_inference(nn.Linear(64, 32).to(BF16)).state_dict())
         assert bits_equal(compiled(x), layer(x))
+
+
+# ---- sibling small-M linears in one launch (group.py) -----------------------------------------
+
+
+class _GatedMLP(nn.Module):
+    """A SwiGLU block: gate and up read the same normed input (a group), down reads their product."""
+
+    def __init__(self, d=64, f=96, bias=False):
+        super().__init__()
+        self.norm = nn.RMSNorm(d)
+        self.gate, self.up, self.down = nn.Linear(d, f, bias=bias), nn.Linear(d, f, bias=bias), nn.Linear(f, d, bias=bias)
+        self.register_buffer("steps", torch.zeros(()))
+        self.mutate_between = False
+
+    def forward(self, x):
+        h = self.norm(x)
+        gate = self.gate(h)
+        if self.mutate_between:  # an in-place write between the siblings: the pass must not move them
+            self.steps.add_(1)
+        return x + self.down(nn.functional.silu(gate) * self.up(h))
+
+
+def _gated(scaling="static", blocks=2, **kwargs):
+    torch.manual_seed(0)
+    model = nn.Sequential(*[_GatedMLP(**kwargs) for _ in range(blocks)]).to(BF16)
+    model = _inference(model, scaling=scaling, weight_only_max_m=16)
+    if scaling == "static":
+        calibrate(model, [_x(2, 4, 64)])
+    return model
+
+
+def _dynamo_graph(model, x):
+    """The graph torch.compile hands its backend (what inductor's pre-grad pass sees)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True)(x)
+    return graphs[0]  # (graph module, its inputs: x and the layers' lifted tensors)
+
+
+def _ops_in(gm):
+    return [str(node.target) for node in gm.graph.nodes if "compile_fp8" in str(node.target)]
+
+
+@interpreter
+@pytest.mark.parametrize("scaling, op", [("static", "fp8_small_mm"), ("dynamic", "weight_only_mm")])
+def test_interpreted_group_pass_runs_gate_and_up_in_one_launch_same_bits(scaling, op, monkeypatch):
+    """Each block's gate and up become one small_mm_group call (their x casts hoisted before it);
+    down, which reads their product, stays alone; the graph computes the same bits."""
+    monkeypatch.setattr(fp8_gemv, "triton_available", lambda device: True)  # the interpreter runs it
+    gm, inputs = _dynamo_graph(_gated(scaling), _x(2, 4, 64))
+    with torch.no_grad():
+        expected = gm(*inputs)[0]
+        assert group.group_small_m_linears(gm.graph) == 2
+        gm.graph.lint()
+        gm.recompile()
+        actual = gm(*inputs)[0]
+    ops = _ops_in(gm)
+    assert ops.count("compile_fp8.small_mm_group.default") == 2 and sum(op in name for name in ops) == 2, ops
+    assert bits_equal(expected, actual), (expected - actual).abs().max()
+
+
+@interpreter
+def test_interpreted_group_pass_leaves_dependent_and_mutation_separated_linears(monkeypatch):
+    """No group across an in-place write between the siblings; none of x's producer and consumer."""
+    monkeypatch.setattr(fp8_gemv, "triton_available", lambda device: True)
+    model = _gated()
+    for block in model:
+        block.mutate_between = True
+    gm, _ = _dynamo_graph(model, _x(2, 4, 64))
+    assert group.group_small_m_linears(gm.graph) == 0 and len(_ops_in(gm)) == 6, _ops_in(gm)
+    chain = _inference(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)).to(BF16), weight_only_max_m=16)
+    gm, _ = _dynamo_graph(chain, _x(4, 64))  # the second reads the first's output: not independent
+    assert group.group_small_m_linears(gm.graph) == 0 and len(_ops_in(gm)) == 2, _ops_in(gm)
+
+
+def test_group_pass_finds_nothing_without_the_kernel():
+    """Where the kernel does not run (CPU without the interpreter), layers run torch math: no ops."""
+    gm, _ = _dynamo_graph(_gated(), _x(2, 4, 64))
+    assert _ops_in(gm) == [] and group.group_small_m_linears(gm.graph) == 0
+
+
+@interpreter
+@pytest.mark.parametrize("granularity", RECIPES)
+@pytest.mark.parametrize("x_fp8", [False, True], ids=["x_hp", "x_fp8"])
+@pytest.mark.parametrize("split_k, swap_ab", [(1, True), (2, False)], ids=str)
+@pytest.mark.parametrize("members", [2, 3])
+def test_interpreted_grouped_kernel_matches_each_member(members, split_k, swap_ab, x_fp8, granularity):
+    """One launch over 2-3 weights of different N computes each member's output bit for bit as
+    the single-linear kernel does (the same tiles of math), bias included."""
+    tiles = dict(block_n=16, block_k=32, split_k=split_k, num_warps=4, num_stages=2, swap_ab=swap_ab)
+    ns = [40, 24, 48][:members]
+    ws = [inference.quantize_weight(torch.randn(n, 100, dtype=BF16) * 0.05, granularity) for n in ns]
+    xs = [_x(5, 100) for _ in ns]
+    x_scales = [inference.quantize_weight(x, granularity).scale for x in xs] if x_fp8 else None
+    if x_fp8:
+        xs = [inference.saturated_cast(x, s, torch.float8_e4m3fn) for x, s in zip(xs, x_scales)]
+    biases = [_x(n) for n in ns]
+    outs = fp8_gemv._launch_group(xs, x_scales, [w.fp8_data for w in ws], [w.scale for w in ws], biases, BF16, **tiles)
+    for i, out in enumerate(outs):
+        extra = dict(x_scale=x_scales[i], out_dtype=BF16) if x_fp8 else {}
+        alone = fp8_gemv._launch_weight_only(xs[i], ws[i].fp8_data, ws[i].scale, biases[i], **tiles, **extra)
+        assert out.shape == (5, ns[i]) and bits_equal(out, alone), (i, (out - alone).abs().max())
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(k=80), "weight K and strides"),
+        (dict(rowwise=1), "weight scale granularity"),
+        (dict(bias=1), "bias presence"),
+        (dict(members=4), "a group runs 2-3 linears"),
+    ],
+)
+def test_group_members_must_agree(change, match):
+    """What one launch shares is checked, and the error names what differs."""
+    members = change.get("members", 2)
+    ws = [inference.quantize_weight(torch.randn(32, 64, dtype=BF16), "tensorwise") for _ in range(members)]
+    ws_data, scales = [w.fp8_data for w in ws], [w.scale for w in ws]
+    if "k" in change:
+        ws_data[1] = torch.zeros(32, change["k"], dtype=torch.float8_e4m3fn)
+    if "rowwise" in change:
+        scales[1] = torch.ones(32, 1)
+    biases = [None] * members
+    if "bias" in change:
+        biases[1] = _x(32)
+    with pytest.raises(ValueError, match=match):
+        fp8_gemv.small_m_group_reference([_x(4, 64)] * members, None, ws_data, scales, biases, BF16)
+
+
+def test_group_pass_is_installed_once_and_never_over_another_pass():
+    import torch._inductor.config as inductor_config
+
+    # config.patch, not monkeypatch: undoing a monkeypatch deletes a config entry
+    with inductor_config.patch(pre_grad_custom_pass=None):
+        _inference(nn.Linear(64, 32).to(BF16))
+        installed = inductor_config.pre_grad_custom_pass
+        assert isinstance(installed, group.GroupSmallMLinears) and installed.uuid()
+        _inference(nn.Linear(64, 32).to(BF16))
+        assert inductor_config.pre_grad_custom_pass is installed
+    theirs = lambda graph: None  # noqa: E731
+    with inductor_config.patch(pre_grad_custom_pass=theirs):
+        with pytest.warns(UserWarning, match="not grouped"):
+            _inference(nn.Linear(64, 32).to(BF16))
+        assert inductor_config.pre_grad_custom_pass is theirs
+
+
+def _static_lm():
+    """The tiny LM for decode with static scales, its LM head in bf16 (as bench_inference runs it)."""
+    config = Float8Config(mode="inference", scaling="static", weight_only_max_m=64)
+    return compile_fp8(_tiny_lm(), config, module_filter_fn=lambda module, fqn: fqn != "head", compile=False)
+
+
+@interpreter
+def test_interpreted_cast_after_attention_moves_into_the_kernel_same_bits(monkeypatch):
+    """The out projection's x is the float8 cast of attention's output (no kernel inductor could
+    fuse it into): the pass hands the kernel x itself, which casts it in its prologue. The other
+    linears keep their casts (fused into the norms). Same bits."""
+    monkeypatch.setattr(fp8_gemv, "triton_available", lambda device: True)
+    lm, tokens = _static_lm(), torch.randint(0, 256, (16, 1))
+    calibrate(lm, [tokens])
+    gm, inputs = _dynamo_graph(lm, tokens)
+    with torch.no_grad():
+        expected = gm(*inputs)[0]
+        assert group.cast_in_kernel(gm.graph) == 2  # one out projection per block
+        gm.recompile()
+        actual = gm(*inputs)[0]
+    x_dtypes = [node.args[0].meta["example_value"].dtype for node in gm.graph.nodes if "fp8_small_mm" in str(node.target)]
+    assert x_dtypes.count(BF16) == 2 and x_dtypes.count(torch.float8_e4m3fn) == 8, x_dtypes
+    assert bits_equal(expected, actual), (expected - actual).abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scaling", ["static", "dynamic"])
+def test_gpu_compiled_model_launches_gate_and_up_together(scaling, monkeypatch):
+    """Under torch.compile (inductor) the pass runs: the grouped kernel is in the generated code,
+    and the logits are the bits of the same model compiled with grouping off."""
+    from torch._inductor.utils import run_and_get_code
+
+    model, x = _gated(scaling).cuda(), _x(2, 8, 64).cuda()
+    outs, codes = {}, {}
+    for enabled in (False, True):
+        monkeypatch.setattr(group, "ENABLED", enabled)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            outs[enabled], codes[enabled] = run_and_get_code(torch.compile(model, fullgraph=True), x)
+    assert "_grouped_kernel" in "".join(codes[True]) and "_grouped_kernel" not in "".join(codes[False])
+    assert bits_equal(outs[True], outs[False]), (outs[True] - outs[False]).abs().max()
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_lm_with_both_passes_same_bits(monkeypatch):
+    """The tiny LM under inductor: grouping and the cast after attention (both on by default)
+    change launches, not bits."""
+    lm, tokens = _static_lm().cuda(), torch.randint(0, 256, (16, 1), device="cuda")
+    calibrate(lm, [tokens])
+    outs = {}
+    for on in (False, True):
+        monkeypatch.setattr(group, "ENABLED", on)
+        monkeypatch.setattr(group, "CAST_IN_KERNEL", on)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            outs[on] = torch.compile(lm, fullgraph=True)(tokens)
+    assert bits_equal(outs[True], outs[False]), (outs[True] - outs[False]).abs().max()
