@@ -43,11 +43,18 @@ Measured on the H200 at M = 16 with weights read from HBM (docs/benchmarks.md): 
 flavour runs at 0.83-1.00x cuBLAS's bf16 mm on the 956M model's shapes (converting every weight
 element in registers costs what the halved bytes save), the float8-x flavour at 1.15-1.50x, and
 cuBLAS's own `_scaled_mm` at 0.5-0.7x. In a whole decode step (16 x 1 tokens, CUDA graphs) the
-float8-x flavour wins where the activation's scale is static (1.23x bf16 with K slices for the
-narrow weights and the inference layers' cheaper guards, 2026-11-29 20:50; the cast is one
-multiply in the producer's kernel) and not where it is dynamic (0.72-1.02x: an amax reduction
-per layer input, and its row scales), so "auto" takes float8 x for calibrated static layers and
-weight-only otherwise (the more accurate: no activation quantization; 0.96x bf16).
+float8-x flavour wins where the activation's scale is static (1.38-1.39x bf16 in one run,
+2026-11-29 22:02, with K slices for the narrow weights, the inference layers' cheaper guards and
+`group.py`'s passes; the cast is one multiply in the producer's kernel) and not where it is
+dynamic (0.72-1.02x: an amax reduction per layer input, and its row scales), so "auto" takes
+float8 x for calibrated static layers and weight-only otherwise (the more accurate: no
+activation quantization; 0.96x bf16).
+
+Two more entry points serve `group.py`'s graph passes: the float8-x op also takes x in
+bf16/fp16 and casts it in the kernel's prologue (`saturated_cast`'s bits; where x comes from
+attention, whose cast would otherwise be a kernel of its own), and `compile_fp8::small_mm_group`
+runs 2-3 linears of one K in one launch (`_grouped_kernel`: each program computes one member's
+tile exactly as `_weight_only_kernel` would, so grouping changes no bit).
 
 The op is a `torch.library.triton_op` (the pattern of `kernels.py`): eager calls launch the
 kernel, torch.compile (fullgraph, CUDA graphs) sees the kernel itself. `weight_only_linear` uses
@@ -76,8 +83,8 @@ if triton is not None:
 # float8 x float8 kernel where the layer has a calibrated static input scale (the cast is then one
 # multiply, written by the kernel that produces x), else keeps x in high precision (weight-only:
 # a dynamic cast's amax pass costs what the float8 MMAs save); "hp" / "fp8" force one path.
-# Measured on the H200 (docs/benchmarks.md): decode step 1.23x bf16 static + float8 x,
-# 0.96x weight-only, 0.72-1.02x dynamic rowwise + float8 x.
+# Measured on the H200 (docs/benchmarks.md): decode step 1.38-1.39x bf16 static + float8 x (with
+# group.py's passes), 0.96x weight-only, 0.72-1.02x dynamic rowwise + float8 x.
 SMALL_M_ACTIVATION = "auto"
 SMALL_M_ACTIVATIONS = ("auto", "hp", "fp8")
 
@@ -235,23 +242,14 @@ def check_group(xs, x_scales, ws, w_scales, biases) -> None:
             raise ValueError(f"the members of a small-M group differ in {what}: {values}")
 
 
-def small_m_group_linear(xs, x_scales, ws, w_scales, biases, out_dtype) -> list[torch.Tensor]:
-    """`fp8_small_m_linear` (x_scales given) or `weight_only_linear` (x_scales None) of 2-3
-    linears that share K, in one kernel launch where the kernel runs (a decode step's gate and
-    up projections: one launch's fixed cost instead of two), else member by member in torch."""
-    flavour = "hp" if x_scales is None else "fp8"
-    if triton_available(xs[0].device) and xs[0].numel() > 0 and (flavour == "fp8" or xs[0].dtype in KERNEL_X_DTYPES):
-        tiles = tiles_for(sum(w.shape[0] for w in ws), ws[0].shape[1], flavour, sm_count(xs[0].device))
-        return torch.ops.compile_fp8.small_mm_group(xs, x_scales or [], ws, w_scales, biases, out_dtype, tiles)
-    return small_m_group_reference(xs, x_scales, ws, w_scales, biases, out_dtype)
-
-
 def small_m_group_reference(xs, x_scales, ws, w_scales, biases, out_dtype) -> list[torch.Tensor]:
-    """The grouped kernel's math in torch: each member's `weight_only_reference`."""
+    """The grouped op's (`compile_fp8::small_mm_group`, which `group.py` puts in compiled graphs)
+    math in torch: each member's `weight_only_reference` / `fp8_small_m_reference`."""
     check_group(xs, x_scales, ws, w_scales, biases)
     if x_scales is None:
         return [weight_only_reference(*args, out_dtype=out_dtype) for args in zip(xs, ws, w_scales, biases)]
-    return [fp8_small_m_reference(x, xs_, w, ws_, b, out_dtype) for x, xs_, w, ws_, b in zip(xs, x_scales, ws, w_scales, biases)]
+    members = zip(xs, x_scales, ws, w_scales, biases)
+    return [fp8_small_m_reference(x, x_scale, w, w_scale, b, out_dtype) for x, x_scale, w, w_scale, b in members]
 
 
 def weight_only_reference(x, weight_fp8, weight_scale, bias=None, x_scale=None, out_dtype=None):
@@ -420,7 +418,8 @@ if triton is not None:
             K_TILES=k_tiles, SPLIT_K=split_k, ROWWISE=weight_scale.numel() != 1, HAS_BIAS=bias is not None,
             FP32_DOT=_interpreting(), SWAP_AB=swap_ab,
             X_FP8=x_scale is not None, X_ROWWISE=x_scale is not None and x_scale.numel() != 1,
-            X_CAST=x_scale is not None and x.dtype in KERNEL_X_DTYPES, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch,
+            X_CAST=x_scale is not None and x.dtype in KERNEL_X_DTYPES,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch,
         )  # fmt: skip
         if split_k == 1 or not reduce:
             return out
@@ -474,7 +473,8 @@ if triton is not None:
             GROUP=group, K_TILES=k_tiles, SPLIT_K=split_k, ROWWISE=w_scales[0].numel() != 1,
             HAS_BIAS=biases[0] is not None, FP32_DOT=_interpreting(), SWAP_AB=swap_ab,
             X_FP8=x_scales is not None, X_ROWWISE=x_scales is not None and x_scales[0].numel() != 1,
-            X_CAST=x_scales is not None and x.dtype in KERNEL_X_DTYPES, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch,
+            X_CAST=x_scales is not None and x.dtype in KERNEL_X_DTYPES,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch,
         )  # fmt: skip
         if split_k == 1 or not reduce:
             return outs

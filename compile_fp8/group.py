@@ -1,27 +1,35 @@
-"""Sibling small-M FP8 linears in one kernel launch: a graph pass for torch.compile (decode).
+"""Fewer launches for a decode step: two graph passes torch.compile runs on converted models.
 
 A decode step (M = 16 tokens) runs every linear as one small kernel that streams its weight
 from HBM (`fp8_gemv.py`). Each launch pays a fixed cost - the launch gap, the first loads'
-latency, the tail where the last programs finish while the rest of the GPU idles - of about
-2 us on an H200 (docs/benchmarks.md: 4.2 MB of float8 weight take ~3.4 us, 11.5 MB ~5.5 us).
-Linears that read the *same input* can share one launch::
+latency, the tail where the last programs finish while the rest of the GPU idles: on an H200 a
+kernel that only *reads* 4.2 MB takes ~3.1 us and one that reads 11.5 MB ~6 us
+(`scripts/probe_gemv.py`), so ~2 us of every launch is not bandwidth. Two passes cut launches:
 
-    gate = self.gate(x); up = self.up(x)        # two launches, two fixed costs
-    gate, up = small_mm_group([x, x], ...)      # one launch: programs 0..P0 gate, P0.. up
+1. **Siblings in one launch** (`group_small_m_linears`). Linears that read the same input -
+   gate and up, or separate q, k, v - share a launch::
 
-The weights stay where they are (separate parameters, nothing concatenated, state_dict
-unchanged); one launch just walks both. Grouped: Llama's gate/up, HF models' q/k/v.
+       gate = self.gate(h); up = self.up(h)             # two launches, two fixed costs
+       gate, up = small_mm_group([hg, hu], ...)         # one: programs 0..P0 gate, P0.. up
 
-The pass runs on the graph torch.compile captures, before AOTAutograd (inductor's
-`pre_grad_custom_pass`; `install()`), where each converted linear is one call of
-`compile_fp8::fp8_small_mm` or `compile_fp8::weight_only_mm`. It groups up to `MAX_GROUP` calls
-that read the same x (through reshapes/views of one tensor to one shape) and agree on everything
-the grouped kernel shares (`fp8_gemv.check_group`). It moves nothing but the later members'
-kernels, to the first member's place, and only where that is plainly safe: every other input
-(weights, scales, bias) is defined before the first member, and no node between the first and
-the last member mutates anything. Anything else stays as it was: the pass never changes what
-a graph computes, only how many launches it takes (the grouped kernel runs each member's exact
-tiles of math: the same bits, `tests/test_inference.py`).
+   The weights stay separate parameters (nothing concatenated, state_dict unchanged); one
+   launch walks both, each member with its own x (its own static scale's cast), scales, bias.
+2. **The cast after an extern kernel, into the GEMM** (`cast_in_kernel`, below).
+
+Where and how: inductor's `pre_grad_custom_pass` (`install()`), on the graph dynamo captured,
+where each converted small-M linear is one call of `compile_fp8::fp8_small_mm` or
+`compile_fp8::weight_only_mm`. A group is up to `fp8_gemv.MAX_GROUP` such calls that follow each
+other (no other linear between them), agree on what the grouped kernel shares (`_key`,
+`fp8_gemv.check_group`), and are independent: a later member needs nothing an earlier one
+computes. The group runs where its first member ran; what later members need that comes after
+that point (x's cast, a reshape: pure nodes, at most MAX_HOIST) moves up before it; nothing
+moves where a node between the first and the last member mutates anything. A pass never
+changes what the graph computes, only how many kernels compute it: the grouped kernel runs each
+member's tiles of math exactly as the single kernel does (same bits; `tests/test_inference.py`).
+
+Measured on the H200, 956M model, decode 16 x 1 with CUDA graphs (docs/benchmarks.md,
+2026-11-29 22:02): kernels 715 us in 179 launches without the passes, 692 us in 163 launches
+with gate + up grouped, 679 us in 147 with the cast moved too; 0.792 -> 0.768 -> 0.746-0.750 ms.
 """
 
 from __future__ import annotations
@@ -37,9 +45,9 @@ from torch import fx
 
 from . import fp8_gemv
 
-# On by default; False leaves every linear in its own launch (read when torch.compile runs the
-# pass, and part of the pass's uuid, so inductor's caches keep the two apart).
-ENABLED = True
+# The passes' switches, on by default: read when torch.compile runs the passes (not when a model
+# is converted), part of the passes' uuid, so inductor's caches keep the settings apart.
+ENABLED = True  # False: every linear in its own launch
 MAX_HOIST = 32  # nodes a later member may need moved up (its x's cast and reshape: ~5)
 
 
@@ -196,7 +204,7 @@ def group_small_m_linears(graph: fx.Graph) -> int:
 
 EXTERN_PRODUCERS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 LAYOUT_METHODS = ("reshape", "view", "transpose", "permute", "contiguous", "flatten")
-CAST_IN_KERNEL = True  # False: leave every cast to torch (the A/B of docs/benchmarks.md)
+CAST_IN_KERNEL = True  # False: every cast stays torch's (the A/B of docs/benchmarks.md)
 
 
 def _arg(node: fx.Node, i: int, name: str):
@@ -242,16 +250,25 @@ def cast_in_kernel(graph: fx.Graph) -> int:
     for node in graph.nodes:
         if op is None or node.op != "call_function" or node.target not in (op, op.default):
             continue
-        x_scale = _arg(node, 1, "x_scale")
-        hp = _cast_input(_arg(node, 0, "x_fp8"), x_scale)
+        x_fp8, x_scale = _arg(node, 0, "x_fp8"), _arg(node, 1, "x_scale")
+        hp = _cast_input(x_fp8, x_scale)
         if hp is not None and _from_extern(hp):
             if node.args:
                 node.update_arg(0, hp)
             else:
                 node.update_kwarg("x_fp8", hp)
+            _erase_unused_chain(graph, x_fp8, stop=hp)
             changed += 1
-    graph.eliminate_dead_code()
     return changed
+
+
+def _erase_unused_chain(graph: fx.Graph, node: fx.Node, stop: fx.Node) -> None:
+    """Erase the cast `node` and its inputs up to `stop` while nothing else uses them (not
+    `eliminate_dead_code`: it takes an unused in-place method call for dead)."""
+    while node is not stop and not node.users:
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        node = inputs[0]
 
 
 try:  # torch >= 2.6: a pass with a uuid keeps inductor's caches on
@@ -260,9 +277,9 @@ except ImportError:  # pragma: no cover
     CustomGraphPass = object
 
 
-class GroupSmallMLinears(CustomGraphPass):
-    """`group_small_m_linears` as inductor's pre-grad custom pass; its uuid (for inductor's
-    caches) is the hash of this file and of the kernels'."""
+class SmallMPasses(CustomGraphPass):
+    """`cast_in_kernel`, then `group_small_m_linears`, as inductor's pre-grad custom pass; its
+    uuid (for inductor's caches) hashes this file, the kernels' and the switches."""
 
     def __call__(self, graph: fx.Graph) -> None:
         if CAST_IN_KERNEL:
@@ -271,19 +288,19 @@ class GroupSmallMLinears(CustomGraphPass):
             group_small_m_linears(graph)
 
     def uuid(self) -> str:
-        files = (pathlib.Path(__file__), pathlib.Path(fp8_gemv.__file__))
-        return hashlib.sha256(b"".join(path.read_bytes() for path in files) + bytes([ENABLED, CAST_IN_KERNEL])).hexdigest()
+        sources = b"".join(pathlib.Path(path).read_bytes() for path in (__file__, fp8_gemv.__file__))
+        return hashlib.sha256(sources + bytes([ENABLED, CAST_IN_KERNEL])).hexdigest()
 
 
 def install() -> bool:
-    """Make torch.compile run the pass (inductor's `pre_grad_custom_pass`, process-wide: it only
-    touches compile_fp8's ops). False, leaving things as they are, where another pass is set."""
+    """Make torch.compile run the passes (inductor's `pre_grad_custom_pass`; process-wide, and they
+    only touch compile_fp8's ops). False, leaving things as they are, where another pass is set."""
     import torch._inductor.config as inductor_config
 
     current = inductor_config.pre_grad_custom_pass
-    if isinstance(current, GroupSmallMLinears):
+    if isinstance(current, SmallMPasses):
         return True
     if current is not None:
         return False
-    inductor_config.pre_grad_custom_pass = GroupSmallMLinears()
+    inductor_config.pre_grad_custom_pass = SmallMPasses()
     return True

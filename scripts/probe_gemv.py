@@ -11,8 +11,9 @@ the weight worth more than the L2 (every call reads HBM, as in the model):
   (host `TensorDescriptor`s), swap AB, K slices as partial sums;
 
 then the 80 GEMMs of one decode step in model order (16 layers x qkv, out, gate, up, down, each
-its own weight) in one graph, for `ours` and the fastest `tma` tiles per shape, and cuBLAS's bf16
-mm on bf16 weights for scale. Writes `probe_gemv.md` under --out.
+its own weight) in one graph: `ours`, gate and up in one grouped launch (`fp8_gemv`'s grouped
+kernel, several tiles), the fastest `tma` tiles per shape, and cuBLAS's bf16 mm on bf16 weights
+for scale. Writes `probe_gemv.md` under --out. (`--sequence-only`: the last part alone.)
 
     PYTHONPATH=. python3 scripts/probe_gemv.py --out $OUT
 """
@@ -179,16 +180,17 @@ def main() -> None:
                 else:
                     tma_launch(xs[k], w, *best_tma[(n, k)][0])
 
-    base = fp8_gemv.config_for(2 * 5632, 2048, "fp8", sms)
-    group_tiles.update({"grouped": base, "grouped bk256 st6": {**base, "block_k": 256, "num_stages": 6},
-                        "grouped split2": {**base, "split_k": 2}, "grouped bn128": {**base, "block_n": 128}})
+    base = fp8_gemv.config_for(2 * 5632, 2048, "fp8", sms)  # the grouped kernel's tiles
+    group_tiles.update({"grouped": base, "grouped 64 rows": {**base, "block_n": 64},
+                        "grouped 64 rows bk256 st6": {**base, "block_n": 64, "block_k": 256, "num_stages": 6},
+                        "grouped 64 rows split2": {**base, "block_n": 64, "split_k": 2}})
     seq = [("ours (config_for)", graph_us(lambda: step("ours"), 1))]
     for kind, tiles in group_tiles.items():
         seq.append((f"{kind}: gate + up in one launch {tiles}", graph_us(lambda: step(kind), 1)))
     seq.append(("ours (config_for), again", graph_us(lambda: step("ours"), 1)))
     if len(best_tma) == len(set(SHAPES)):
         seq.append((f"tma (best per shape: {[v[0] for v in best_tma.values()]})", graph_us(lambda: step("tma"), 1)))
-    del layers
+    layers.clear()
     bf = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for n, k in SHAPES] for _ in range(LAYERS)]
     xb = {k: torch.randn(M, k, device="cuda", dtype=torch.bfloat16) for k in xs}
     seq.append(("cuBLAS bf16 mm", graph_us(lambda: [torch.mm(xb[w.shape[1]], w.t()) for layer in bf for w in layer], 1)))

@@ -874,7 +874,9 @@ def test_interpreted_group_pass_leaves_dependent_and_mutation_separated_linears(
     for block in model:
         block.mutate_between = True
     gm, _ = _dynamo_graph(model, _x(2, 4, 64))
-    assert group.group_small_m_linears(gm.graph) == 0 and len(_ops_in(gm)) == 6, _ops_in(gm)
+    group.SmallMPasses()(gm.graph)  # both passes
+    assert len(_ops_in(gm)) == 6 and "small_mm_group" not in str(_ops_in(gm)), _ops_in(gm)
+    assert sum(node.target == "add_" for node in gm.graph.nodes) == 2  # the writes are still there
     chain = _inference(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)).to(BF16), weight_only_max_m=16)
     gm, _ = _dynamo_graph(chain, _x(4, 64))  # the second reads the first's output: not independent
     assert group.group_small_m_linears(gm.graph) == 0 and len(_ops_in(gm)) == 2, _ops_in(gm)
@@ -941,7 +943,7 @@ def test_group_pass_is_installed_once_and_never_over_another_pass():
     with inductor_config.patch(pre_grad_custom_pass=None):
         _inference(nn.Linear(64, 32).to(BF16))
         installed = inductor_config.pre_grad_custom_pass
-        assert isinstance(installed, group.GroupSmallMLinears) and installed.uuid()
+        assert isinstance(installed, group.SmallMPasses) and installed.uuid()
         _inference(nn.Linear(64, 32).to(BF16))
         assert inductor_config.pre_grad_custom_pass is installed
     theirs = lambda graph: None  # noqa: E731
@@ -971,6 +973,8 @@ def test_interpreted_cast_after_attention_moves_into_the_kernel_same_bits(monkey
         assert group.cast_in_kernel(gm.graph) == 2  # one out projection per block
         gm.recompile()
         actual = gm(*inputs)[0]
+    casts = [node for node in gm.graph.nodes if node.op == "call_method" and node.args[1:] == (torch.float8_e4m3fn,)]
+    assert len(casts) == 8, casts  # the two cast chains it bypassed are gone
     x_dtypes = [node.args[0].meta["example_value"].dtype for node in gm.graph.nodes if "fp8_small_mm" in str(node.target)]
     assert x_dtypes.count(BF16) == 2 and x_dtypes.count(torch.float8_e4m3fn) == 8, x_dtypes
     assert bits_equal(expected, actual), (expected - actual).abs().max()

@@ -140,6 +140,20 @@ def test_bench_inference_tile_preset_applies_to_its_variant_only(monkeypatch):
         bench.parse_args(["--variants", "ours-static@nosuchpreset"])
 
 
+def test_bench_inference_flag_preset_switches_a_pass_for_its_variant_only(monkeypatch):
+    """`ours-static@nogroup` / `@castout`: the group pass's switch is off while the variant
+    compiles and runs, and back on after (the A/B of docs/benchmarks.md)."""
+    from compile_fp8 import group
+
+    bench = _load("bench_inference")
+    seen = []
+    monkeypatch.setattr(bench, "_bench_converted", lambda name, *a: seen.append((group.ENABLED, group.CAST_IN_KERNEL)))
+    for variant in ("ours-static@nogroup", "ours-static@castout", "ours-static"):
+        bench.bench_variant(variant, None, None, "default", None, None, torch.device("cpu"))
+    assert seen == [(False, True), (True, False), (True, True)], seen
+    assert group.ENABLED and group.CAST_IN_KERNEL
+
+
 def test_profile_compile_splits_the_first_step(tmp_path):
     """Run as a subprocess: the script turns inductor's caches off for its whole process."""
     import subprocess
