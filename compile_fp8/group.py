@@ -86,6 +86,8 @@ def _key(node: fx.Node, flavour: str) -> Optional[tuple]:
     x, weight, scale = (_value(parts.get(name)) for name in ("x", "weight", "weight_scale"))
     if x is None or weight is None or scale is None or x.dim() != 2 or weight.dim() != 2:
         return None
+    if not all(type(size) is int for size in (*x.shape, *x.stride(), *weight.shape, *weight.stride())):
+        return None  # dynamic shapes (a SymInt M): left alone
     x_scale = _value(parts.get("x_scale")) if flavour == "fp8" else None
     if flavour == "fp8" and x_scale is None:
         return None

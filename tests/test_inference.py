@@ -882,6 +882,20 @@ def test_interpreted_group_pass_leaves_dependent_and_mutation_separated_linears(
     assert group.group_small_m_linears(gm.graph) == 0 and len(_ops_in(gm)) == 2, _ops_in(gm)
 
 
+@interpreter
+def test_interpreted_group_pass_leaves_dynamic_shapes_alone(monkeypatch):
+    """A graph traced with a symbolic M (dynamic shapes: dynamo turns them on by itself when a
+    model sees a second shape) is left as it was, not an error (seen on the H200: a SymInt in
+    the grouping key could not be hashed)."""
+    monkeypatch.setattr(fp8_gemv, "triton_available", lambda device: True)
+    graphs = []
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(_gated("dynamic"), backend=lambda gm, inputs: graphs.append(gm) or gm.forward,
+                      fullgraph=True, dynamic=True)(_x(2, 4, 64))  # fmt: skip
+    assert len(_ops_in(graphs[0])) == 6 and group.group_small_m_linears(graphs[0].graph) == 0
+
+
 def test_group_pass_finds_nothing_without_the_kernel():
     """Where the kernel does not run (CPU without the interpreter), layers run torch math: no ops."""
     gm, _ = _dynamo_graph(_gated(), _x(2, 4, 64))
