@@ -410,17 +410,23 @@ def graph_ms(fn, args, device, calls: int = GRAPH_CALLS) -> float:
     """ms per call of `fn`, replayed from a CUDA graph of `calls` calls (CPU: plain)."""
     if device.type != "cuda":
         return time_ms(fn, args, device)
+    return time_ms(capture_graph(fn, calls).replay, args, device) / calls
+
+
+def capture_graph(fn, calls: int) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph of `calls` calls of `fn`, after 3 warm-up calls (compiles, autotuning) on a
+    side stream outside the capture."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):  # warm up (compiles, autotuning) outside the capture
+        for _ in range(3):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(calls):
             fn()
-    return time_ms(graph.replay, args, device) / calls
+    return graph
 
 
 def sweep(args) -> tuple[list[dict], list[str]]:

@@ -33,17 +33,10 @@ LAYERS, M, ROTATE_BYTES, CALLS = 16, 16, 200 * 2**20, 20
 
 
 def graph_us(fn, calls: int) -> float:
-    """us per call of `fn`, replayed from a CUDA graph of `calls` calls (median of 5 replays)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+    """us per call of `fn`, replayed from a CUDA graph of `calls` calls (median of 7 replays)."""
+    from bench_inference import capture_graph  # scripts/ is on sys.path when run as a script
+
+    graph = capture_graph(fn, calls)
     times = []
     for _ in range(7):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
