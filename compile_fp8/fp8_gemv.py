@@ -73,11 +73,9 @@ from .kernels import _interpreting, triton, triton_available
 from .scaling import saturated_cast
 
 if triton is not None:
-    from .kernels import _to_fp8
-
-
-if triton is not None:
     import triton.language as tl
+
+    from .kernels import _to_fp8
 
 # Small M (<= Float8Config.weight_only_max_m): "auto" (default) casts x to float8 and runs the
 # float8 x float8 kernel where the layer has a calibrated static input scale (the cast is then one
@@ -230,6 +228,8 @@ def check_group(xs, x_scales, ws, w_scales, biases) -> None:
                          f"{n_members} weights, {len(w_scales)} scales, {len(biases)} biases")  # fmt: skip
     if x_scales is not None and len(x_scales) != n_members:
         raise ValueError(f"float8 x: one x scale per member, got {len(x_scales)} for {n_members}")
+    for x, x_scale in zip(xs, x_scales or [None] * n_members):
+        check_x(x, x_scale)
     checks = {
         "x shape and strides": [(tuple(x.shape), x.stride(), x.dtype) for x in xs],
         "weight K and strides": [(w.shape[1], w.stride(), w.dtype) for w in ws],
@@ -240,6 +240,12 @@ def check_group(xs, x_scales, ws, w_scales, biases) -> None:
     for what, values in checks.items():
         if len(set(values)) > 1:
             raise ValueError(f"the members of a small-M group differ in {what}: {values}")
+
+
+def check_x(x: torch.Tensor, x_scale: Optional[torch.Tensor]) -> None:
+    """With an x scale the kernel takes float8 e4m3 x, or bf16/fp16 x that it casts itself."""
+    if x_scale is not None and x.dtype not in (torch.float8_e4m3fn, *KERNEL_X_DTYPES):
+        raise ValueError(f"float8-x small-M kernel: x must be float8_e4m3fn, bfloat16 or float16, got {x.dtype}")
 
 
 def small_m_group_reference(xs, x_scales, ws, w_scales, biases, out_dtype) -> list[torch.Tensor]:
@@ -398,6 +404,7 @@ if triton is not None:
         """Launch the kernel; with `x_scale` (float8 x and its scale, [] or [M, 1]) both operands
         are float8 and `out_dtype` is the output's dtype. `reduce=False` (the tile sweep, which
         times the kernel alone) returns split K's float32 partial sums [SPLIT_K, M, N] as they are."""
+        check_x(x, x_scale)
         out_dtype = x.dtype if out_dtype is None else out_dtype
         m, k = x.shape
         n = weight_fp8.shape[0]

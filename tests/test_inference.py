@@ -932,6 +932,7 @@ def test_interpreted_grouped_kernel_matches_each_member(members, split_k, swap_a
         (dict(rowwise=1), "weight scale granularity"),
         (dict(bias=1), "bias presence"),
         (dict(members=4), "a group runs 2-3 linears"),
+        (dict(x_float32=1), "x must be float8_e4m3fn, bfloat16 or float16"),
     ],
 )
 def test_group_members_must_agree(change, match):
@@ -946,8 +947,11 @@ def test_group_members_must_agree(change, match):
     biases = [None] * members
     if "bias" in change:
         biases[1] = _x(32)
+    xs, x_scales = [_x(4, 64)] * members, None
+    if "x_float32" in change:  # float8-x flavour: x float8 or bf16/fp16 (cast in the kernel)
+        xs, x_scales = [torch.randn(4, 64)] * members, [torch.ones(())] * members
     with pytest.raises(ValueError, match=match):
-        fp8_gemv.small_m_group_reference([_x(4, 64)] * members, None, ws_data, scales, biases, BF16)
+        fp8_gemv.small_m_group_reference(xs, x_scales, ws_data, scales, biases, BF16)
 
 
 def test_group_pass_is_installed_once_and_never_over_another_pass():
