@@ -482,8 +482,8 @@ def _load_weight(module, state_dict, prefix, local_metadata, strict, missing, un
         module.weight = nn.Parameter(loaded, requires_grad=False)
     else:
         with torch.no_grad():  # in place: ties and compiled graphs keep the same tensors
-            module.weight._data.copy_(loaded._data)
-            module.weight._scale.copy_(loaded._scale)
+            module.weight.fp8_data.copy_(loaded.fp8_data)
+            module.weight.scale.copy_(loaded.scale)
 
 
 def _as_frozen_weight(value, module, spec: InferenceSpec):

@@ -40,7 +40,7 @@ def implements(ops: list) -> Callable:
 
 
 def _like(x: Float8Tensor, data: torch.Tensor, scale: torch.Tensor | None = None) -> Float8Tensor:
-    return Float8Tensor(data, x._scale if scale is None else scale, x._orig_dtype)
+    return Float8Tensor(data, x.scale if scale is None else scale, x._orig_dtype)
 
 
 # ---- metadata-only views ------------------------------------------------------------------
@@ -52,22 +52,22 @@ def transposed(func, args, kwargs):
     if x.dim() != 2:
         raise NotImplementedError(f"Float8Tensor supports {func} of 2-D tensors only")
     # apply `func` itself, not `.t()`: transpose(d, d) is a no-op and must stay one
-    scale = x._scale if x.granularity == "tensorwise" else func(x._scale, *args[1:])
-    return _like(x, func(x._data, *args[1:]), scale)
+    scale = x.scale if x.granularity == "tensorwise" else func(x.scale, *args[1:])
+    return _like(x, func(x.fp8_data, *args[1:]), scale)
 
 
 @implements([aten.view.default, aten._unsafe_view.default, aten.reshape.default])
 def reshaped(func, args, kwargs):
     x, shape = args[0], list(args[1])
-    data = func(x._data, shape)
+    data = func(x.fp8_data, shape)
     if x.granularity == "tensorwise":
         return _like(x, data)
-    if x._scale.shape[-1] != 1 or data.shape[-1] != x.shape[-1]:
+    if x.scale.shape[-1] != 1 or data.shape[-1] != x.shape[-1]:
         raise NotImplementedError(
             f"{func} of a rowwise Float8Tensor may change its leading dims only "
-            f"(shape {list(x.shape)} -> {shape}, scale {list(x._scale.shape)})"
+            f"(shape {list(x.shape)} -> {shape}, scale {list(x.scale.shape)})"
         )
-    return _like(x, data, x._scale.reshape(*data.shape[:-1], 1))
+    return _like(x, data, x.scale.reshape(*data.shape[:-1], 1))
 
 
 # ---- copies and moves ---------------------------------------------------------------------
@@ -76,7 +76,7 @@ def reshaped(func, args, kwargs):
 @implements([aten.detach.default, aten.alias.default, aten.clone.default])
 def copied(func, args, kwargs):
     x = args[0]
-    return _like(x, func(x._data, **kwargs), func(x._scale))
+    return _like(x, func(x.fp8_data, **kwargs), func(x.scale))
 
 
 @implements([aten._to_copy.default])
@@ -88,8 +88,8 @@ def converted(func, args, kwargs):
     if not dtype.is_floating_point or dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise NotImplementedError(f"Float8Tensor.to({dtype}): use .to_hp() or .fp8_data instead")
     kwargs.pop("layout", None)
-    data = func(x._data, **kwargs)
-    scale = func(x._scale, **kwargs)
+    data = func(x.fp8_data, **kwargs)
+    scale = func(x.scale, **kwargs)
     return Float8Tensor(data, scale, dtype)
 
 
@@ -106,8 +106,8 @@ def _as_operand(x: torch.Tensor, other: torch.Tensor, contract_dim: int) -> Floa
     if not isinstance(x, Float8Tensor):
         granularity = other.granularity if isinstance(other, Float8Tensor) else "tensorwise"
         return _quantize_along(x, granularity, contract_dim)
-    if x.granularity == "rowwise" and x._scale.shape[contract_dim] != 1:
-        return _quantize_along(x.to_hp(), "rowwise", contract_dim, x._data.dtype)
+    if x.granularity == "rowwise" and x.scale.shape[contract_dim] != 1:
+        return _quantize_along(x.to_hp(), "rowwise", contract_dim, x.fp8_data.dtype)
     return x
 
 
@@ -125,7 +125,7 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     emulate = not scaled_mm_supported(a_fp8.device)  # e.g. a GPU below sm89
     # the output GEMM of a forward pass: fast accumulation, as torchao's default
     return scaled_mm(
-        a_fp8._data, a_fp8._scale, b_fp8._data, b_fp8._scale, out_dtype, True, emulate
+        a_fp8.fp8_data, a_fp8.scale, b_fp8.fp8_data, b_fp8.scale, out_dtype, True, emulate
     )
 
 

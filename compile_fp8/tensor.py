@@ -89,21 +89,13 @@ class Float8Tensor(torch.Tensor):
         return hp.to(dtype or self._orig_dtype)
 
     @property
-    def _data(self) -> torch.Tensor:  # the name the aten handlers (ops.py) use
-        return self.fp8_data
-
-    @property
-    def _scale(self) -> torch.Tensor:
-        return self.scale
-
-    @property
     def granularity(self) -> str:
-        return "tensorwise" if self._scale.numel() == 1 and self._scale.dim() <= 1 else "rowwise"
+        return "tensorwise" if self.scale.numel() == 1 and self.scale.dim() <= 1 else "rowwise"
 
     def __repr__(self) -> str:
         return (
             f"Float8Tensor(shape={list(self.shape)}, dtype={self._orig_dtype}, "
-            f"fp8={self._data.dtype}, {self.granularity}, device={self.device.type})"
+            f"fp8={self.fp8_data.dtype}, {self.granularity}, device={self.device.type})"
         )
 
     # ---- torch.compile: flatten / unflatten ------------------------------------------------
@@ -111,10 +103,10 @@ class Float8Tensor(torch.Tensor):
     # The inner tensors are flattened under their public names: dynamo does not trace a property
     # of a subclass built inside the compiled region, it reads the attribute off the fake tensor
     # and can wrap it only if it is one of these names. So `x.fp8_data` / `x.scale` (and to_hp)
-    # work under torch.compile; `x._data` there works only for graph inputs.
+    # work under torch.compile.
     def _stable_hash_for_caching(self) -> str:
         # AOT autograd's cache key: metadata and inner layouts, not values
-        layout = [(tuple(t.shape), t.stride(), t.dtype) for t in (self._data, self._scale)]
+        layout = [(tuple(t.shape), t.stride(), t.dtype) for t in (self.fp8_data, self.scale)]
         return repr((type(self).__name__, self._orig_dtype, layout))
 
     def __tensor_flatten__(self):
@@ -130,8 +122,8 @@ class Float8Tensor(torch.Tensor):
     def __reduce_ex__(self, protocol):
         # float8 data travels as a uint8 view: plain `pickle` of a float8 tensor fails on load
         # in torch (its legacy storage path has no float8 storage type); torch.save is fine.
-        data_u8 = self._data.view(torch.uint8)
-        return _rebuild_float8_tensor, (data_u8, self._scale, self._orig_dtype, self._data.dtype)
+        data_u8 = self.fp8_data.view(torch.uint8)
+        return _rebuild_float8_tensor, (data_u8, self.scale, self._orig_dtype, self.fp8_data.dtype)
 
     # ---- dispatch: the op table lives in ops.py --------------------------------------------
 
