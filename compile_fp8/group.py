@@ -239,7 +239,7 @@ def _cast_input(x_fp8, x_scale) -> Optional[fx.Node]:
 
 def _from_extern(node: fx.Node) -> bool:
     """Is `node` an extern kernel's output (through reshapes, views, transposes)?"""
-    while _is_method(node, "reshape") or any(_is_method(node, name) for name in LAYOUT_METHODS):
+    while any(_is_method(node, name) for name in LAYOUT_METHODS):
         node = node.args[0]
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in EXTERN_PRODUCERS
 

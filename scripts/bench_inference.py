@@ -41,14 +41,15 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import copy
 import datetime
-import importlib
 import json
 import pathlib
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 from torch import nn
@@ -253,18 +254,17 @@ PRESETS = {
     "smallsmem": _tiles(_NARROW + _WIDE, block_k=128, num_stages=3),
     # the grouped gate + up (N = 2 x 5632) at 64 rows a program, as a lone weight gets
     "group64": {(11264, 2048, "fp8"): {**FP8_X_CONFIG, "split_k": 1}},
-    # module switches instead of tiles (FLAG_PRESETS): the A/B of one change
-    "nogroup": {}, "castout": {},
 }
-# preset -> (module name in compile_fp8, attribute, value) set while the variant compiles and runs
+# Presets that switch one of group.py's passes off instead (the A/B of one change): attribute of
+# compile_fp8.group -> value, set while the variant compiles and runs.
 FLAG_PRESETS = {
-    "nogroup": [("group", "ENABLED", False)],  # every small-M linear in its own launch
-    "castout": [("group", "CAST_IN_KERNEL", False)],  # attention's output cast by its own kernel
+    "nogroup": {"ENABLED": False},  # every small-M linear in its own launch
+    "castout": {"CAST_IN_KERNEL": False},  # attention's output cast by its own kernel
 }
 
 
 def bench_variant(name, base, tokens, mode, reference, args, device) -> dict:
-    from compile_fp8 import fp8_gemv
+    from compile_fp8 import fp8_gemv, group
 
     torch._dynamo.reset()
     name, preset = split_variant(name, "@")
@@ -272,19 +272,11 @@ def bench_variant(name, base, tokens, mode, reference, args, device) -> dict:
         fp8_gemv.SMALL_M_ACTIVATION = "fp8" if name.endswith("-fp8x") else "auto"  # the default
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    tuned = dict(fp8_gemv.TUNED_CONFIGS)
-    fp8_gemv.TUNED_CONFIGS.update(PRESETS[preset] if preset else {})
-    flags = [(importlib.import_module(f"compile_fp8.{mod}"), attr, value) for mod, attr, value in FLAG_PRESETS.get(preset, ())]
-    saved = [(mod, attr, getattr(mod, attr)) for mod, attr, _ in flags]
-    for mod, attr, value in flags:
-        setattr(mod, attr, value)
-    try:
+    with contextlib.ExitStack() as undo:  # the preset's tiles and switches, for this variant only
+        undo.enter_context(mock.patch.dict(fp8_gemv.TUNED_CONFIGS, PRESETS.get(preset, {})))
+        for attr, value in FLAG_PRESETS.get(preset, {}).items():
+            undo.enter_context(mock.patch.object(group, attr, value))
         return _bench_converted(name, base, tokens, mode, reference, args, device)
-    finally:
-        fp8_gemv.TUNED_CONFIGS.clear()
-        fp8_gemv.TUNED_CONFIGS.update(tuned)
-        for mod, attr, value in saved:
-            setattr(mod, attr, value)
 
 
 def _bench_converted(name, base, tokens, mode, reference, args, device) -> dict:
@@ -584,7 +576,7 @@ def render_sweep(rows, notes, args) -> str:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                   help=f"comma list from {VARIANTS}, each optionally @PRESET from {tuple(PRESETS)}")
+                   help=f"comma list from {VARIANTS}, each optionally @PRESET from {(*PRESETS, *FLAG_PRESETS)}")
     p.add_argument("--cases", default="prefill,decode", help=f"comma list from {tuple(CASES)}")
     p.add_argument("--modes", default="default,reduce-overhead", help="compile modes to run (where a case has them)")
     p.add_argument("--preset", default="anchor")
@@ -614,7 +606,7 @@ def parse_args(argv):
     args.modes = [m for m in args.modes.split(",") if m]
     args.sweep_flavours = [f for f in args.sweep_flavours.split(",") if f]
     unknown = [v for v, preset in (split_variant(v, "@") for v in args.variants)
-               if v not in VARIANTS or preset not in (None, *PRESETS)]  # fmt: skip
+               if v not in VARIANTS or preset not in (None, *PRESETS, *FLAG_PRESETS)]  # fmt: skip
     unknown += [c for c in args.cases if c not in CASES]
     unknown += [m for m in args.modes if m not in ("default", "reduce-overhead")]
     unknown += [f for f in args.sweep_flavours if f not in SWEEP_TILES]
