@@ -257,14 +257,9 @@ def kernels_by_name(timeline) -> dict[str, list]:
     return kernels
 
 
-def cuda_kernels(fn, steps: int = 20) -> dict[str, list]:
-    """The CUDA kernels of `steps` calls of `fn` (torch profiler): name -> [launches, total us]."""
-    return kernels_by_name(kernel_timeline(fn, steps))
-
-
 def time_kernels(fn, steps: int = 20) -> float:
     """ms of CUDA kernel time per call of `fn` (profiler, `steps` calls): no launch or host time."""
-    return sum(us for _, us in cuda_kernels(fn, steps).values()) / steps / 1e3
+    return sum(us for _, _, us in kernel_timeline(fn, steps)) / steps / 1e3
 
 
 def time_step(step, args) -> float:
