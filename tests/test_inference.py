@@ -830,7 +830,7 @@ def _gated(scaling="static", blocks=2, **kwargs):
     return model
 
 
-def _dynamo_graph(model, x):
+def _dynamo_graph(model, x, **compile_kwargs):
     """The graph torch.compile hands its backend (what inductor's pre-grad pass sees)."""
     graphs = []
 
@@ -840,7 +840,7 @@ def _dynamo_graph(model, x):
 
     torch._dynamo.reset()
     with torch.no_grad():
-        torch.compile(model, backend=backend, fullgraph=True)(x)
+        torch.compile(model, backend=backend, fullgraph=True, **compile_kwargs)(x)
     return graphs[0]  # (graph module, its inputs: x and the layers' lifted tensors)
 
 
@@ -888,12 +888,8 @@ def test_interpreted_group_pass_leaves_dynamic_shapes_alone(monkeypatch):
     model sees a second shape) is left as it was, not an error (seen on the H200: a SymInt in
     the grouping key could not be hashed)."""
     monkeypatch.setattr(fp8_gemv, "triton_available", lambda device: True)
-    graphs = []
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(_gated("dynamic"), backend=lambda gm, inputs: graphs.append(gm) or gm.forward,
-                      fullgraph=True, dynamic=True)(_x(2, 4, 64))  # fmt: skip
-    assert len(_ops_in(graphs[0])) == 6 and group.group_small_m_linears(graphs[0].graph) == 0
+    gm, _ = _dynamo_graph(_gated("dynamic"), _x(2, 4, 64), dynamic=True)
+    assert len(_ops_in(gm)) == 6 and group.group_small_m_linears(gm.graph) == 0
 
 
 def test_group_pass_finds_nothing_without_the_kernel():
