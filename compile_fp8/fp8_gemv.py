@@ -43,12 +43,12 @@ Measured on the H200 at M = 16 with weights read from HBM (docs/benchmarks.md): 
 flavour runs at 0.83-1.00x cuBLAS's bf16 mm on the 956M model's shapes (converting every weight
 element in registers costs what the halved bytes save), the float8-x flavour at 1.15-1.50x, and
 cuBLAS's own `_scaled_mm` at 0.5-0.7x. In a whole decode step (16 x 1 tokens, CUDA graphs) the
-float8-x flavour wins where the activation's scale is static (1.38-1.39x bf16 in one run,
-2026-11-29 22:02, with K slices for the narrow weights, the inference layers' cheaper guards and
-`group.py`'s passes; the cast is one multiply in the producer's kernel) and not where it is
-dynamic (0.72-1.02x: an amax reduction per layer input, and its row scales), so "auto" takes
-float8 x for calibrated static layers and weight-only otherwise (the more accurate: no
-activation quantization; 0.96x bf16).
+float8-x flavour wins where the activation's scale is static (1.30-1.31x against the faster
+bf16 of a run, 2026-11-29 22:48-23:04, with K slices for the narrow weights, the inference
+layers' cheaper guards and `group.py`'s passes; the cast is one multiply in the producer's
+kernel) and not where it is dynamic (0.72-1.02x: an amax reduction per layer input, and its row
+scales), so "auto" takes float8 x for calibrated static layers and weight-only otherwise (the
+more accurate: no activation quantization; 0.96-1.07x bf16).
 
 Two more entry points serve `group.py`'s graph passes: the float8-x op also takes x in
 bf16/fp16 and casts it in the kernel's prologue (`saturated_cast`'s bits; where x comes from
@@ -81,8 +81,8 @@ if triton is not None:
 # float8 x float8 kernel where the layer has a calibrated static input scale (the cast is then one
 # multiply, written by the kernel that produces x), else keeps x in high precision (weight-only:
 # a dynamic cast's amax pass costs what the float8 MMAs save); "hp" / "fp8" force one path.
-# Measured on the H200 (docs/benchmarks.md): decode step 1.38-1.39x bf16 static + float8 x (with
-# group.py's passes), 0.96x weight-only, 0.72-1.02x dynamic rowwise + float8 x.
+# Measured on the H200 (docs/benchmarks.md): decode step 1.30-1.31x bf16 static + float8 x (with
+# group.py's passes), 0.96-1.07x weight-only, 0.72-1.02x dynamic rowwise + float8 x.
 SMALL_M_ACTIVATION = "auto"
 SMALL_M_ACTIVATIONS = ("auto", "hp", "fp8")
 
