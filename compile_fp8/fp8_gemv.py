@@ -40,15 +40,16 @@ with no dequantization in the loop. `SMALL_M_ACTIVATION` picks the flavour: "aut
 takes it where the layer has a calibrated static input scale, "hp" / "fp8" force one.
 
 Measured on the H200 at M = 16 with weights read from HBM (docs/benchmarks.md): the weight-only
-flavour runs at 0.83-1.00x cuBLAS's bf16 mm on the 956M model's shapes (converting every weight
-element in registers costs what the halved bytes save), the float8-x flavour at 1.15-1.50x, and
+flavour runs at 1.23-1.64x cuBLAS's bf16 mm on the 956M model's shapes with 4 K slices, 0.82-1.11x
+without (converting every weight element in registers costs much of what the halved bytes save;
+0.83-1.00x before `_dequantize` avoided the F2F conversions), the float8-x flavour at 1.15-1.50x, and
 cuBLAS's own `_scaled_mm` at 0.5-0.7x. In a whole decode step (16 x 1 tokens, CUDA graphs) the
 float8-x flavour wins where the activation's scale is static (1.30-1.31x against the faster
 bf16 of a run, 2026-11-29 22:48-23:04, with K slices for the narrow weights, the inference
 layers' cheaper guards and `group.py`'s passes; the cast is one multiply in the producer's
 kernel) and not where it is dynamic (0.72-1.02x: an amax reduction per layer input, and its row
 scales), so "auto" takes float8 x for calibrated static layers and weight-only otherwise (the
-more accurate: no activation quantization; 0.96-1.07x bf16).
+more accurate: no activation quantization; 1.15x bf16 at 23:29 with the out projection sliced).
 
 Two more entry points serve `group.py`'s graph passes: the float8-x op also takes x in
 bf16/fp16 and casts it in the kernel's prologue (`saturated_cast`'s bits; where x comes from
@@ -82,7 +83,7 @@ if triton is not None:
 # multiply, written by the kernel that produces x), else keeps x in high precision (weight-only:
 # a dynamic cast's amax pass costs what the float8 MMAs save); "hp" / "fp8" force one path.
 # Measured on the H200 (docs/benchmarks.md): decode step 1.30-1.31x bf16 static + float8 x (with
-# group.py's passes), 0.96-1.07x weight-only, 0.72-1.02x dynamic rowwise + float8 x.
+# group.py's passes), 1.15x weight-only, 0.72-1.02x dynamic rowwise + float8 x.
 SMALL_M_ACTIVATION = "auto"
 SMALL_M_ACTIVATIONS = ("auto", "hp", "fp8")
 
@@ -97,8 +98,9 @@ def small_m_activation() -> str:
 KERNEL_X_DTYPES = (torch.bfloat16, torch.float16)  # float32 x would run tl.dot in tf32: torch
 # Tiles, from the H200 sweep (`scripts/bench_inference.py --sweep tiles`, M = 16, the 956M
 # model's shapes; docs/benchmarks.md): 32 output columns per program won at every shape; BLOCK_K
-# 128-512 came within 5%; K slices paid only where K is long (down projection [2048, 5632]:
-# 0.0102 ms with 4-8 slices, 0.0113 with 2) and cost ~10% at K = 2048.
+# 128-512 came within 5%. K slices: the kernel alone ran 1.23-1.64x cuBLAS's bf16 mm with 4 of
+# them against 0.82-1.11x without (2026-11-29 23:21, after `_dequantize`; before it, slices paid
+# only at long K), but in a model the partial sums cost their consumer: see LONG_K below.
 WEIGHT_ONLY_CONFIG = {"block_n": 32, "block_k": 256, "split_k": 1, "num_warps": 4, "num_stages": 3}
 # Both operands float8 (`fp8_small_mm`): no dequantization, float8 MMAs with the weight tile as
 # the tall operand. H200 sweep (M = 16, weights read from HBM): 64 rows x 512 K per program won or
@@ -117,6 +119,13 @@ SPLIT_BELOW_SM_FRACTION, SPLIT_TO_SM_FRACTION, MAX_SPLIT_K = 0.5, 0.9, 8
 # H200 (2026-11-29, scripts/probe_gemv.py): the 80 GEMMs of a decode step with gate + up grouped
 # 401.7 us at 64 rows, 391.1 us at 128 (ungrouped 415.4).
 WIDE_BLOCK_N = 128
+# Weight-only ("hp") flavour: SPLIT_K_LONG slices where K is long, and where fewer than
+# SPLIT_BELOW_SM_FRACTION of the SMs would get a program (N = 2048 at 32 rows: 64 programs on 132
+# SMs). H200, 2026-11-29 23:29, 956M decode step with dynamic scales (`bench_inference.py`
+# presets `@hpsplit*`): 4 slices for the out projection saved 31 us of kernels (802 -> 771 us,
+# 0.864 -> 0.831 ms); slicing the wide ones too cost more in their consumers than it saved (qkv:
+# v's sum becomes a kernel of its own, 16 launches more; gate + up: the SwiGLU kernel that sums
+# the partials +20 us), as for the float8-x flavour above.
 LONG_K, SPLIT_K_LONG = 4096, 4  # K from which the kernel cuts K into SPLIT_K_LONG slices
 # Per weight shape (N, K) overrides (key (N, K, "fp8") for the float8-x flavour), e.g. the winners
 # of a tile sweep on another GPU (scripts/bench_inference.py --weight-only-tuning sweep.json).
@@ -169,7 +178,8 @@ def config_for(n: int, k: int, flavour: str = "hp", sms: Optional[int] = None) -
         if -(-n // FP8_X_CONFIG["block_n"]) > sms:  # more than one wave of programs: wider ones
             return {**FP8_X_CONFIG, "block_n": WIDE_BLOCK_N}
         return {**FP8_X_CONFIG, "split_k": split_for_sms(n, k, FP8_X_CONFIG, sms)}
-    return {**WEIGHT_ONLY_CONFIG, "split_k": SPLIT_K_LONG} if k >= LONG_K else WEIGHT_ONLY_CONFIG
+    few_programs = bool(sms) and -(-n // WEIGHT_ONLY_CONFIG["block_n"]) < SPLIT_BELOW_SM_FRACTION * sms
+    return {**WEIGHT_ONLY_CONFIG, "split_k": SPLIT_K_LONG} if k >= LONG_K or few_programs else WEIGHT_ONLY_CONFIG
 
 
 def sm_count(device: torch.device) -> Optional[int]:
@@ -302,6 +312,22 @@ def _launch_blocks(m: int, k: int, config: dict) -> tuple[int, int, int]:
 if triton is not None:
 
     @triton.jit
+    def _dequantize(w, dtype: tl.constexpr):
+        """A float8 e4m3 tile -> `dtype` (bf16/fp16/fp32), exactly: every e4m3 value is one of each.
+
+        To bfloat16 by way of float16 and float32: for sm90 triton 3.6 lowers a plain e4m3 -> bf16
+        as e4m3x2 -> f16x2 (one F2FP a pair) then an F2F f16 -> bf16 per element, a conversion
+        instruction of lower throughput; this chain gives f16 -> f32 (HADD2.F32) and f32x2 ->
+        bf16x2 (F2FP) instead: as many instructions (SASS of the 16 x 32 x 256 tile: 64 F2F become
+        64 HADD2), no F2F. The values cannot change (each step is exact). H200, M = 16, weights from
+        HBM: the kernel alone went from 0.83-1.00x cuBLAS's bf16 mm (17:02) to 0.98-1.11x unsliced
+        and 1.23-1.64x with 4 K slices (23:21); a decode step with dynamic scales 0.910 -> 0.864 ms
+        (two runs: 22:55, 23:29; bf16 0.970 and 0.955 ms in them)."""
+        if dtype == tl.bfloat16:
+            return w.to(tl.float16).to(tl.float32).to(dtype)
+        return w.to(dtype)
+
+    @triton.jit
     def _mm_tile(
         x_ptr, w_ptr, scale_ptr, x_scale_ptr, bias_ptr, out_ptr, pid_n, pid_k, pid_m, M, N, K,
         stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on, stride_os,
@@ -331,7 +357,7 @@ if triton is not None:
             w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                         mask=w_mask, other=0.0)  # [BLOCK_N, BLOCK_K], float8  # fmt: skip
             if not X_FP8:  # dequantize in registers: float8 -> x's dtype is exact (scale at the end)
-                w = w.to(x.dtype)
+                w = _dequantize(w, x.dtype)
             if FP32_DOT:  # the interpreter's bf16 tl.dot is wrong (triton 3.6); float32 is exact
                 x, w = x.to(tl.float32), w.to(tl.float32)
             if SWAP_AB:

@@ -58,7 +58,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_linear import kernel_timeline, kernels_by_name  # noqa: E402
 from bench_train_step import split_variant, try_variant  # noqa: E402
 
-from compile_fp8.fp8_gemv import FP8_X_CONFIG  # noqa: E402
+from compile_fp8.fp8_gemv import FP8_X_CONFIG, WEIGHT_ONLY_CONFIG  # noqa: E402
 
 VARIANTS = ("bf16", "ours-tensorwise", "ours-rowwise", "ours-static", "ours-tensorwise-fp8x", "ours-rowwise-fp8x",
             "ours-static-fp8x", "torchao-tensorwise", "torchao-rowwise")  # fmt: skip
@@ -246,6 +246,10 @@ def _tiles(shapes, **change) -> dict:
     return {(n, k, "fp8"): {**FP8_X_CONFIG, "split_k": 4 if (n, k) in _NARROW else 1, **change} for n, k in shapes}
 
 
+def _hp_tiles(*shapes) -> dict:
+    return {(n, k): {**WEIGHT_ONLY_CONFIG, "split_k": 4} for n, k in shapes}
+
+
 PRESETS = {
     "nosplit": _tiles(_NARROW + _WIDE, split_k=1),
     "split2": _tiles(_NARROW, split_k=2),
@@ -254,6 +258,12 @@ PRESETS = {
     "smallsmem": _tiles(_NARROW + _WIDE, block_k=128, num_stages=3),
     # the grouped gate + up (N = 2 x 5632) at 64 rows a program, as a lone weight gets
     "group64": {(11264, 2048, "fp8"): {**FP8_X_CONFIG, "split_k": 1}},
+    # The weight-only ("hp") kernel with 4 K slices at K = 2048 (the H200 sweep of 2026-11-29
+    # 23:21, after `_dequantize`: 1.23-1.41x cuBLAS's bf16 mm alone, 0.86-1.11x unsliced) where the
+    # partial sums' consumer may pay: every shape, the out projection alone, all but qkv.
+    "hpsplit": _hp_tiles((6144, 2048), (2048, 2048), (11264, 2048)),
+    "hpsplitout": _hp_tiles((2048, 2048)),
+    "hpsplitnoqkv": _hp_tiles((2048, 2048), (11264, 2048)),
 }
 # Presets that switch one of group.py's passes off instead (the A/B of one change): attribute of
 # compile_fp8.group -> value, set while the variant compiles and runs.

@@ -229,6 +229,18 @@ def test_float8_x_tiles_split_k_only_where_few_sms_have_work():
     assert fp8_gemv.sm_count(torch.device("cpu")) is None
 
 
+def test_weight_only_tiles_split_k_where_k_is_long_or_few_sms_have_work():
+    """The weight-only flavour (32 rows a program): SPLIT_K_LONG slices from K = LONG_K, and where
+    fewer than half the SMs get a program (the out projection, N = 2048: 64 programs on 132 SMs);
+    the wide weights (qkv, the grouped gate + up) keep one slice; no SM count: K alone decides."""
+    split = {shape: fp8_gemv.config_for(*shape, "hp", sms=132)["split_k"]
+             for shape in [(2048, 2048), (2048, 5632), (6144, 2048), (2 * 5632, 2048), (2112, 1024)]}  # fmt: skip
+    assert split == {(2048, 2048): 4, (2048, 5632): 4, (6144, 2048): 1, (2 * 5632, 2048): 1, (2112, 1024): 1}, split
+    assert fp8_gemv.config_for(2048, 2048, "hp") == fp8_gemv.WEIGHT_ONLY_CONFIG
+    assert fp8_gemv.config_for(2048, 5632, "hp")["split_k"] == fp8_gemv.SPLIT_K_LONG == 4
+    assert fp8_gemv.tiles_for(2048, 2048, "hp", sms=132) == [32, 256, 4, 4, 3, 0]
+
+
 def test_unknown_small_m_activation_is_an_error(monkeypatch):
     monkeypatch.setattr(fp8_gemv, "SMALL_M_ACTIVATION", "bf16")
     model = _inference(nn.Linear(64, 32).to(BF16), weight_only_max_m=16)
