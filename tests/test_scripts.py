@@ -169,3 +169,19 @@ def test_profile_compile_splits_the_first_step(tmp_path):
     assert [r[1].strip() for r in rows] == ["bf16", "ours-tensorwise"], rows
     for r in rows:  # first step > 0, and the FP8 graph generates kernels
         assert float(r[2]) > 0 and int(r[8]) > 0, r
+
+
+@pytest.mark.parametrize("x", ["bf16", "fp16"])
+def test_weight_only_kernel_dequantizes_without_f2f(x):
+    """probe_sass compiles the weight-only kernel for sm_90a here (no GPU): its float8 -> bf16/fp16
+    dequantization must not use F2F, the per-element conversion triton's plain e4m3 -> bf16 emits
+    (64 per thread and K tile; `fp8_gemv._dequantize`), and the loop must still run HMMAs."""
+    pytest.importorskip("triton")
+    probe = _load("probe_sass")
+    counts = probe.opcode_counts(probe.compile_weight_only(x).asm["sass"])
+    assert counts["HMMA"] > 0 and counts["F2F"] == 0, counts.most_common(12)
+
+
+def test_probe_sass_rejects_an_unknown_x():
+    with pytest.raises(ValueError, match="allowed"):
+        _load("probe_sass").compile_weight_only("int8")
