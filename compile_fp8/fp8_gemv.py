@@ -148,13 +148,19 @@ def split_for_sms(n: int, k: int, config: dict, sms: int) -> int:
     """K slices for a weight [N, K] on a GPU of `sms` SMs: 1 unless fewer than
     SPLIT_BELOW_SM_FRACTION of the SMs get a program (one per `block_n` rows); then doubled until
     the programs cover SPLIT_TO_SM_FRACTION of them, at most MAX_SPLIT_K, each slice >= 1 K block."""
-    programs, split = -(-n // config["block_n"]), 1
-    if programs >= SPLIT_BELOW_SM_FRACTION * sms:
+    if not _few_programs(n, config, sms):
         return 1
+    programs, split = -(-n // config["block_n"]), 1
     k_blocks = -(-k // config["block_k"])
     while programs * split < SPLIT_TO_SM_FRACTION * sms and split * 2 <= min(MAX_SPLIT_K, k_blocks):
         split *= 2
     return split
+
+
+def _few_programs(n: int, config: dict, sms: Optional[int]) -> bool:
+    """Would fewer than SPLIT_BELOW_SM_FRACTION of `sms` SMs get a program (one per `block_n`
+    rows of a weight [N, K])? False where the SM count is unknown."""
+    return bool(sms) and -(-n // config["block_n"]) < SPLIT_BELOW_SM_FRACTION * sms
 
 
 def _tile_config(tiles: Optional[list[int]], n: int, k: int, flavour: str) -> dict:
@@ -178,8 +184,8 @@ def config_for(n: int, k: int, flavour: str = "hp", sms: Optional[int] = None) -
         if -(-n // FP8_X_CONFIG["block_n"]) > sms:  # more than one wave of programs: wider ones
             return {**FP8_X_CONFIG, "block_n": WIDE_BLOCK_N}
         return {**FP8_X_CONFIG, "split_k": split_for_sms(n, k, FP8_X_CONFIG, sms)}
-    few_programs = bool(sms) and -(-n // WEIGHT_ONLY_CONFIG["block_n"]) < SPLIT_BELOW_SM_FRACTION * sms
-    return {**WEIGHT_ONLY_CONFIG, "split_k": SPLIT_K_LONG} if k >= LONG_K or few_programs else WEIGHT_ONLY_CONFIG
+    slices = k >= LONG_K or _few_programs(n, WEIGHT_ONLY_CONFIG, sms)
+    return {**WEIGHT_ONLY_CONFIG, "split_k": SPLIT_K_LONG} if slices else WEIGHT_ONLY_CONFIG
 
 
 def sm_count(device: torch.device) -> Optional[int]:
