@@ -150,7 +150,7 @@ def split_for_sms(n: int, k: int, config: dict, sms: int) -> int:
     the programs cover SPLIT_TO_SM_FRACTION of them, at most MAX_SPLIT_K, each slice >= 1 K block."""
     if not _few_programs(n, config, sms):
         return 1
-    programs, split = -(-n // config["block_n"]), 1
+    programs, split = _programs(n, config), 1
     k_blocks = -(-k // config["block_k"])
     while programs * split < SPLIT_TO_SM_FRACTION * sms and split * 2 <= min(MAX_SPLIT_K, k_blocks):
         split *= 2
@@ -160,7 +160,12 @@ def split_for_sms(n: int, k: int, config: dict, sms: int) -> int:
 def _few_programs(n: int, config: dict, sms: Optional[int]) -> bool:
     """Would fewer than SPLIT_BELOW_SM_FRACTION of `sms` SMs get a program (one per `block_n`
     rows of a weight [N, K])? False where the SM count is unknown."""
-    return bool(sms) and -(-n // config["block_n"]) < SPLIT_BELOW_SM_FRACTION * sms
+    return bool(sms) and _programs(n, config) < SPLIT_BELOW_SM_FRACTION * sms
+
+
+def _programs(n: int, config: dict) -> int:
+    """Programs along N for a weight of N rows: one per `block_n` rows."""
+    return -(-n // config["block_n"])
 
 
 def _tile_config(tiles: Optional[list[int]], n: int, k: int, flavour: str) -> dict:
@@ -181,7 +186,7 @@ def config_for(n: int, k: int, flavour: str = "hp", sms: Optional[int] = None) -
     if flavour == "fp8":
         if not sms:
             return FP8_X_CONFIG
-        if -(-n // FP8_X_CONFIG["block_n"]) > sms:  # more than one wave of programs: wider ones
+        if _programs(n, FP8_X_CONFIG) > sms:  # more than one wave of programs: wider ones
             return {**FP8_X_CONFIG, "block_n": WIDE_BLOCK_N}
         return {**FP8_X_CONFIG, "split_k": split_for_sms(n, k, FP8_X_CONFIG, sms)}
     slices = k >= LONG_K or _few_programs(n, WEIGHT_ONLY_CONFIG, sms)

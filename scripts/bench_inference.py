@@ -261,6 +261,7 @@ PRESETS = {
     # The weight-only ("hp") kernel with 4 K slices at K = 2048 (the H200 sweep of 2026-11-29
     # 23:21, after `_dequantize`: 1.23-1.41x cuBLAS's bf16 mm alone, 0.86-1.11x unsliced) where the
     # partial sums' consumer may pay: every shape, the out projection alone, all but qkv.
+    # "hpsplitout" won (23:29) and is now `config_for`'s default on the H200: the same tiles.
     "hpsplit": _hp_tiles((6144, 2048), (2048, 2048), (11264, 2048)),
     "hpsplitout": _hp_tiles((2048, 2048)),
     "hpsplitnoqkv": _hp_tiles((2048, 2048), (11264, 2048)),
