@@ -8,9 +8,10 @@ Each static layer switches to a high-precision forward that records the running 
 and |weight| (and, with `static_grads=True`, of |grad_output| through a backward of `loss_fn`)
 into its `fp8_amax_*` buffers; then the layers switch back and are marked ready (also when a
 batch raises: the flags always match the buffers). Re-running calibrate starts from zero again.
-Inference layers (`Float8Config(mode="inference", scaling="static")`, `inference.py`) record max
-|input| only (`fp8_amax_input`): their weight is already float8 with its own scale, and their
-input scale (`fp8_scale_input`) is computed here, once, from the recorded amax.
+Inference layers (`Float8Config(mode="inference", scaling="static")`) record max |input| only:
+their weight is already float8 with its own scale, and their `input_scale` is set from the
+recorded amax when calibration ends. Each layer's state object says what it records
+(`layers.ConvertedLayer`), so this module needs no knowledge of either mode.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from . import inference
-from .api import unwrap_compiled
-from .linear import CALIBRATING_ATTR, CONFIG_ATTR, READY_ATTR, buffer_names, refresh_ready, uses_scaled_forward
+from .layers import converted_layers
+from .training.state import TrainingState
 
 logger = logging.getLogger("compile_fp8")
 
@@ -41,49 +41,27 @@ def calibrate(
 
     `loss_fn(output, batch) -> loss` is needed only with `Float8Config(static_grads=True)`.
     """
-    layers = _static_layers(unwrap_compiled(model))
-    configs = [getattr(m, CONFIG_ATTR, None) for _, m in layers]  # None: an inference layer
-    needs_grads = any(c is not None and c.static_grads for c in configs)
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: the module inside
+    layers = [(fqn, m, state) for fqn, m, state in converted_layers(model) if state.is_static]
+    needs_grads = any(state.calibrates_grads for _, _, state in layers)
     _check_calibrate_args(layers, num_batches, needs_grads, loss_fn)
     seen = 0
     with _calibrating(layers), torch.enable_grad() if needs_grads else torch.no_grad():
         for batch in batches:
             if num_batches is not None and seen >= num_batches:
                 break
-            _calibration_step(unwrap_compiled(model), batch, loss_fn if needs_grads else None)
+            _calibration_step(model, batch, loss_fn if needs_grads else None)
             seen += 1
             logger.info("compile_fp8: calibrate batch %d%s", seen, f"/{num_batches}" if num_batches else "")
     if seen == 0:
         raise ValueError("calibrate got no batches: pass an iterable with at least one batch")
-    uncalibrated = [fqn for fqn, m in layers if not getattr(m, READY_ATTR)]  # set by _calibrating
+    uncalibrated = [fqn for fqn, _, state in layers if not state.ready]  # set by _calibrating
     if uncalibrated:
         logger.warning(
             "compile_fp8: %d layer(s) saw no data (or only zeros) and stay dynamic: %s",
             len(uncalibrated),
             ", ".join(uncalibrated),
         )
-
-
-def _static_layers(model: nn.Module, training_only: bool = False) -> list:
-    """(fqn, layer) of every static-scaled layer: training ones, and inference ones unless
-    `training_only`."""
-    return [
-        (fqn, m)
-        for fqn, m in model.named_modules()
-        if (uses_scaled_forward(m) and getattr(m, CONFIG_ATTR).scaling == "static")
-        or (inference.is_static_layer(m) and not training_only)
-    ]
-
-
-def _amax_buffers(module: nn.Module) -> tuple[str, ...]:
-    if inference.is_static_layer(module):
-        return (inference.INPUT_AMAX,)
-    return buffer_names(getattr(module, CONFIG_ATTR))
-
-
-def _refresh_ready(module: nn.Module) -> bool:
-    """Ready flag (and an inference layer's input scale) from the amax buffers just recorded."""
-    return inference.refresh_ready(module) if inference.is_static_layer(module) else refresh_ready(module)
 
 
 def _check_calibrate_args(layers, num_batches, needs_grads, loss_fn):
@@ -103,16 +81,13 @@ def _check_calibrate_args(layers, num_batches, needs_grads, loss_fn):
 
 @contextlib.contextmanager
 def _calibrating(layers):
-    for _, module in layers:
-        for name in _amax_buffers(module):
-            getattr(module, name).zero_()
-        setattr(module, CALIBRATING_ATTR, True)
+    for _, module, state in layers:
+        state.begin_calibration(module)
     try:
         yield
     finally:  # the amaxes were zeroed and (maybe partly) recorded: flags and scales follow them
-        for _, module in layers:
-            setattr(module, CALIBRATING_ATTR, False)
-            _refresh_ready(module)
+        for _, module, state in layers:
+            state.end_calibration(module)
 
 
 def _calibration_step(model, batch, loss_fn):
@@ -138,11 +113,11 @@ def refresh_weight_scales(model: nn.Module) -> None:
     buffer: no recompile). Without it the calibrated weight scale stays fixed, and weight values
     that grow past `amax * amax_margin` saturate.
     """
-    layers = [m for _, m in _static_layers(unwrap_compiled(model), training_only=True)]  # not inference
+    model = getattr(model, "_orig_mod", model)
+    layers = [m for _, m, state in converted_layers(model, TrainingState) if state.is_static]
     if not layers:
         return
     # All weights in one multi-tensor kernel (max |w| is the inf-norm; exact, NaN propagates):
-    # one amax launch per layer cost 4.03 ms per step for the 80 linears of the 956M model on
-    # the H200 (bench_train_step.py, ours-static), mostly launches: reading them takes ~0.5 ms.
+    # one amax launch per layer would cost more in launches than in reading the weights.
     amaxes = torch._foreach_norm([m.weight.hp for m in layers], ord=float("inf"))
     torch._foreach_copy_([m.fp8_amax_weight for m in layers], amaxes)

@@ -1,6 +1,6 @@
 """Configuration: what the user chooses, and the per-GEMM recipe it expands to.
 
-A linear layer runs three GEMMs (see `autograd.py`)::
+A linear layer runs three GEMMs (see `training/linear_fn.py`)::
 
     output      = input    @ weight.T     # [M, K] @ [K, N] -> [M, N]
     grad_input  = grad_out @ weight       # [M, N] @ [N, K] -> [M, K]
@@ -34,6 +34,7 @@ Granularity = Literal["tensorwise", "rowwise"]
 AmaxFrom = Literal["max", "most_recent"]
 CastKernels = Literal["inductor", "triton"]
 LayerFilter = Literal["all", "auto"]
+SmallMActivation = Literal["auto", "hp", "fp8"]
 
 RECIPES: tuple[str, ...] = get_args(Recipe)
 SCALINGS: tuple[str, ...] = get_args(Scaling)
@@ -42,6 +43,7 @@ GRANULARITIES: tuple[str, ...] = get_args(Granularity)
 AMAX_FROM: tuple[str, ...] = get_args(AmaxFrom)
 CAST_KERNELS: tuple[str, ...] = get_args(CastKernels)
 LAYER_FILTERS: tuple[str, ...] = get_args(LayerFilter)
+SMALL_M_ACTIVATIONS: tuple[str, ...] = get_args(SmallMActivation)
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
@@ -68,7 +70,7 @@ class Float8Config:
     mode: Mode = "training"
     """"training" (master weights stay high precision) or "inference" (weights stored once as
     FP8 `Float8Tensor`s, activations cast per call; scaling "dynamic" or "static"; see
-    `inference.py`)."""
+    `compile_fp8/inference/`)."""
 
     emulate: Optional[bool] = None
     """Run the same numerics without `torch._scaled_mm` (for GPUs below sm89). None (default):
@@ -94,20 +96,27 @@ class Float8Config:
     cast kernels. "triton": hand-written Triton kernels (`kernels.py`) compute each amax and
     write each float8 operand in both layouts in one pass; backward then keeps the float8 input
     and weight instead of high-precision copies. Same bits either way; on CPU (no Triton) the
-    torch fallbacks run."""
+    torch fallbacks run (`kernels/cast.py`)."""
 
     layer_filter: LayerFilter = "all"
     """Which eligible layers run FP8. "all" (default): every one `_scaled_mm` can take, as torchao's
     `convert_to_float8_training` does (its parity tests rely on it). "auto": only layers whose
-    shape ran faster in FP8 than in bf16 for this recipe on an H200 (`layer_choice.py`: from
+    shape ran faster in FP8 than in bf16 for this recipe on an H200 (`training/layer_choice.py`: from
     min(in, out) = 2048 for tensorwise, about 4096 x 8192 for rowwise); `fp8_layers` gives each
     skipped layer's measured ratio. Training only."""
 
     weight_only_max_m: int = 64
     """mode="inference": a linear whose input has at most this many rows M (tokens: batch x
     sequence, e.g. a decode step) runs the weight-only FP8 kernel (float8 weight, high-precision
-    activation; `fp8_gemv.py`); larger M runs `_scaled_mm` with a float8 activation. 0: always
-    `_scaled_mm`. Ignored in training."""
+    activation; `kernels/small_m_gemm.py`); larger M runs `_scaled_mm` with a float8 activation.
+    0: always `_scaled_mm`. Ignored in training."""
+
+    small_m_activation: SmallMActivation = "auto"
+    """mode="inference", M <= weight_only_max_m: "auto" (default) casts the activation to float8
+    and runs the float8 x float8 kernel where the layer has a calibrated static input scale (the
+    cast is then one multiply, fused into the kernel that produces the activation), and keeps it
+    in high precision otherwise (the weight-only kernel: a dynamic cast's amax pass costs what the
+    float8 MMAs save); "hp" / "fp8" force one."""
 
     def __post_init__(self):
         check_choice("Float8Config.recipe", self.recipe, RECIPES)
@@ -118,6 +127,7 @@ class Float8Config:
         check_choice("Float8Config.amax_from", self.amax_from, AMAX_FROM)
         check_choice("Float8Config.cast_kernels", self.cast_kernels, CAST_KERNELS)
         check_choice("Float8Config.layer_filter", self.layer_filter, LAYER_FILTERS)
+        check_choice("Float8Config.small_m_activation", self.small_m_activation, SMALL_M_ACTIVATIONS)
         if self.cast_kernels == "triton" and self.recipe != "tensorwise":
             raise ValueError(
                 f"Float8Config.cast_kernels='triton' supports recipe='tensorwise' only "
@@ -210,7 +220,7 @@ class RecipeSpec:
     pow2_scales: bool = False
     """Round scales down to powers of two (rowwise recipes): exact scaling, no rounding."""
     dual_cast: bool = False
-    """Cast input, weight and grad_output once each, into both layouts (`kernels.cast_dual`),
+    """Cast input, weight and grad_output once each, into both layouts (`kernels/cast.py`),
     and save the float8 input and weight for backward (tensorwise only)."""
 
 

@@ -29,24 +29,9 @@ from .config import CastSpec
 EPS = 1e-12  # amax floor: an all-zero tensor gets a finite scale instead of inf
 
 
-TENSORWISE_AMAX = "flat"
-"""How a tensorwise amax is spelled for inductor (an experiment switch): "flat" (one max over
-everything; the default) or "rows" (a max per row, then over the rows: the same bits, in the hope
-that inductor puts the row max into the kernel that produces the rows). On the H200 "rows" was
-no faster alone (scripts/probe_casts.py) nor in the 956M train step (140.3 vs 141.1 ms,
-docs/benchmarks.md). Read at trace time, inside the linear's autograd.Function, whose body
-AOTAutograd's cache key does not cover: set it with that cache off, as `bench_train_step.py`'s
-`...+rowamax` variants do, or a compile from the other setting comes back from the cache."""
-TENSORWISE_AMAXES = ("flat", "rows")
-
-
 def amax(hp: torch.Tensor, rowwise_dim: int | None = None) -> torch.Tensor:
     """max |hp|, over everything (tensorwise) or along `rowwise_dim` with keepdim (rowwise)."""
     if rowwise_dim is None:
-        if TENSORWISE_AMAX not in TENSORWISE_AMAXES:  # a typo must not silently pick one
-            raise ValueError(f"scaling.TENSORWISE_AMAX={TENSORWISE_AMAX!r}; allowed: {TENSORWISE_AMAXES}")
-        if TENSORWISE_AMAX == "rows" and hp.dim() >= 2:
-            return torch.amax(torch.abs(hp), dim=-1).max()
         return torch.max(torch.abs(hp))
     return torch.amax(torch.abs(hp), dim=rowwise_dim, keepdim=True)
 

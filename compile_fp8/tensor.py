@@ -3,7 +3,7 @@
     Float8Tensor.from_hp(w)         # quantize: data = saturate(w * scale).to(e4m3)
     x.fp8_data, x.scale             # the stored parts; hp ~= fp8_data / scale
     x.to_hp()                       # dequantize to the original dtype
-    x @ y, torch.mm, F.linear       # torch._scaled_mm, layouts fixed for cuBLASLt (ops.py)
+    x @ y, torch.mm, F.linear       # torch._scaled_mm, layouts fixed for cuBLASLt (tensor_ops.py)
 
 The scale follows the package convention (`scaling.py`, [Note] Scale direction): it multiplies
 high precision -> float8. It is a float32 scalar (tensorwise) or has the data's shape with the
@@ -12,7 +12,7 @@ last dim set to 1 (rowwise: one scale per row). After `.t()` a rowwise [M, K] te
 `_scaled_mm` wants for its second operand.
 
 The subclass is a "wrapper" subclass: the outer tensor has no storage of its own, reports the
-original shape and dtype, and `__torch_dispatch__` (ops.py) handles every aten op on it.
+original shape and dtype, and `__torch_dispatch__` (tensor_ops.py) handles every aten op on it.
 It is traceable by torch.compile (`__tensor_flatten__` / `__tensor_unflatten__`).
 """
 
@@ -29,7 +29,7 @@ FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 def wrapper_like(cls, inner: torch.Tensor, dtype: torch.dtype, requires_grad: bool = False):
     """A storage-less `cls` instance with `inner`'s shape, strides and device, reporting `dtype`:
-    the outer tensor of a wrapper subclass (this module's, and the weights' in weight.py/fsdp.py)."""
+    the outer tensor of a wrapper subclass (this module's, and the training weights')."""
     return torch.Tensor._make_wrapper_subclass(
         cls,
         inner.shape,
@@ -57,8 +57,7 @@ class Float8Tensor(torch.Tensor):
         assert scale.dtype == torch.float32, scale.dtype
         # Plain instance attributes, not properties: torch.compile's guards on a Float8Tensor
         # graph input read its inner tensors on every call, and a property is a Python call per
-        # read (CPU, 80 converted layers: the guard check 251 -> 222 us; docs/inference.md,
-        # "Host overhead", for the rest of that story).
+        # read (docs/inference.md, "Host overhead").
         self.fp8_data = data
         self.scale = scale
         self._orig_dtype = orig_dtype
@@ -125,13 +124,13 @@ class Float8Tensor(torch.Tensor):
         data_u8 = self.fp8_data.view(torch.uint8)
         return _rebuild_float8_tensor, (data_u8, self.scale, self._orig_dtype, self.fp8_data.dtype)
 
-    # ---- dispatch: the op table lives in ops.py --------------------------------------------
+    # ---- dispatch: the op table lives in tensor_ops.py --------------------------------------------
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        from .ops import FLOAT8_OPS  # lazy: ops.py imports this module
+        from .tensor_ops import FLOAT8_OPS  # lazy: tensor_ops.py imports this module
 
         kwargs = kwargs or {}
         handler = FLOAT8_OPS.get(func)

@@ -261,6 +261,6 @@ def test_layer_filter_auto_is_training_only():
     ],
 )  # fmt: skip
 def test_layer_choice_by_measured_shape(k, n, recipe, converts):
-    from compile_fp8.layer_choice import slow_layer_reason
+    from compile_fp8.training.layer_choice import slow_layer_reason
 
     assert (slow_layer_reason(k, n, recipe) is None) == converts

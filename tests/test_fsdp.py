@@ -21,12 +21,12 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-import compile_fp8.autograd as fp8_autograd
+import compile_fp8.training.linear_fn as fp8_autograd
 from compile_fp8 import Float8Config, compile_fp8, fp8_layers, precompute_float8_dynamic_scale_for_fsdp
 from compile_fp8.config import RECIPES, recipe_spec
-from compile_fp8.fsdp import NEXT_AMAX_ATTR, Float8GatheredWeight
+from compile_fp8.training.fsdp import Float8GatheredWeight, gather_amaxes
 from compile_fp8.scaling import amax, amax_to_scale, saturated_cast
-from compile_fp8.weight import Float8TrainingWeight
+from compile_fp8.training.weight import Float8TrainingWeight
 from helpers import bits_equal
 
 HAVE_GLOO = dist.is_available() and dist.is_gloo_available()
@@ -587,7 +587,7 @@ def test_pre_all_gather_pads_an_uneven_shard_with_zero_bytes(recipe):
 
     full = torch.randn(16, 32)
     shard = Float8TrainingWeight(full[12:].clone(), recipe_spec(recipe), False)
-    setattr(shard, NEXT_AMAX_ATTR, amax(full))  # the global amax, as precompute would set it
+    gather_amaxes(shard).next = amax(full)  # the global amax, as precompute would set it
     (sent,), scale = shard.fsdp_pre_all_gather(_FakeMesh(3), full.shape, (32, 1), nn.Linear(32, 16), MixedPrecisionPolicy())
     assert sent.shape == (6, 32), sent.shape
     assert not sent[4:].view(torch.uint8).any(), "padding rows are not zero bytes"

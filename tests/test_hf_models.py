@@ -4,7 +4,7 @@ Nothing is downloaded: each model is built from a config (hidden sizes multiples
 train under compile_fp8 with every projection in FP8 (asserted through `fp8_layers`), their
 loss falling alongside the high-precision model's, and their checkpoints round-trip through
 `save_pretrained` / `from_pretrained` into the plain model. GPT-2's projections are transformers'
-`Conv1D` (weight stored [in, out]), converted by `compile_fp8/conv1d.py`.
+`Conv1D` (weight stored [in, out]), converted by `compile_fp8/training/conv1d.py`.
 """
 
 import copy

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
-from compile_fp8 import kernels
+from compile_fp8.kernels import cast as kernels
 from compile_fp8.scaling import amax_to_scale, saturated_cast
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]

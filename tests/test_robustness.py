@@ -255,7 +255,7 @@ def test_token_counts_not_multiple_of_16(tokens, recipe, device):
 
 def test_unaligned_features_stay_high_precision_and_exact():
     plain = nn.Sequential(nn.Linear(30, 64), nn.ReLU(), nn.Linear(64, 50), nn.Linear(50, 48))
-    with pytest.warns(UserWarning, match="multiples of 16: 0 .in_features=30.*2 .out_features=50.*3 .in_features=50"):
+    with pytest.warns(UserWarning, match="stay in high precision: 0 .in_features=30 is not a multiple of 16.*2 .out_features=50.*3 .in_features=50"):
         converted = compile_fp8(copy.deepcopy(plain), compile=False)
     assert fp8_layers(converted) == {
         "0": "skipped: in_features=30 is not a multiple of 16",

@@ -75,23 +75,6 @@ def test_scale_convention(float8_dtype, granularity):
     assert top == torch.finfo(float8_dtype).max, f"max |fp8_data| {top}"
 
 
-@pytest.mark.parametrize("shape", [(8, K), (2, 8, K)])
-def test_tensorwise_amax_by_rows_is_the_same_bits(monkeypatch, shape):
-    """scaling.TENSORWISE_AMAX="rows" (max per row, then over rows) is the flat max, bit for bit,
-    NaN included (a NaN anywhere is the amax either way)."""
-    from compile_fp8 import scaling
-
-    hp = torch.randn(shape, dtype=torch.bfloat16) * 5
-    flat = scaling.amax(hp)
-    monkeypatch.setattr(scaling, "TENSORWISE_AMAX", "rows")
-    assert bits_equal(scaling.amax(hp), flat)
-    hp.view(-1)[3] = float("nan")
-    assert scaling.amax(hp).isnan()
-    monkeypatch.setattr(scaling, "TENSORWISE_AMAX", "row")
-    with pytest.raises(ValueError, match="TENSORWISE_AMAX='row'"):
-        scaling.amax(hp)
-
-
 def test_to_hp_keeps_original_dtype():
     hp = torch.randn(M, K, dtype=torch.bfloat16)
     x = Float8Tensor.from_hp(hp)

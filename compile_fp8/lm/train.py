@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from compile_fp8 import Float8Config, compile_fp8, fp8_layers
-from compile_fp8.api import precompute_float8_dynamic_scale_for_fsdp
+from compile_fp8 import precompute_float8_dynamic_scale_for_fsdp
 from compile_fp8.config import RECIPES
 
 from . import distributed, hardware

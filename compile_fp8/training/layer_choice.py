@@ -9,13 +9,9 @@ Where the line falls is a property of the GPU and the recipe, so it is measured,
 `H200_SPEEDUP` holds, per weight shape (K = in_features, N = out_features), the time of one
 compiled bf16 linear's forward + backward divided by ours, summed CUDA kernel time (torch
 profiler: no launch or host time, as inside a model whose GPU queue stays full), at M = 16384
-tokens, bf16 weights and inputs:
-
-    bash scripts/device_perf.sh layers        # bench_linear.py --timer kernels over layer_grid.py
-
-(2026-11-29 on one H200, torch 2.11, 18:03 and 18:16 UTC runs; docs/benchmarks.md has the
-table). Tensorwise pays from min(K, N) = 2048; rowwise, whose activations and gradients each
-need two amax passes and two casts, only from about 4096 x 8192.
+tokens, bf16 weights and inputs, on an H200 (`scripts/bench_linear.py --timer kernels`;
+docs/benchmarks.md has the table). Tensorwise pays from min(K, N) = 2048; rowwise, whose
+activations and gradients each need two amax passes and two casts, only from about 4096 x 8192.
 
 `slow_layer_reason` looks a layer's shape up at the nearest measured shape (distance in
 log2(K), log2(N): sizes are compared by ratio, so 3072 counts as nearer 4096 than 2048), and keeps
@@ -28,6 +24,8 @@ from __future__ import annotations
 
 import math
 from typing import Optional
+
+from ..layers import SkipKind, SkipReason
 
 # (K, N): (tensorwise, rowwise) speed-up of FP8 over bf16, linear fwd+bwd kernel time, M = 16384.
 H200_SPEEDUP: dict[tuple[int, int], tuple[float, float]] = {
@@ -66,7 +64,6 @@ MEASURED_ON = "an H200 (fwd+bwd kernel time, M=16384)"
 # Below this FP8 is not worth it: the two runs behind the table differ by a few % on the same
 # shape, and a layer that only breaks even still pays FP8's precision.
 MIN_SPEEDUP = 1.02
-SKIP_PREFIX = "skipped: layer_filter='auto'"  # how fp8_layers starts such a layer's reason
 
 
 def measured_speedup(k: int, n: int, recipe: str) -> tuple[float, tuple[int, int]]:
@@ -79,13 +76,14 @@ def measured_speedup(k: int, n: int, recipe: str) -> tuple[float, tuple[int, int
     return H200_SPEEDUP[nearest][column], nearest
 
 
-def slow_layer_reason(k: int, n: int, recipe: str) -> Optional[str]:
+def slow_layer_reason(k: int, n: int, recipe: str) -> Optional[SkipReason]:
     """Why `layer_filter="auto"` keeps a Linear(k, n) in high precision, or None to convert it."""
     speedup, (mk, mn) = measured_speedup(k, n, recipe)
     if speedup >= MIN_SPEEDUP:
         return None
     where = "this shape" if (mk, mn) == (k, n) else f"the nearest measured shape K={mk}, N={mn}"
-    return (
-        f"{SKIP_PREFIX}: FP8 {recipe} ran {speedup:.2f}x bf16 (< {MIN_SPEEDUP}x) at {where} on "
-        f"{MEASURED_ON}; in_features={k}, out_features={n}"
+    return SkipReason(
+        SkipKind.SLOW,
+        f"layer_filter='auto': FP8 {recipe} ran {speedup:.2f}x bf16 (< {MIN_SPEEDUP}x) at {where} "
+        f"on {MEASURED_ON}; in_features={k}, out_features={n}",
     )

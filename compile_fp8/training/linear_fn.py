@@ -14,7 +14,8 @@ GEMMs (input: per token in the output GEMM, per feature in grad_weight's).
 The high-precision input and weight are saved for backward and re-cast there, as torchao does,
 together with any tensorwise scale computed in forward, so the re-cast uses the same scale
 (dynamic: the same bits; delayed: the history has moved on by then). With
-`Float8Config(cast_kernels="triton")` the float8 copies are saved instead (`_dual_cast_*`).
+`Float8Config(cast_kernels="triton")` the float8 copies are saved instead (`_dual_cast_*`,
+with the kernels of `kernels/cast.py`).
 `gemm.scaled_mm` puts each operand in the layout `_scaled_mm` needs.
 """
 
@@ -25,10 +26,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import kernels
-from .config import CastSpec, GemmSpec, RecipeSpec, same_tensorwise_cast
-from .gemm import scaled_mm
-from .scaling import (
+from ..config import CastSpec, GemmSpec, RecipeSpec, same_tensorwise_cast
+from ..gemm import scaled_mm
+from ..kernels import cast as cast_kernels
+from ..layers import apply_autocast
+from ..scaling import (
     amax,
     amax_to_scale,
     cast_to_fp8,
@@ -167,8 +169,8 @@ class Float8LinearFn(torch.autograd.Function):
 def _dual_cast(hp_2d, scale, float8_dtype):
     """(row-major fp8, column-major fp8, scale) of `hp_2d`; `scale=None`: dynamic."""
     if scale is None:
-        scale = amax_to_scale(kernels.amax(hp_2d), float8_dtype)
-    row, col = kernels.cast_dual(hp_2d, scale, float8_dtype)
+        scale = amax_to_scale(cast_kernels.amax(hp_2d), float8_dtype)
+    row, col = cast_kernels.cast_dual(hp_2d, scale, float8_dtype)
     return row, col, scale
 
 
@@ -220,10 +222,7 @@ def float8_linear(
     """F.linear with FP8 GEMMs; the bias is added afterwards in high precision (as torchao).
 
     `weight_fp8`: `weight` already cast with `weight_scale` (see `Float8LinearFn`)."""
-    if torch.is_autocast_enabled(input_hp.device.type):
-        # F.linear's autocast runs below the __torch_function__ hook that brings us here, so
-        # apply it: the FP8 GEMMs write the autocast dtype, as the layer they replace would.
-        input_hp = input_hp.to(torch.get_autocast_dtype(input_hp.device.type))
+    input_hp = apply_autocast(input_hp)
     output = Float8LinearFn.apply(
         input_hp, weight, recipe, emulate, input_scale, weight_scale, grad_amax, grading, weight_fp8
     )

@@ -8,7 +8,7 @@ With M = 16 the GEMM does 2 * 16 FLOPs per weight element read: it is bound by r
 weight, not by arithmetic. Storing the weight in float8 halves those bytes, but `_scaled_mm`
 also needs a float8 *activation*: an amax reduction and a cast per layer, plus a GEMM kernel
 tuned for large tiles. At M = 16 that costs more than the bytes it saves (torchao's float8
-inference decodes ~3x slower than bf16 on an H200; `../shared/ANCHORS.md`).
+inference decodes ~3x slower than bf16 on an H200; docs/benchmarks.md).
 
 The weight-only path keeps the activation in high precision and dequantizes the weight inside
 the GEMM, in registers::
@@ -32,32 +32,23 @@ that consumes the output (the residual add, the norm), so split K costs no extra
 needs no zero-filled buffer, and sums in a fixed order (bit-deterministic run to run).
 SWAP_AB computes out.T = w @ x.T instead: the same products and sums, with the weight tile as the
 MMA's first operand, so a program can own 64-128 weight rows against M = 16 tokens (the
-small-M trick of GEMM libraries); `config_for` and the H200 tile sweep choose between the two.
+small-M trick of GEMM libraries); `config_for` chooses between the two.
 
 The float8-x flavour (`fp8_small_mm`) takes x already cast to e4m3 by the layer (the cast of
 the `_scaled_mm` path, which inductor fuses into the producer) and multiplies float8 by float8,
-with no dequantization in the loop. `SMALL_M_ACTIVATION` picks the flavour: "auto" (default)
-takes it where the layer has a calibrated static input scale, "hp" / "fp8" force one.
+with no dequantization in the loop.
 
-Measured on the H200 at M = 16 with weights read from HBM (docs/benchmarks.md): the weight-only
-flavour runs at 1.23-1.64x cuBLAS's bf16 mm on the 956M model's shapes with 4 K slices, 0.82-1.11x
-without (converting every weight element in registers costs much of what the halved bytes save;
-0.83-1.00x before `_dequantize` avoided the F2F conversions), the float8-x flavour at 1.15-1.50x, and
-cuBLAS's own `_scaled_mm` at 0.5-0.7x. In a whole decode step (16 x 1 tokens, CUDA graphs) the
-float8-x flavour wins where the activation's scale is static (1.30-1.31x against the faster
-bf16 of a run, 2026-11-29 22:48-23:04, with K slices for the narrow weights, the inference
-layers' cheaper guards and `group.py`'s passes; the cast is one multiply in the producer's
-kernel) and not where it is dynamic (0.72-1.02x: an amax reduction per layer input, and its row
-scales), so "auto" takes float8 x for calibrated static layers and weight-only otherwise (the
-more accurate: no activation quantization; 1.15x bf16 at 23:29 with the out projection sliced).
+Which flavour a layer runs is `Float8Config.small_m_activation` (the inference layer decides,
+`inference/linear.py`); the tiles below won sweeps on an H200 at M = 16 with the weights read
+from HBM. docs/benchmarks.md has the measurements behind every choice.
 
-Two more entry points serve `group.py`'s graph passes: the float8-x op also takes x in
+Two more entry points serve the decode graph passes (`inference/passes.py`): the float8-x op also takes x in
 bf16/fp16 and casts it in the kernel's prologue (`saturated_cast`'s bits; where x comes from
 attention, whose cast would otherwise be a kernel of its own), and `compile_fp8::small_mm_group`
 runs 2-3 linears of one K in one launch (`_grouped_kernel`: each program computes one member's
 tile exactly as `_weight_only_kernel` would, so grouping changes no bit).
 
-The op is a `torch.library.triton_op` (the pattern of `kernels.py`): eager calls launch the
+The ops are `torch.library.triton_op`s (as in `cast.py`): eager calls launch the
 kernel, torch.compile (fullgraph, CUDA graphs) sees the kernel itself. `weight_only_linear` uses
 it on CUDA sm89+ with triton importable and falls back to the same math in torch elsewhere
 (CPU, CI without triton). The kernel runs on CPU under Triton's interpreter (TRITON_INTERPRET=1)
@@ -70,66 +61,31 @@ from typing import Optional
 
 import torch
 
-from .kernels import _interpreting, triton, triton_available
-from .scaling import saturated_cast
+from ..scaling import saturated_cast
+from .triton_support import interpreting, triton, triton_available
 
 if triton is not None:
-    import triton.language as tl
+    from .small_m_kernels import _grouped_kernel, _weight_only_kernel
 
-    from .kernels import _to_fp8
-
-# Small M (<= Float8Config.weight_only_max_m): "auto" (default) casts x to float8 and runs the
-# float8 x float8 kernel where the layer has a calibrated static input scale (the cast is then one
-# multiply, written by the kernel that produces x), else keeps x in high precision (weight-only:
-# a dynamic cast's amax pass costs what the float8 MMAs save); "hp" / "fp8" force one path.
-# Measured on the H200 (docs/benchmarks.md): decode step 1.30-1.31x bf16 static + float8 x (with
-# group.py's passes), 1.15x weight-only, 0.72-1.02x dynamic rowwise + float8 x.
-SMALL_M_ACTIVATION = "auto"
-SMALL_M_ACTIVATIONS = ("auto", "hp", "fp8")
-
-
-def small_m_activation() -> str:
-    """SMALL_M_ACTIVATION, checked: a typo must not silently pick a path."""
-    if SMALL_M_ACTIVATION not in SMALL_M_ACTIVATIONS:
-        raise ValueError(
-            f"compile_fp8.fp8_gemv.SMALL_M_ACTIVATION={SMALL_M_ACTIVATION!r}; allowed: {SMALL_M_ACTIVATIONS}"
-        )
-    return SMALL_M_ACTIVATION
 KERNEL_X_DTYPES = (torch.bfloat16, torch.float16)  # float32 x would run tl.dot in tf32: torch
-# Tiles, from the H200 sweep (`scripts/bench_inference.py --sweep tiles`, M = 16, the 956M
-# model's shapes; docs/benchmarks.md): 32 output columns per program won at every shape; BLOCK_K
-# 128-512 came within 5%. K slices: the kernel alone ran 1.23-1.64x cuBLAS's bf16 mm with 4 of
-# them against 0.82-1.11x without (2026-11-29 23:21, after `_dequantize`; before it, slices paid
-# only at long K), but in a model the partial sums cost their consumer: see LONG_K below.
+# Weight-only flavour: 32 output columns a program won at every shape of the sweep; BLOCK_K
+# 128-512 came within 5%.
 WEIGHT_ONLY_CONFIG = {"block_n": 32, "block_k": 256, "split_k": 1, "num_warps": 4, "num_stages": 3}
 # Both operands float8 (`fp8_small_mm`): no dequantization, float8 MMAs with the weight tile as
-# the tall operand. H200 sweep (M = 16, weights read from HBM): 64 rows x 512 K per program won or
-# came within 2% at all four shapes of the 956M model. K slices: see `split_for_sms`.
+# the tall operand (swap_ab); 64 rows x 512 K a program won or came within 2% at every shape.
 FP8_X_CONFIG = {"block_n": 64, "block_k": 512, "split_k": 1, "num_warps": 4, "num_stages": 4, "swap_ab": True}
 # Where a weight has so few rows that fewer than half the SMs get a program (N = 2048 at 64 rows
-# a program: 32 programs on the H200's 132 SMs), cut K into slices until ~all SMs work. H200,
-# 2026-11-29 (docs/benchmarks.md): the kernel alone 0.0049 -> 0.0034 ms at [2048, 2048] and
-# 0.0089 -> 0.0052 ms at [2048, 5632] with 4 slices; in the 956M decode step the 80 GEMMs took
-# 402 us instead of 486 and the norms that sum the partials 20 us more (779 -> 714 us of
-# kernels). Splitting the wide weights too (88-96 programs, 2 slices) saved 6 us more in the
-# GEMMs and cost 25 us in their consumers (v's sum is a kernel of its own): not done.
+# a program: 32 programs on 132 SMs), K is cut into slices until ~all SMs work (`split_for_sms`).
+# Only there: each slice's partial sums cost their consumer (the norm or SwiGLU kernel that sums
+# them, or a kernel of its own), which outweighs the gain where the SMs are busy anyway.
 SPLIT_BELOW_SM_FRACTION, SPLIT_TO_SM_FRACTION, MAX_SPLIT_K = 0.5, 0.9, 8
 # Where 64-row programs would be more than one per SM (a grouped gate + up: N = 11264, 176
 # programs, one resident per SM at ~160 KiB of shared memory), 128 rows a program: one wave.
-# H200 (2026-11-29, scripts/probe_gemv.py): the 80 GEMMs of a decode step with gate + up grouped
-# 401.7 us at 64 rows, 391.1 us at 128 (ungrouped 415.4).
 WIDE_BLOCK_N = 128
-# Weight-only ("hp") flavour: SPLIT_K_LONG slices where K is long, and where fewer than
+# Weight-only flavour: SPLIT_K_LONG slices where K >= LONG_K, and where fewer than
 # SPLIT_BELOW_SM_FRACTION of the SMs would get a program (N = 2048 at 32 rows: 64 programs on 132
-# SMs). H200, 2026-11-29 23:29, 956M decode step with dynamic scales (`bench_inference.py`
-# presets `@hpsplit*`): 4 slices for the out projection saved 31 us of kernels (802 -> 771 us,
-# 0.864 -> 0.831 ms); slicing the wide ones too cost more in their consumers than it saved (qkv:
-# v's sum becomes a kernel of its own, 16 launches more; gate + up: the SwiGLU kernel that sums
-# the partials +20 us), as for the float8-x flavour above.
-LONG_K, SPLIT_K_LONG = 4096, 4  # K from which the kernel cuts K into SPLIT_K_LONG slices
-# Per weight shape (N, K) overrides (key (N, K, "fp8") for the float8-x flavour), e.g. the winners
-# of a tile sweep on another GPU (scripts/bench_inference.py --weight-only-tuning sweep.json).
-TUNED_CONFIGS: dict[tuple, dict] = {}
+# SMs), for the same trade-off as above.
+LONG_K, SPLIT_K_LONG = 4096, 4
 
 
 TILE_KEYS = ("block_n", "block_k", "split_k", "num_warps", "num_stages", "swap_ab")
@@ -139,7 +95,7 @@ def tiles_for(n: int, k: int, flavour: str = "hp", sms: Optional[int] = None) ->
     """`config_for` as the ops' `tiles` argument (ints in TILE_KEYS order). Passed by the layer,
     the tiles are constants of the traced graph, so torch.compile's caches key on them: a tile
     config read inside the op would not be (AOTAutograd's cache key sees only the op's name and
-    arguments), and a changed `TUNED_CONFIGS` would silently get the old kernel from the cache."""
+    arguments)."""
     config = config_for(n, k, flavour, sms)
     return [int(config.get(key, False)) for key in TILE_KEYS]
 
@@ -178,11 +134,8 @@ def _tile_config(tiles: Optional[list[int]], n: int, k: int, flavour: str) -> di
 
 def config_for(n: int, k: int, flavour: str = "hp", sms: Optional[int] = None) -> dict:
     """The tile config the kernel uses for a weight of shape [N, K] and an x flavour
-    ("hp": weight-only, "fp8": float8 x; see `SMALL_M_ACTIVATION`) on a GPU of `sms` SMs (None:
-    unknown, no K slices for the float8-x flavour)."""
-    key = (n, k) if flavour == "hp" else (n, k, flavour)
-    if key in TUNED_CONFIGS:
-        return TUNED_CONFIGS[key]
+    ("hp": weight-only, "fp8": float8 x) on a GPU of `sms` SMs (None: unknown, no K slices for
+    the float8-x flavour)."""
     if flavour == "fp8":
         if not sms:
             return FP8_X_CONFIG
@@ -220,7 +173,7 @@ def fp8_small_m_linear(x_fp8, x_scale, weight_fp8, weight_scale, bias, out_dtype
     """`(x_fp8 / x_scale) @ (weight_fp8 / weight_scale).T + bias` in `out_dtype`, both operands
     float8 (x's scale [] or [M, 1]): the small-M kernel with float8 MMAs, or its torch math.
     `x_fp8` may also be bf16/fp16 x itself: the kernel then casts it in its prologue, as
-    `saturated_cast(x, x_scale)` would (the same bits). `group.py` passes x so where x comes from
+    `saturated_cast(x, x_scale)` would (the same bits). the cast-in-kernel pass passes x where it comes from
     a kernel inductor cannot fuse the cast into (attention's output): one kernel less per layer."""
     if triton_available(x_fp8.device) and x_fp8.numel() > 0:
         tiles = tiles_for(*weight_fp8.shape, "fp8", sm_count(x_fp8.device))
@@ -240,7 +193,7 @@ MAX_GROUP = 3  # linears one grouped launch runs (q, k, v)
 
 
 def check_group(xs, x_scales, ws, w_scales, biases) -> None:
-    """What one grouped launch needs of its 2-3 members (`group.py` groups only such linears):
+    """What one grouped launch needs of its 2-3 members (the grouping pass groups only such linears):
     one K, x's of one shape and strides, weights of one stride, the same scale granularities,
     all biased or none. A ValueError names the first difference."""
     n_members = len(ws)
@@ -270,7 +223,7 @@ def check_x(x: torch.Tensor, x_scale: Optional[torch.Tensor]) -> None:
 
 
 def small_m_group_reference(xs, x_scales, ws, w_scales, biases, out_dtype) -> list[torch.Tensor]:
-    """The grouped op's (`compile_fp8::small_mm_group`, which `group.py` puts in compiled graphs)
+    """The grouped op's (`compile_fp8::small_mm_group`, which the grouping pass puts in compiled graphs)
     math in torch: each member's `weight_only_reference` / `fp8_small_m_reference`."""
     check_group(xs, x_scales, ws, w_scales, biases)
     if x_scales is None:
@@ -298,14 +251,14 @@ def _epilogue(acc, weight_scale, bias, x_scale, out_dtype):
     return (out if bias is None else out + bias.to(torch.float32)).to(out_dtype)
 
 
-SHARED_MEMORY_BUDGET = 192 * 1024  # bytes; the H200 has 227 KiB per block
+SHARED_MEMORY_BUDGET = 192 * 1024  # bytes; an H100/H200 has 227 KiB per block
 
 
 def _block_sizes(m: int, k: int, config: dict) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_K): M rounded up to a power of two (>= 16, tl.dot's minimum), K capped
     to K and halved until the pipeline's buffers fit in shared memory. Tiles are tuned at M = 16;
-    at M = 64 the same BLOCK_K can need more than the GPU has (seen on the H200: 256 KiB for
-    64 x 64 x 512 in 3 stages): (stages - 1) buffers of x's and the dequantized weight's tiles."""
+    at M = 64 the same BLOCK_K can need more than the GPU has (64 x 64 x 512 in 3 stages: 256
+    KiB): (stages - 1) buffers of x's and the dequantized weight's tiles."""
     block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(m)))
     block_k = min(config["block_k"], max(16, triton.next_power_of_2(k)))
     buffers = max(1, config.get("num_stages", 3) - 1)
@@ -321,118 +274,6 @@ def _launch_blocks(m: int, k: int, config: dict) -> tuple[int, int, int]:
 
 
 if triton is not None:
-
-    @triton.jit
-    def _dequantize(w, dtype: tl.constexpr):
-        """A float8 e4m3 tile -> `dtype` (bf16/fp16/fp32), exactly: every e4m3 value is one of each.
-
-        To bfloat16 by way of float16 and float32: for sm90 triton 3.6 lowers a plain e4m3 -> bf16
-        as e4m3x2 -> f16x2 (one F2FP a pair) then an F2F f16 -> bf16 per element, a conversion
-        instruction of lower throughput; this chain gives f16 -> f32 (HADD2.F32) and f32x2 ->
-        bf16x2 (F2FP) instead: as many instructions (SASS of the 16 x 32 x 256 tile: 64 F2F become
-        64 HADD2), no F2F. The values cannot change (each step is exact). H200, M = 16, weights from
-        HBM: the kernel alone went from 0.83-1.00x cuBLAS's bf16 mm (17:02) to 0.98-1.11x unsliced
-        and 1.23-1.64x with 4 K slices (23:21); a decode step with dynamic scales 0.910 -> 0.864 ms
-        (two runs: 22:55, 23:29; bf16 0.970 and 0.955 ms in them)."""
-        if dtype == tl.bfloat16:
-            return w.to(tl.float16).to(tl.float32).to(dtype)
-        return w.to(dtype)
-
-    @triton.jit
-    def _mm_tile(
-        x_ptr, w_ptr, scale_ptr, x_scale_ptr, bias_ptr, out_ptr, pid_n, pid_k, pid_m, M, N, K,
-        stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on, stride_os,
-        K_TILES: tl.constexpr, SPLIT_K: tl.constexpr, ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
-        FP32_DOT: tl.constexpr, SWAP_AB: tl.constexpr, X_FP8: tl.constexpr, X_ROWWISE: tl.constexpr,
-        X_CAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):  # fmt: skip
-        """One [BLOCK_M, BLOCK_N] tile of out (rows pid_m, columns pid_n), over K slice pid_k of SPLIT_K."""
-        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        if SWAP_AB:  # out.T = w @ x.T: the weight tile is the MMA's tall operand (BLOCK_N >= 64)
-            acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        # K_TILES is a constexpr: the interpreter (triton 3.6) cannot loop to a runtime bound
-        for i in range(K_TILES):
-            offs_k = ((pid_k + i * SPLIT_K) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-            x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=x_mask, other=0.0)  # [BLOCK_M, BLOCK_K], bf16/fp16 (float8 if X_FP8)  # fmt: skip
-            if X_CAST and X_ROWWISE:  # x in bf16/fp16: `saturated_cast` to e4m3 in the prologue
-                x_scale = tl.load(x_scale_ptr + offs_m, mask=offs_m < M, other=1.0)[:, None]
-                x = _to_fp8(x, x_scale, 448.0, 3, 7, FP32_DOT)  # software cast where interpreted
-            elif X_CAST:
-                x = _to_fp8(x, tl.load(x_scale_ptr), 448.0, 3, 7, FP32_DOT)
-            w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                        mask=w_mask, other=0.0)  # [BLOCK_N, BLOCK_K], float8  # fmt: skip
-            if not X_FP8:  # dequantize in registers: float8 -> x's dtype is exact (scale at the end)
-                w = _dequantize(w, x.dtype)
-            if FP32_DOT:  # the interpreter's bf16 tl.dot is wrong (triton 3.6); float32 is exact
-                x, w = x.to(tl.float32), w.to(tl.float32)
-            if SWAP_AB:
-                acc_t = tl.dot(w, tl.trans(x), acc_t)  # [BN, BK] @ [BK, BM] -> [BN, BM]
-            else:
-                acc = tl.dot(x, tl.trans(w), acc)  # [BM, BK] @ [BK, BN] -> [BM, BN]
-        if SWAP_AB:
-            acc = tl.trans(acc_t)
-        out_offs = offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-        out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        if SPLIT_K > 1:  # float32 partial sums of slice pid_k; the epilogue runs in torch
-            tl.store(out_ptr + pid_k * stride_os + out_offs, acc, mask=out_mask)
-            return
-        if ROWWISE:
-            scale = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=1.0)  # [BLOCK_N]
-            acc = acc / scale[None, :]
-        else:
-            acc = acc / tl.load(scale_ptr)
-        if X_FP8 and X_ROWWISE:  # the activation's scales: one per token (row of x)
-            acc = acc / tl.load(x_scale_ptr + offs_m, mask=offs_m < M, other=1.0)[:, None]
-        elif X_FP8:
-            acc = acc / tl.load(x_scale_ptr)
-        if HAS_BIAS:
-            acc = acc + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-    @triton.jit
-    def _weight_only_kernel(
-        x_ptr, w_ptr, scale_ptr, x_scale_ptr, bias_ptr, out_ptr, M, N, K,
-        stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on, stride_os,
-        K_TILES: tl.constexpr, SPLIT_K: tl.constexpr, ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
-        FP32_DOT: tl.constexpr, SWAP_AB: tl.constexpr, X_FP8: tl.constexpr, X_ROWWISE: tl.constexpr,
-        X_CAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):  # fmt: skip
-        """One linear: program (n, k, m) computes `_mm_tile` (n, k, m)."""
-        _mm_tile(x_ptr, w_ptr, scale_ptr, x_scale_ptr, bias_ptr, out_ptr, tl.program_id(0), tl.program_id(1),
-                 tl.program_id(2), M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
-                 stride_os, K_TILES, SPLIT_K, ROWWISE, HAS_BIAS, FP32_DOT, SWAP_AB, X_FP8, X_ROWWISE,
-                 X_CAST, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-
-    @triton.jit
-    def _grouped_kernel(
-        x0, w0, s0, xs0, b0, o0, N0, x1, w1, s1, xs1, b1, o1, N1, x2, w2, s2, xs2, b2, o2, N2,
-        M, K, P0, P1, stride_xm, stride_xk, stride_wn, stride_wk,
-        GROUP: tl.constexpr, K_TILES: tl.constexpr, SPLIT_K: tl.constexpr, ROWWISE: tl.constexpr,
-        HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, SWAP_AB: tl.constexpr, X_FP8: tl.constexpr,
-        X_ROWWISE: tl.constexpr, X_CAST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):  # fmt: skip
-        """GROUP (2 or 3) linears of one K in one launch: programs [0, P0) of axis 0 run member 0,
-        [P0, P0 + P1) member 1, the rest member 2. Outputs contiguous ([SPLIT_K,] M, N_i)."""
-        pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        if pid_n < P0:
-            _mm_tile(x0, w0, s0, xs0, b0, o0, pid_n, pid_k, pid_m, M, N0, K, stride_xm, stride_xk, stride_wn,
-                     stride_wk, N0, 1, M * N0, K_TILES, SPLIT_K, ROWWISE, HAS_BIAS, FP32_DOT, SWAP_AB, X_FP8,
-                     X_ROWWISE, X_CAST, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-        elif GROUP == 2 or pid_n < P0 + P1:
-            _mm_tile(x1, w1, s1, xs1, b1, o1, pid_n - P0, pid_k, pid_m, M, N1, K, stride_xm, stride_xk, stride_wn,
-                     stride_wk, N1, 1, M * N1, K_TILES, SPLIT_K, ROWWISE, HAS_BIAS, FP32_DOT, SWAP_AB, X_FP8,
-                     X_ROWWISE, X_CAST, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-        else:
-            _mm_tile(x2, w2, s2, xs2, b2, o2, pid_n - P0 - P1, pid_k, pid_m, M, N2, K, stride_xm, stride_xk,
-                     stride_wn, stride_wk, N2, 1, M * N2, K_TILES, SPLIT_K, ROWWISE, HAS_BIAS, FP32_DOT, SWAP_AB,
-                     X_FP8, X_ROWWISE, X_CAST, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
 
     def _launch_weight_only(
         x, weight_fp8, weight_scale, bias, block_n, block_k, split_k, num_warps, num_stages, swap_ab=False,
@@ -453,14 +294,14 @@ if triton is not None:
         else:  # every element written by one program per slice: no zero fill
             out = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
-        launch = {} if _interpreting() else {"num_warps": num_warps, "num_stages": num_stages}
+        launch = {} if interpreting() else {"num_warps": num_warps, "num_stages": num_stages}
         torch.library.wrap_triton(_weight_only_kernel)[grid](
             x, weight_fp8, weight_scale, weight_scale if x_scale is None else x_scale,
             weight_scale if bias is None else bias, out, m, n, k,
             x.stride(0), x.stride(1), weight_fp8.stride(0), weight_fp8.stride(1),
             out.stride(-2), out.stride(-1), out.stride(0) if split_k > 1 else 0,
             K_TILES=k_tiles, SPLIT_K=split_k, ROWWISE=weight_scale.numel() != 1, HAS_BIAS=bias is not None,
-            FP32_DOT=_interpreting(), SWAP_AB=swap_ab,
+            FP32_DOT=interpreting(), SWAP_AB=swap_ab,
             X_FP8=x_scale is not None, X_ROWWISE=x_scale is not None and x_scale.numel() != 1,
             X_CAST=x_scale is not None and x.dtype in KERNEL_X_DTYPES,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch,
@@ -509,13 +350,13 @@ if triton is not None:
         members = [(xs[i], ws[i], w_scales[i], x_scales_or[i], w_scales[i] if biases[i] is None else biases[i],
                     outs[i], ns[i]) for i in range(group)]  # fmt: skip
         members += [members[0]] * (3 - group)  # unused slot: any valid pointers
-        launch = {} if _interpreting() else {"num_warps": num_warps, "num_stages": num_stages}
+        launch = {} if interpreting() else {"num_warps": num_warps, "num_stages": num_stages}
         x, w = xs[0], ws[0]
         torch.library.wrap_triton(_grouped_kernel)[(sum(programs), split_k, triton.cdiv(m, block_m))](
             *[arg for member in members for arg in member], m, k, programs[0], programs[1],
             x.stride(0), x.stride(1), w.stride(0), w.stride(1),
             GROUP=group, K_TILES=k_tiles, SPLIT_K=split_k, ROWWISE=w_scales[0].numel() != 1,
-            HAS_BIAS=biases[0] is not None, FP32_DOT=_interpreting(), SWAP_AB=swap_ab,
+            HAS_BIAS=biases[0] is not None, FP32_DOT=interpreting(), SWAP_AB=swap_ab,
             X_FP8=x_scales is not None, X_ROWWISE=x_scales is not None and x_scales[0].numel() != 1,
             X_CAST=x_scales is not None and x.dtype in KERNEL_X_DTYPES,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch,

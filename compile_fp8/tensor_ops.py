@@ -11,7 +11,8 @@ primitives, grouped by meaning:
   operand is cast to e4m3 with the other operand's granularity; a rowwise operand whose scales
   run along the contracted dim is re-quantized along the right one.
 
-Anything else raises NotImplementedError naming the op (`tensor.py`).
+Anything else raises NotImplementedError naming the op (`tensor.py`). `tensor.py` imports this
+module lazily (the table's handlers build Float8Tensors): the one import cycle of the package.
 """
 
 from __future__ import annotations

@@ -32,29 +32,42 @@ unsharded run does; `fp8_layers` says "FSDP all-gather in <dtype>" for them.
 By default each FP8-gathered weight runs its own one-element all-reduce in its pre-all-gather,
 in forward; an all-gather in backward (after `reshard_after_forward`) reuses that forward's amax
 (the weight cannot change between a forward and its backward), so it costs no collective.
-`precompute_float8_dynamic_scale_for_fsdp(model)` (api.py), called right after `opt.step()`,
+`precompute_float8_dynamic_scale_for_fsdp(model)` (below), called right after `opt.step()`,
 computes every weight's amax in one all-reduce; the next forward all-gather of each weight uses
 it instead of its own. The scale is the same either way (the same max), only the number of
 collectives differs.
 
-These amaxes are plain attributes of the rank's local sharded weight object: they are read only
-in FSDP's hooks, which run eagerly, never inside a compiled region.
+These amaxes live in one `GatherAmaxes` object on the rank's local sharded weight: they are read
+only in FSDP's hooks, which run eagerly, never inside a compiled region.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .autograd import float8_linear, route_linear
-from .config import RecipeSpec, same_tensorwise_cast
-from .linear import CONFIG_ATTR, uses_scaled_forward
-from .scaling import amax_to_scale, saturated_cast
-from .tensor import wrapper_like
+from ..config import RecipeSpec, same_tensorwise_cast
+from ..layers import ConvertedLayer, layer_state
+from ..scaling import amax_to_scale, saturated_cast
+from ..tensor import wrapper_like
+from .linear_fn import float8_linear, route_linear
 
-NEXT_AMAX_ATTR = "_fsdp_next_amax"  # set by precompute_float8_dynamic_scale_for_fsdp
-FORWARD_AMAX_ATTR = "_fsdp_forward_amax"  # the last forward all-gather's amax, for backward
+
+@dataclass
+class GatherAmaxes:
+    """The amaxes a sharded weight remembers between all-gathers ([Note] Batched amax all-reduce)."""
+
+    next: Optional[torch.Tensor] = None  # from precompute_float8_dynamic_scale_for_fsdp
+    forward: Optional[torch.Tensor] = None  # the last forward all-gather's, for backward
+
+
+def gather_amaxes(weight) -> GatherAmaxes:
+    """The rank's local weight's GatherAmaxes (made on first use: only sharded weights have one)."""
+    return weight.__dict__.setdefault("_gather_amaxes", GatherAmaxes())
 
 
 def gathers_fp8(recipe: RecipeSpec) -> bool:
@@ -84,8 +97,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def check_fsdp_module(module: nn.Module) -> None:
     """Static and delayed scaling are not supported under FSDP2: say so before any math runs."""
-    if uses_scaled_forward(module):
-        scaling = getattr(module, CONFIG_ATTR).scaling
+    state = layer_state(module)
+    scaling = state.stateful_scaling if isinstance(state, ConvertedLayer) else None
+    if scaling is not None:
         raise NotImplementedError(
             f"compile_fp8: FSDP2 (fully_shard) of a layer with Float8Config(scaling={scaling!r}) "
             f"is not supported ({module}): its amax buffers would be measured per rank and "
@@ -140,21 +154,21 @@ def fp8_shard(shard_hp: torch.Tensor, recipe: RecipeSpec, amax: torch.Tensor, ro
 
 def gather_amax(weight, shard_hp: torch.Tensor, mesh) -> torch.Tensor:
     """The global amax for this all-gather (see [Note] Batched amax all-reduce)."""
+    remembered = gather_amaxes(weight)
     in_backward = torch._C._current_graph_task_id() != -1
-    amax = getattr(weight, FORWARD_AMAX_ATTR, None) if in_backward else None
+    amax = remembered.forward if in_backward else None
     if amax is None:
-        amax = weight.__dict__.pop(NEXT_AMAX_ATTR, None)
+        amax, remembered.next = remembered.next, None
     if amax is None:
         amax = all_reduce_max(local_amax(shard_hp).reshape(1), mesh)[0]
     if not in_backward:
-        setattr(weight, FORWARD_AMAX_ATTR, amax)
+        remembered.forward = amax
     return amax
 
 
 def forget_amaxes(weight) -> None:
     """After a checkpoint load the weight changed: no remembered amax may be reused."""
-    for attr in (NEXT_AMAX_ATTR, FORWARD_AMAX_ATTR):
-        weight.__dict__.pop(attr, None)
+    weight.__dict__.pop("_gather_amaxes", None)
 
 
 # ---- post-all-gather: the full weight ------------------------------------------------------

@@ -8,7 +8,7 @@ that sees only `nn.Linear` would leave all of GPT-2 in high precision.
 `compile_fp8` converts a Conv1D like a Linear: its `weight` Parameter becomes a
 `Float8TrainingWeight` around the same [in, out] master tensor (state_dict keys and shapes do not
 change), and its `forward` becomes `conv1d_forward` (an instance attribute, as for static
-scaling in `linear.py`), which hands the FP8 autograd function the transposed view::
+scaling in `stateful_scaling.py`), which hands the FP8 autograd function the transposed view::
 
     output = input @ weight          # [M, K] @ [K, N] -> [M, N]   (Conv1D's weight is [K, N])
            = input @ weight_t.T      # weight_t = weight.t(): [N, K], the nn.Linear layout
@@ -18,56 +18,20 @@ tensorwise scale does not depend on the layout; a rowwise one runs along K eithe
 grad_weight comes out [N, K] and autograd transposes it back through the view onto the [K, N]
 Parameter.
 
-Dynamic scaling only: static and delayed scaling (`linear.py`) are written for nn.Linear, so a
-Conv1D stays in high precision under them, and `fp8_layers` says so. transformers is never
+Dynamic scaling only: static and delayed scaling (`stateful_scaling.py`) are written for
+nn.Linear, so a Conv1D stays in high precision under them (`layers.forward_skip_reason`), and
+`fp8_layers` says so. transformers is never
 imported here: a model can only hold a Conv1D if the user already imported transformers.
 """
 
 from __future__ import annotations
 
 import functools
-import sys
-from typing import Optional
 
 import torch
 from torch import nn
 
-from .autograd import float8_linear
-
-
-def conv1d_class() -> Optional[type]:
-    """transformers' Conv1D class, if transformers is imported (else no model can hold one)."""
-    module = sys.modules.get("transformers.pytorch_utils")
-    return getattr(module, "Conv1D", None)
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    cls = conv1d_class()
-    return cls is not None and isinstance(module, cls)
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """The layers compile_fp8 converts: nn.Linear (subclasses too) and transformers' Conv1D."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def features(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear or a Conv1D."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    return module.nx, module.nf
-
-
-def conv1d_skip_reason(module: nn.Module, scaling: str) -> Optional[str]:
-    """Why this Conv1D stays in high precision (None: it converts)."""
-    if type(module).forward is not conv1d_class().forward:
-        return f"skipped: {type(module).__name__} overrides Conv1D.forward"
-    if scaling != "dynamic":
-        return (
-            f"skipped: scaling={scaling!r} is implemented for nn.Linear only; "
-            "transformers Conv1D layers convert with scaling='dynamic'"
-        )
-    return None
+from .linear_fn import float8_linear
 
 
 def use_fp8_forward(module: nn.Module) -> None:

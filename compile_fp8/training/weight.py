@@ -8,7 +8,7 @@ master weight (fp32 or bf16, whatever the model had). It changes exactly one thi
 
 Everything else sees the master weight: `__torch_dispatch__` unwraps every other op, so the
 optimizer (SGD, AdamW foreach/fused) updates it in place, `weight * 2` is a plain tensor, and
-`state_dict()` (through a hook in `api.py`) stores the plain tensor under the original key. A
+`state_dict()` (through a hook of `convert.py`) stores the plain tensor under the original key. A
 few ops keep the wrapper, so that `param.detach()`, `.data`, `copy.deepcopy` and `.to(device)`
 return a training weight again.
 
@@ -26,8 +26,9 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_map_only
 
-from .autograd import float8_linear, route_linear
-from .config import RecipeSpec
+from ..config import RecipeSpec
+from ..gemm import choose_emulate
+from ..tensor import wrapper_like
 from .fsdp import (
     check_fsdp_module,
     fp8_gathered_weight,
@@ -37,8 +38,7 @@ from .fsdp import (
     pad_rows,
     padded_rows,
 )
-from .gemm import choose_emulate
-from .tensor import wrapper_like
+from .linear_fn import float8_linear, route_linear
 
 
 class Float8TrainingWeight(torch.Tensor):
@@ -172,3 +172,9 @@ def _unwrap(x: Float8TrainingWeight) -> torch.Tensor:
 
 def _run_fp8_linear(input, weight: Float8TrainingWeight, bias):
     return float8_linear(input, weight, bias, weight._recipe, weight._emulate)
+
+
+def training_weight(param) -> "Float8TrainingWeight | None":
+    """The training weight behind `param`: itself, or (FSDP2) its DTensor's local shard."""
+    local = getattr(param, "_local_tensor", param)  # a DTensor holds this rank's shard there
+    return local if isinstance(local, Float8TrainingWeight) else None

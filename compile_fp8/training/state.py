@@ -1,0 +1,90 @@
+"""The FP8 state of a layer converted for training (layers.py, [Note] A layer's FP8 state).
+
+A training layer runs its recipe's three FP8 GEMMs (`linear_fn.py`) through its
+`Float8TrainingWeight`. Dynamic scaling needs nothing else. Static and delayed scaling keep
+amaxes between steps in module buffers (`stateful_scaling.py`), named here:
+
+    scaling="static"    fp8_amax_input, fp8_amax_weight           float32 scalars from calibrate()
+                        fp8_amax_grad_output                      (only with static_grads=True)
+    scaling="delayed"   fp8_amax_history_input, fp8_amax_history_weight,
+                        fp8_amax_history_grad_output              float32 [history_len], newest first
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import nn
+
+from ..config import Float8Config, RecipeSpec
+from ..layers import ConvertedLayer, overrides_linear_forward, replaced_weight_text
+from .fsdp import gather_description
+from .weight import training_weight
+
+OPERANDS = ("input", "weight", "grad_output")
+AMAX_PREFIX = "fp8_amax_"  # every checkpointed scaling buffer's name starts so
+
+
+def buffer_names(config: Float8Config) -> tuple[str, ...]:
+    """The buffers a layer converted with `config` carries (see the module docstring)."""
+    if config.scaling == "static":
+        operands = OPERANDS if config.static_grads else OPERANDS[:2]
+        return tuple(f"{AMAX_PREFIX}{op}" for op in operands)
+    if config.scaling == "delayed":
+        return tuple(f"{AMAX_PREFIX}history_{op}" for op in OPERANDS)
+    return ()
+
+
+def is_scaling_buffer(key: str) -> bool:
+    """A state_dict key of a static/delayed scaling buffer (what `plain_state_dict` drops)."""
+    return key.rsplit(".", 1)[-1].startswith(AMAX_PREFIX)
+
+
+@dataclass(kw_only=True)
+class TrainingState(ConvertedLayer):
+    config: Float8Config
+    recipe: RecipeSpec
+
+    @property
+    def is_static(self) -> bool:
+        return self.config.scaling == "static"
+
+    @property
+    def stateful_scaling(self) -> Optional[str]:
+        return None if self.config.scaling == "dynamic" else self.config.scaling
+
+    @property
+    def calibrates_grads(self) -> bool:
+        return self.is_static and self.config.static_grads
+
+    def amax_buffer_names(self) -> tuple[str, ...]:
+        return buffer_names(self.config)
+
+    def refresh(self, module: nn.Module) -> bool:
+        """Ready once every amax is recorded (static) / every history has begun (delayed)."""
+        self.ready = all(bool((getattr(module, n) > 0).any()) for n in self.amax_buffer_names())
+        return self.ready
+
+    def describe(self, module: nn.Module, gather_dtypes: dict) -> str:
+        weight = training_weight(module.weight)
+        if weight is None:
+            return replaced_weight_text()
+        text = weight.describe(self._describe_scaling(module))
+        if overrides_linear_forward(module):
+            text += f" ({type(module).__name__} overrides forward: FP8 only where it calls F.linear)"
+        if weight is not module.weight:  # an FSDP2 shard
+            dtype = gather_dtypes.get(id(module.weight)) or weight.dtype
+            text += " " + gather_description(weight._recipe, dtype)
+        return text
+
+    def _describe_scaling(self, module: nn.Module) -> str:
+        config = self.config
+        if config.scaling == "dynamic":
+            return "dynamic"
+        if config.scaling == "delayed":
+            warm = "" if self.refresh(module) else ", dynamic until the first training step"
+            return f"delayed (history {config.history_len}, {config.amax_from}{warm})"
+        grads = "static grads" if config.static_grads else "dynamic grads"
+        state = grads if self.ready else "uncalibrated: dynamic until calibrate()"
+        return f"static ({state})"
