@@ -16,11 +16,12 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 from compile_fp8.kernels import cast as kernels
+from compile_fp8.kernels.triton_support import interpreting
 from compile_fp8.scaling import amax_to_scale, saturated_cast
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 SHAPES = [(37, 50), (128, 64), (1000, 96)]
-INTERPRETING = kernels.triton is not None and kernels._interpreting()
+INTERPRETING = kernels.triton is not None and interpreting()
 
 interpreter = pytest.mark.skipif(
     not INTERPRETING, reason="Triton's CPU interpreter: needs triton and TRITON_INTERPRET=1"

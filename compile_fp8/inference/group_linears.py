@@ -31,6 +31,7 @@ docs/benchmarks.md has what each pass saves in a decode step.
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from typing import Optional
 
