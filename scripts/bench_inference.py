@@ -1,6 +1,6 @@
 """Benchmark FP8 inference forwards: bf16 vs compile_fp8 inference vs torchao, in one process.
 
-The default model is the 956M Llama-style LM of ../shared/ANCHORS.md (`anchor` preset, bf16
+The default model is the 956M Llama-style LM of compile_fp8.lm (`anchor` preset, bf16
 parameters, LM head kept in bf16 for every variant), forward only under torch.inference_mode and
 torch.compile. Cases (no KV cache: a decode step is a forward of 1 token per sequence):
 
@@ -14,24 +14,30 @@ speed-up over bf16, bytes of the converted linear weights (every Linear but the 
 to bf16, and the logits' SQNR against bf16.
 
 Variants: bf16, ours-tensorwise, ours-rowwise (`Float8Config(mode="inference")`; small M runs
-the weight-only kernel, `--weight-only-max-m` overrides the threshold), ours-static (tensorwise
+the small-M kernel, `--weight-only-max-m` overrides the threshold), ours-static (tensorwise
 with `scaling="static"` input scales from `calibrate` on the benchmark's batch: no amax pass
-before each `_scaled_mm`, and at small M the float8 x float8 kernel, `fp8_gemv.SMALL_M_ACTIVATION`
-"auto"), ours-tensorwise-fp8x and ours-rowwise-fp8x (small M casts x to float8 too, dynamically,
-and runs our kernel on two float8 operands: `SMALL_M_ACTIVATION = "fp8"`), ours-static-fp8x
-(the same as ours-static, forced), torchao-tensorwise,
-torchao-rowwise (`Float8DynamicActivationFloat8WeightConfig`, PerTensor / PerRow).
+before each `_scaled_mm`; at small M `small_m_activation="auto"` then takes the float8 x float8
+kernel), ours-tensorwise-fp8x, ours-rowwise-fp8x and ours-static-fp8x (the same with
+`small_m_activation="fp8"`: small M casts x to float8 too and runs the kernel on two float8
+operands), torchao-tensorwise, torchao-rowwise (`Float8DynamicActivationFloat8WeightConfig`,
+PerTensor / PerRow).
 
-On the GPU:
+On a CUDA GPU with FP8 (sm89+), torch and torchao installed:
 
-    python3 scripts/bench_inference.py --out $OUT
-    python3 scripts/bench_inference.py --sweep --out $OUT      # tune the weight-only kernel / M
-    python3 scripts/bench_inference.py --weight-only-tuning $OUT/bench_inference_sweep.json
+    python3 scripts/bench_inference.py --out runs/bench_inference
+    python3 scripts/bench_inference.py --cases decode --modes reduce-overhead --profile
+    python3 scripts/bench_inference.py --sweep --out runs/bench_inference   # small-M kernel tiles / M
+
+`--out DIR` (default runs/bench_inference) gets bench_inference.md (the table) and
+bench_inference.json (its rows and notes), rewritten after every variant; with `--profile` also
+bench_inference_profile.md and .json (each variant's CUDA kernels per call, where the GPU idles);
+with `--sweep` bench_inference_sweep.md and .json instead.
 
 `--sweep [tiles|m|all]` times, per linear shape of the model (replayed from CUDA graphs, so
-without launch overhead), the weight-only kernel for a grid of tile configs at M = 16, and/or a
-compiled rowwise layer on each path (bf16, weight-only, `_scaled_mm`) for M = 16 .. 256, to
-choose `fp8_gemv.WEIGHT_ONLY_CONFIG` and `Float8Config.weight_only_max_m`.
+without launch overhead), the small-M kernel at M = 16 for a grid of tiles (passed to the
+kernel's launcher as arguments), and/or a compiled rowwise layer on each path (bf16, small-M
+kernel, `_scaled_mm`) for M = 16 .. 256: the measurements behind the tile tables of
+compile_fp8/kernels/small_m_gemm.py and `Float8Config.weight_only_max_m` on another GPU.
 
 On CPU, `--small` runs a one-layer toy model for a few iterations so CI can check the script
 works (its timings mean nothing).
@@ -41,24 +47,25 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import copy
 import datetime
-import json
 import pathlib
 import statistics
 import sys
 import time
-from unittest import mock
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_linear import kernel_timeline, kernels_by_name  # noqa: E402
-from bench_train_step import split_variant, try_variant  # noqa: E402
-
-from compile_fp8.fp8_gemv import FP8_X_CONFIG, WEIGHT_ONLY_CONFIG  # noqa: E402
+from _bench_common import (  # noqa: E402
+    add_out_argument,
+    device_name,
+    kernel_timeline,
+    kernels_by_name,
+    try_variant,
+    write_results,
+)
 
 VARIANTS = ("bf16", "ours-tensorwise", "ours-rowwise", "ours-static", "ours-tensorwise-fp8x", "ours-rowwise-fp8x",
             "ours-static-fp8x", "torchao-tensorwise", "torchao-rowwise")  # fmt: skip
@@ -81,34 +88,42 @@ def build_model(args, device):
     return model, cfg
 
 
+def inference_config(name: str, args, device):
+    """The Float8Config of an `ours-*` variant: "static" is tensorwise with calibrated input
+    scales; "-fp8x" runs small M with float8 x (`small_m_activation="fp8"`), the others "auto"."""
+    from compile_fp8 import Float8Config
+
+    _, recipe, *flags = name.split("-")
+    scaling, recipe = ("static", "tensorwise") if recipe == "static" else ("dynamic", recipe)
+    extra = {} if args.weight_only_max_m is None else {"weight_only_max_m": args.weight_only_max_m}
+    emulate = True if device.type == "cpu" else None  # CPU _scaled_mm is a slow reference kernel
+    small_m = "fp8" if flags == ["fp8x"] else "auto"
+    return Float8Config(mode="inference", recipe=recipe, scaling=scaling, emulate=emulate,
+                        small_m_activation=small_m, **extra)  # fmt: skip
+
+
 def convert(name: str, model, args, device, tokens=None):
     """`model` converted (not compiled) as variant `name`; the static variants are calibrated
     on `tokens` (the benchmark's own batch: the best case for their scales)."""
     if name == "bf16":
         return model
-    kind, recipe, *flags = name.split("-")
-    scaling, recipe = ("static", "tensorwise") if recipe == "static" else ("dynamic", recipe)
-    if kind == "torchao":
+    if name.startswith("torchao-"):
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 
-        granularity = PerTensor() if recipe == "tensorwise" else PerRow()
+        granularity = PerTensor() if name == "torchao-tensorwise" else PerRow()
         quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=granularity), filter_fn=is_body_linear)
         return model
-    from compile_fp8 import Float8Config, compile_fp8
+    from compile_fp8 import calibrate, compile_fp8
 
-    extra = {} if args.weight_only_max_m is None else {"weight_only_max_m": args.weight_only_max_m}
-    emulate = True if device.type == "cpu" else None  # CPU _scaled_mm is a slow reference kernel
-    config = Float8Config(mode="inference", recipe=recipe, scaling=scaling, emulate=emulate, **extra)
+    config = inference_config(name, args, device)
     model = compile_fp8(model, config, module_filter_fn=lambda m, fqn: fqn != "head", compile=False)
-    if scaling == "static":
-        from compile_fp8 import calibrate
-
+    if config.scaling == "static":
         calibrate(model, [tokens])
     return model
 
 
 def linear_weight_bytes(model) -> int:
-    from compile_fp8.inference import parameter_bytes
+    from compile_fp8.inference.convert import parameter_bytes
 
     return sum(parameter_bytes(m) for fqn, m in model.named_modules() if is_body_linear(m, fqn))
 
@@ -233,64 +248,11 @@ def sqnr(ref: torch.Tensor, actual: torch.Tensor) -> float:
     return float("inf") if noise == 0 else (20 * torch.log10(ref.norm() / noise)).item()
 
 
-# Small-M kernel experiments, as a variant suffix `ours-static@PRESET`: the float8-x kernel's
-# tiles per weight shape (N, K) of the 956M model, set in fp8_gemv.TUNED_CONFIGS while that
-# variant converts and compiles (the tiles are arguments of the traced op: each variant's graph
-# keeps its own). "nosplit": no K slices (the default before `split_for_sms`); "split2": 2 slices
-# for the two N = 2048 projections instead of 4; "splitall": also 2 for the wide ones;
-# "stages2" / "smallsmem": less shared memory per program (~80 / ~30 KiB instead of ~160).
-_NARROW, _WIDE = ((2048, 2048), (2048, 5632)), ((6144, 2048), (5632, 2048))
-
-
-def _tiles(shapes, **change) -> dict:
-    return {(n, k, "fp8"): {**FP8_X_CONFIG, "split_k": 4 if (n, k) in _NARROW else 1, **change} for n, k in shapes}
-
-
-def _hp_tiles(*shapes) -> dict:
-    return {(n, k): {**WEIGHT_ONLY_CONFIG, "split_k": 4} for n, k in shapes}
-
-
-PRESETS = {
-    "nosplit": _tiles(_NARROW + _WIDE, split_k=1),
-    "split2": _tiles(_NARROW, split_k=2),
-    "splitall": {**_tiles(_NARROW), **_tiles(_WIDE, split_k=2)},
-    "stages2": _tiles(_NARROW + _WIDE, num_stages=2),
-    "smallsmem": _tiles(_NARROW + _WIDE, block_k=128, num_stages=3),
-    # the grouped gate + up (N = 2 x 5632) at 64 rows a program, as a lone weight gets
-    "group64": {(11264, 2048, "fp8"): {**FP8_X_CONFIG, "split_k": 1}},
-    # The weight-only ("hp") kernel with 4 K slices at K = 2048 (the H200 sweep of 2026-11-29
-    # 23:21, after `_dequantize`: 1.23-1.41x cuBLAS's bf16 mm alone, 0.86-1.11x unsliced) where the
-    # partial sums' consumer may pay: every shape, the out projection alone, all but qkv.
-    # "hpsplitout" won (23:29) and is now `config_for`'s default on the H200: the same tiles.
-    "hpsplit": _hp_tiles((6144, 2048), (2048, 2048), (11264, 2048)),
-    "hpsplitout": _hp_tiles((2048, 2048)),
-    "hpsplitnoqkv": _hp_tiles((2048, 2048), (11264, 2048)),
-}
-# Presets that switch one of group.py's passes off instead (the A/B of one change): attribute of
-# compile_fp8.group -> value, set while the variant compiles and runs.
-FLAG_PRESETS = {
-    "nogroup": {"ENABLED": False},  # every small-M linear in its own launch
-    "castout": {"CAST_IN_KERNEL": False},  # attention's output cast by its own kernel
-}
-
-
 def bench_variant(name, base, tokens, mode, reference, args, device) -> dict:
-    from compile_fp8 import fp8_gemv, group
-
+    """One variant converted, compiled in `mode` and timed on `tokens`; its logits for the SQNR."""
     torch._dynamo.reset()
-    name, preset = split_variant(name, "@")
-    if name.startswith("ours"):  # read when the model compiles: set per variant
-        fp8_gemv.SMALL_M_ACTIVATION = "fp8" if name.endswith("-fp8x") else "auto"  # the default
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    with contextlib.ExitStack() as undo:  # the preset's tiles and switches, for this variant only
-        undo.enter_context(mock.patch.dict(fp8_gemv.TUNED_CONFIGS, PRESETS.get(preset, {})))
-        for attr, value in FLAG_PRESETS.get(preset, {}).items():
-            undo.enter_context(mock.patch.object(group, attr, value))
-        return _bench_converted(name, base, tokens, mode, reference, args, device)
-
-
-def _bench_converted(name, base, tokens, mode, reference, args, device) -> dict:
     model = convert(name, copy.deepcopy(base), args, device, tokens)
     compiled = torch.compile(model, mode=None if mode == "default" else mode)
     with torch.inference_mode():
@@ -346,7 +308,7 @@ def run(args) -> tuple[list[dict], list[str]]:
 def render(rows, notes, args) -> str:
     lines = [
         f"# bench_inference {datetime.datetime.now().isoformat(timespec='seconds')} | "
-        f"{_device_name(args.device)} | torch {torch.__version__} | preset {args.preset}"
+        f"{device_name(args.device)} | torch {torch.__version__} | preset {args.preset}"
         f"{' (small)' if args.small else ''} | forward only, inference_mode, torch.compile",
         "",
         "| case | tokens | compile mode | variant | ms | speed-up | linear weight bytes | logits SQNR dB |",
@@ -363,33 +325,20 @@ def render(rows, notes, args) -> str:
 
 
 def write(rows, notes, args, name="bench_inference", text=None) -> str:
+    """The table as text (`render`'s unless `text` is given); also written to `--out` as NAME.md
+    and NAME.json."""
     text = render(rows, notes, args) if text is None else text
-    if args.out:
-        out = pathlib.Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{name}.md").write_text(text)
-        (out / f"{name}.json").write_text(json.dumps({"rows": rows, "notes": notes}, indent=1))
+    write_results(args.out, name, text, {"rows": rows, "notes": notes})
     return text
 
 
-def fp8_gemv_tuned() -> str:
-    from compile_fp8 import fp8_gemv
+# ---- --sweep: the small-M kernel's tiles, and the M threshold ----------------------------------
 
-    return ", ".join(f"{'x'.join(map(str, key))}: {c}" for key, c in sorted(fp8_gemv.TUNED_CONFIGS.items(), key=str))
-
-
-def _device_name(device: str) -> str:
-    return torch.cuda.get_device_name() if device.startswith("cuda") else device
-
-
-# ---- --sweep: the weight-only kernel's tiles, and the M threshold -----------------------------
-
-# 2026-11-29 15:49 on the H200 block_n 32 won every shape at only 0.7-1.5 TB/s with 4-8 K steps
-# per program; 16:47 (few large K steps, swapped orientation): no better, and cuBLAS's bf16 mm at
-# M = 16 ran 1.2-1.7x faster than the best of them. "fp8": float8 x too (float8 MMAs); 16:53 and
-# 17:02, weights read from HBM: 1.15-1.50x cuBLAS's bf16 mm (block_n 64, block_k 256-512, split 1).
-# Casting x inside the kernel instead (a scale per row and K block; tried 17:02) ran at 0.65-0.99x
-# bf16: the in-register cast costs what the dequantization of the "hp" flavour costs.
+# Tiles per x flavour: "hp" (weight-only: x in bf16, the weight dequantized in registers) and
+# "fp8" (float8 x too: float8 MMAs, the weight tile as the tall operand with swap_ab). K slices
+# (split_k) give small N more programs; the sweep times the kernel alone, without the sum of
+# the partial sums (which inductor fuses into the consumer in a model). `_distinct_tiles` drops
+# the configs the launcher would run as another one at a shape's K.
 SWEEP_TILES = {
     "hp": [dict(block_n=32, block_k=bk, split_k=sk, num_warps=4, num_stages=3) for bk in (128, 256, 512)
            for sk in (1, 4)]
@@ -398,12 +347,8 @@ SWEEP_TILES = {
             for bn in (16, 32, 64, 128) for bk in (256, 512) for sk in (1, 2, 4, 8)]
     + [dict(block_n=64, block_k=bk, split_k=1, num_warps=4, num_stages=st, swap_ab=True) for bk, st in ((512, 2), (128, 3))],
 }  # fmt: skip
-# (18:xx: the fp8 grid now also tries 16 and 32 weight rows per program and 4 K slices - more
-# programs on the GPU's 132 SMs for the N = 2048 shapes, which ran 32 programs at block_n 64.
-# Session 7: split K writes partial sums instead of atomics (no zero fill; sum fused into the
-# consumer), timed without the sum; 8 slices; 2 stages and 128 K for less shared memory.)
-# Each timed graph cycles through copies of the weight worth this many bytes (> the H200's 50 MB
-# L2), so every call reads its weight from HBM as in the model (the 16:47 sweep reused one weight).
+# Each timed graph cycles through copies of the weight worth this many bytes (more than a large
+# GPU's L2 cache), so every call reads its weight from HBM, as in the model.
 ROTATE_BYTES = 200 * 2**20
 SWEEP_M = (16, 32, 64, 128, 256)
 GRAPH_CALLS = 10  # calls per captured CUDA graph: kernel time without launch overhead
@@ -433,13 +378,13 @@ def capture_graph(fn, calls: int) -> "torch.cuda.CUDAGraph":
 
 
 def sweep(args) -> tuple[list[dict], list[str]]:
-    from compile_fp8 import fp8_gemv
+    from compile_fp8.kernels.triton_support import triton_available
 
     device = torch.device(args.device)
     base, cfg = build_model(args, device)
     shapes = sorted({tuple(m.weight.shape) for fqn, m in base.named_modules() if is_body_linear(m, fqn)})
     rows, notes = [], []
-    if args.sweep in ("tiles", "all") and not fp8_gemv.triton_available(device):
+    if args.sweep in ("tiles", "all") and not triton_available(device):
         notes.append("tile sweep skipped: the Triton kernel needs CUDA sm89+ and triton")
     elif args.sweep in ("tiles", "all"):
         for n, k in shapes:
@@ -452,72 +397,82 @@ def sweep(args) -> tuple[list[dict], list[str]]:
     return rows, notes
 
 
-def install_tuning(path) -> dict:
-    """Set `fp8_gemv.TUNED_CONFIGS` to the fastest tiles per (N, K) of a `--sweep` json file."""
-    from compile_fp8 import fp8_gemv
+def _quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8 e4m3 data, hp -> fp8 scale) of `t`, rowwise: the operands a converted layer hands
+    the small-M kernel (`quantize_weight` returns the dequantization scale; the kernel divides by
+    the quantization scale, its reciprocal)."""
+    from compile_fp8.inference.scales import quantize_weight, scale_of_inverse
 
-    best = {}
-    for r in json.loads(pathlib.Path(path).read_text())["rows"]:
-        key = (r["n"], r["k"], "fp8") if r.get("x") == "fp8" else (r["n"], r["k"])
-        if r["sweep"] == "tiles" and (key not in best or r["ms"] < best[key]["ms"]):
-            best[key] = r
-    fp8_gemv.TUNED_CONFIGS.update({nk: {key: r.get(key, False) for key in fp8_gemv.TILE_KEYS} for nk, r in best.items()})
-    return dict(fp8_gemv.TUNED_CONFIGS)
+    data, inv_scale = quantize_weight(t, "rowwise")
+    return data, scale_of_inverse(inv_scale)
 
 
-def _sweep_tiles(n, k, args, device) -> list[dict]:
-    """Per flavour ("hp": weight-only, "fp8": float8 x too) the fastest tiles at M = 16, each
-    row with cuBLAS's bf16 mm and `_scaled_mm` (rowwise float8 x) on the same shape for scale."""
+def _reference_ms(x, xq, w_hp, w, args, device, calls) -> dict:
+    """cuBLAS's bf16 mm and `_scaled_mm` (rowwise float8 x) on the sweep's shape, for scale."""
     import itertools
 
-    from compile_fp8 import fp8_gemv
     from compile_fp8.gemm import scaled_mm
-    from compile_fp8.inference import quantize_weight
 
-    copies = max(1, -(-ROTATE_BYTES // (n * k)))
-    calls = max(GRAPH_CALLS, copies)
-    x = torch.randn(16, k, device=device, dtype=torch.bfloat16)
-    xq = quantize_weight(x, "rowwise")  # the activation cast of the rowwise _scaled_mm path
-    w_hp = [torch.randn(n, k, device=device, dtype=torch.bfloat16) for _ in range(copies)]
-    w = [quantize_weight(t, "rowwise") for t in w_hp]
+    (x_fp8, x_scale) = xq
     refs = {
         "bf16_ms": lambda hp, q: torch.mm(x, hp.t()),
-        "scaled_mm_ms": lambda hp, q: scaled_mm(xq.fp8_data, xq.scale, q.fp8_data.t(), q.scale.t(), x.dtype,
-                                                use_fast_accum=True, emulate=False),
+        "scaled_mm_ms": lambda hp, q: scaled_mm(x_fp8, x_scale, q[0].t(), q[1].t(), x.dtype, use_fast_accum=True,
+                                                emulate=False),
     }  # fmt: skip
     ref_ms = {}
     for name, fn in refs.items():
         pairs = itertools.cycle(zip(w_hp, w))
         ref_ms[name] = graph_ms(lambda: fn(*next(pairs)), args, device, calls)
+    return ref_ms
+
+
+def _sweep_tiles(n, k, args, device) -> list[dict]:
+    """Per flavour ("hp": weight-only, "fp8": float8 x too) the fastest tiles at M = 16, each
+    row with cuBLAS's bf16 mm and `_scaled_mm` (rowwise float8 x) on the same shape for scale."""
+    copies = 1 if args.small else max(1, -(-ROTATE_BYTES // (n * k)))
+    calls = max(GRAPH_CALLS, copies)
+    x = torch.randn(16, k, device=device, dtype=torch.bfloat16)
+    xq = _quantize(x)  # the activation cast of the rowwise _scaled_mm path
+    w_hp = [torch.randn(n, k, device=device, dtype=torch.bfloat16) for _ in range(copies)]
+    w = [_quantize(t) for t in w_hp]
+    ref_ms = _reference_ms(x, xq, w_hp, w, args, device, calls)
     results = []
-    for flavour, grid in ((f, SWEEP_TILES[f]) for f in args.sweep_flavours):
-        extra = {"x_scale": xq.scale} if flavour == "fp8" else {}
-        xin = xq.fp8_data if flavour == "fp8" else x
-
-        def launch(tiles, q):  # split K: the kernel alone (the model's inductor unrolls the sum into the consumer)
-            return fp8_gemv._launch_weight_only(xin, q.fp8_data, q.scale, None, **tiles, **extra, out_dtype=x.dtype,
-                                                reduce=False)  # fmt: skip
-
-        grid = _distinct_tiles(grid, k)
-        if device.type == "cuda":  # compile every config first, several at once (ptxas runs outside the GIL)
-            with concurrent.futures.ThreadPoolExecutor(8) as pool:
-                list(pool.map(lambda t: _try(launch, t, w[0]), grid))
-            torch.cuda.synchronize()
-        rows = []
-        for tiles in grid:
-            weights = itertools.cycle(w)
-            try:
-                ms = graph_ms(lambda: launch(tiles, next(weights)), args, device, calls)
-            except Exception as err:  # e.g. out of shared memory for a large tile
-                print(f"  {flavour} tiles {tiles}: {type(err).__name__}", file=sys.stderr)
-                continue
-            rows.append({"sweep": "tiles", "x": flavour, "n": n, "k": k, "m": 16, "swap_ab": False, **tiles,
-                         "ms": ms, "gb_s": n * k / ms / 1e6, **ref_ms})  # fmt: skip
-        rows.sort(key=lambda r: r["ms"])
+    for flavour in args.sweep_flavours:
+        rows = _time_tiles(flavour, x, xq, w, args, device, calls)
+        rows = sorted(({"sweep": "tiles", "x": flavour, "n": n, "k": k, "m": 16, "swap_ab": False, **r,
+                        "gb_s": n * k / r["ms"] / 1e6, **ref_ms} for r in rows), key=lambda r: r["ms"])  # fmt: skip
         for r in rows[:2]:
             print(f"  [{n}, {k}] x {flavour} best tiles: {r}", file=sys.stderr, flush=True)
         results += rows[:6]
     return results
+
+
+def _time_tiles(flavour, x, xq, w, args, device, calls) -> list[dict]:
+    """The kernel alone at each of SWEEP_TILES[flavour] (the tiles are arguments of its launcher:
+    nothing of the package is changed), cycling through the weight copies `w`: tiles and ms."""
+    import itertools
+
+    from compile_fp8.kernels.small_m_gemm import _launch_weight_only
+
+    extra = {"x_scale": xq[1]} if flavour == "fp8" else {}
+    xin = xq[0] if flavour == "fp8" else x
+
+    def launch(tiles, q):  # split K: the kernel alone, its float32 partial sums unsummed
+        return _launch_weight_only(xin, q[0], q[1], None, **tiles, **extra, out_dtype=x.dtype, reduce=False)
+
+    grid = _distinct_tiles(SWEEP_TILES[flavour], x.shape[1])
+    if device.type == "cuda":  # compile every config first, several at once (ptxas runs outside the GIL)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda t: _try(launch, t, w[0]), grid))
+        torch.cuda.synchronize()
+    rows = []
+    for tiles in grid:
+        weights = itertools.cycle(w)
+        try:
+            rows.append({**tiles, "ms": graph_ms(lambda: launch(tiles, next(weights)), args, device, calls)})
+        except Exception as err:  # e.g. out of shared memory for a large tile
+            print(f"  {flavour} tiles {tiles}: {type(err).__name__}", file=sys.stderr)
+    return rows
 
 
 def _try(fn, *args):
@@ -529,11 +484,11 @@ def _try(fn, *args):
 
 def _distinct_tiles(grid: list[dict], k: int) -> list[dict]:
     """`grid` without the configs the launcher would run as another one at this K."""
-    from compile_fp8 import fp8_gemv
+    from compile_fp8.kernels.small_m_gemm import _launch_blocks
 
     seen, out = set(), []
     for tiles in grid:
-        _, block_k, split_k = fp8_gemv._launch_blocks(16, k, tiles)  # what the launcher runs at M = 16
+        _, block_k, split_k = _launch_blocks(16, k, tiles)  # what the launcher runs at M = 16
         key = tuple(sorted({**tiles, "block_k": block_k, "split_k": split_k}.items()))
         if key not in seen:
             seen.add(key)
@@ -552,7 +507,8 @@ def _sweep_m(n, k, args, device) -> list[dict]:
         torch._dynamo.reset()
         model = copy.deepcopy(layer)
         if max_m is not None:
-            model = compile_fp8(model, Float8Config(mode="inference", recipe="rowwise", weight_only_max_m=max_m), compile=False)
+            config = Float8Config(mode="inference", recipe="rowwise", weight_only_max_m=max_m, small_m_activation="hp")
+            model = compile_fp8(model, config, compile=False)
         compiled = torch.compile(model, dynamic=False)
         for m in SWEEP_M:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
@@ -564,7 +520,7 @@ def _sweep_m(n, k, args, device) -> list[dict]:
 
 
 def render_sweep(rows, notes, args) -> str:
-    lines = [f"# bench_inference --sweep | {_device_name(args.device)} | torch {torch.__version__}", ""]
+    lines = [f"# bench_inference --sweep | {device_name(args.device)} | torch {torch.__version__}", ""]
     lines += ["| N | K | x | swap_ab | block_n | block_k | split_k | warps | stages | ms (M=16) | GB/s | bf16 mm ms | "
               "_scaled_mm ms | vs bf16 |", "|---|---|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     nan = float("nan")
@@ -586,8 +542,7 @@ def render_sweep(rows, notes, args) -> str:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                   help=f"comma list from {VARIANTS}, each optionally @PRESET from {(*PRESETS, *FLAG_PRESETS)}")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list from {VARIANTS}")
     p.add_argument("--cases", default="prefill,decode", help=f"comma list from {tuple(CASES)}")
     p.add_argument("--modes", default="default,reduce-overhead", help="compile modes to run (where a case has them)")
     p.add_argument("--preset", default="anchor")
@@ -601,23 +556,18 @@ def parse_args(argv):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--small", action="store_true", help="a one-layer toy model (CI smoke test)")
     p.add_argument("--sweep", nargs="?", const="all", choices=("tiles", "m", "all"),
-                   help="tune the weight-only kernel's tiles (at M=16) and/or the M threshold")
+                   help="time the small-M kernel's tiles (at M=16) and/or each path per M, instead of the model")
     p.add_argument("--sweep-flavours", default=",".join(SWEEP_TILES), help="x flavours the tile sweep runs")
     p.add_argument("--profile", action="store_true",
                    help="also write bench_inference_profile.md: each variant's CUDA kernels per call "
                         "(torch profiler), to see where a step's time goes")
     p.add_argument("--host-profile", action="store_true",
                    help="with --profile: also cProfile the calls on the CPU (where a host-bound step's time goes)")
-    p.add_argument("--weight-only-tuning", default=None, metavar="SWEEP_JSON",
-                   help="use the fastest tiles per weight shape from a --sweep run's json")
-    p.add_argument("--out", default=None, help="write bench_inference.md and .json here")
+    add_out_argument(p, "bench_inference", "bench_inference.md and .json (and _profile / _sweep ones)")
     args = p.parse_args(argv)
-    args.variants = [v for v in args.variants.split(",") if v]
-    args.cases = [c for c in args.cases.split(",") if c]
-    args.modes = [m for m in args.modes.split(",") if m]
-    args.sweep_flavours = [f for f in args.sweep_flavours.split(",") if f]
-    unknown = [v for v, preset in (split_variant(v, "@") for v in args.variants)
-               if v not in VARIANTS or preset not in (None, *PRESETS, *FLAG_PRESETS)]  # fmt: skip
+    for key in ("variants", "cases", "modes", "sweep_flavours"):
+        setattr(args, key, [v for v in getattr(args, key).split(",") if v])
+    unknown = [v for v in args.variants if v not in VARIANTS]
     unknown += [c for c in args.cases if c not in CASES]
     unknown += [m for m in args.modes if m not in ("default", "reduce-overhead")]
     unknown += [f for f in args.sweep_flavours if f not in SWEEP_TILES]
@@ -635,12 +585,7 @@ def main(argv=None) -> int:
         rows, notes = sweep(args)
         print(write(rows, notes, args, "bench_inference_sweep", render_sweep(rows, notes, args)))
         return 0
-    if args.weight_only_tuning:
-        tuned = install_tuning(args.weight_only_tuning)
-        print(f"weight-only tiles from {args.weight_only_tuning}: {tuned}", file=sys.stderr)
     rows, notes = run(args)
-    if args.weight_only_tuning:
-        notes.append(f"weight-only tiles per (N, K): {fp8_gemv_tuned()}")
     print(write(rows, notes, args))
     failed = [n for n in notes if " failed: " in n]
     return 1 if failed else 0

@@ -1,24 +1,27 @@
-"""Time the Triton amax / cast_dual kernels (compile_fp8/kernels.py) against inductor's code.
+"""Time the Triton amax / cast_dual kernels (compile_fp8/kernels/cast.py) against inductor's code.
 
 For each bf16 x [M, K] (default [16384, 8192] and [16384, 4096]) it times, with
 ``triton.testing.do_bench(..., return_mode="median")``:
 
 * ``copy``         ``x.clone()``: the bandwidth ceiling (bytes read + written)
-* ``amax``         ``kernels.amax(x)`` vs ``torch.compile(kernels.amax_reference)``
-* ``cast_dual``    ``kernels.cast_dual(x, scale, e4m3 / e5m2)`` vs ``torch.compile`` of
-                   ``kernels.cast_dual_reference`` (row-major + column-major float8 copies)
+* ``amax``         ``cast.amax(x)`` vs ``torch.compile(cast.amax_reference)``
+* ``cast_dual``    ``cast.cast_dual(x, scale, e4m3 / e5m2)`` vs ``torch.compile`` of
+                   ``cast.cast_dual_reference`` (row-major + column-major float8 copies)
 * ``amax+cast``    the whole dynamic tensorwise cast (amax -> scale -> dual cast) compiled with
                    ``fullgraph=True``, through the Triton ops vs through the references
 
 and prints ms and GB/s (bytes the op must move / time), checking that ours and inductor's
 outputs are bitwise equal. Two timers: ``graph`` (``do_bench_cudagraph``: GPU time alone) and
 ``launch`` (``do_bench``: also counts the host's launch cost, which a slow host can dominate
-for a 0.1 ms kernel). ``--sweep`` also times a few block configs of each kernel (to pick
-``kernels.AMAX_CONFIG`` / ``CAST_CONFIG``).
+for a 0.1 ms kernel). ``--sweep`` also times a few block configs of each kernel (passed to
+the launchers as arguments; the measurements behind ``cast.AMAX_CONFIG`` / ``CAST_CONFIG``).
 
-Run on the GPU::
+On a CUDA GPU with FP8 (sm89+) and triton::
 
-    python scripts/bench_kernels.py [--sweep]
+    python scripts/bench_kernels.py [--sweep] --out runs/bench_kernels
+
+``--out DIR`` (default ``runs/bench_kernels``) gets ``bench_kernels.md`` (what is printed) and
+``bench_kernels.json`` (one row per op, float8 type and timer; the sweep's rows with ``--sweep``).
 
 Smoke test on CPU (the torch fallbacks; under TRITON_INTERPRET=1 the kernels in Triton's
 interpreter), timed with perf_counter, only checks that it works::
@@ -29,13 +32,18 @@ interpreter), timed with perf_counter, only checks that it works::
 from __future__ import annotations
 
 import argparse
+import pathlib
+import sys
 import time
 from functools import partial
 
 import torch
 
-from compile_fp8 import kernels
+from compile_fp8.kernels import cast, triton_support
 from compile_fp8.scaling import amax_to_scale
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _bench_common import add_out_argument, device_name, write_results  # noqa: E402
 
 SHAPES = ((16384, 8192), (16384, 4096))
 SMALL_SHAPES = ((37, 50), (64, 48))
@@ -83,9 +91,9 @@ def _timers(small: bool):
 
 def _ours(small: bool):
     """The public functions; on CPU under the interpreter, the Triton ops themselves."""
-    if small and kernels.triton is not None and kernels._interpreting():
+    if small and triton_support.triton is not None and triton_support.interpreting():
         return torch.ops.compile_fp8.amax, torch.ops.compile_fp8.cast_dual
-    return kernels.amax, kernels.cast_dual
+    return cast.amax, cast.cast_dual
 
 
 def _tensorwise_cast(amax_fn, cast_fn):
@@ -102,15 +110,15 @@ def bench_cases(m, k, device, small):
     amax_ours, cast_ours = _ours(small)
     nbytes = x.numel() * x.element_size()
     cases = [("copy", "bf16", lambda: x.clone(), None, 2 * nbytes, True)]
-    amax_ind = torch.compile(kernels.amax_reference, fullgraph=True)
+    amax_ind = torch.compile(cast.amax_reference, fullgraph=True)
     same = _same(amax_ours(x), amax_ind(x))
     cases.append(("amax", "bf16", lambda: amax_ours(x), lambda: amax_ind(x), nbytes, same))
-    cast_ind = torch.compile(kernels.cast_dual_reference, fullgraph=True)
+    cast_ind = torch.compile(cast.cast_dual_reference, fullgraph=True)
     fused_ours = _tensorwise_cast(amax_ours, cast_ours)
-    if not (small and kernels._interpreting()):  # interpreted kernels do not trace
+    if not (small and triton_support.interpreting()):  # interpreted kernels do not trace
         fused_ours = torch.compile(fused_ours, fullgraph=True)
     fused_ind = torch.compile(
-        _tensorwise_cast(kernels.amax_reference, kernels.cast_dual_reference), fullgraph=True
+        _tensorwise_cast(cast.amax_reference, cast.cast_dual_reference), fullgraph=True
     )
     for name, dtype in FP8_DTYPES.items():
         scale = amax_to_scale(amax_ours(x), dtype)
@@ -123,58 +131,73 @@ def bench_cases(m, k, device, small):
     return cases
 
 
-def sweep_shape(m, k, device, timer):
-    """Time each AMAX_SWEEP / CAST_SWEEP config of the kernels (CUDA only)."""
+def sweep_shape(m, k, device, timer, emit) -> list[dict]:
+    """Time each AMAX_SWEEP / CAST_SWEEP config of the kernels (CUDA only); rows for the json."""
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
     scale = torch.tensor(10.0, device=device)
     nbytes = x.numel() * x.element_size()
-    print(f"\n### sweep [{m}, {k}]: amax (block, programs/SM, warps), cast_dual (BM, BK, warps)\n")
+    rows = []
+    emit(f"\n### sweep [{m}, {k}]: amax (block, programs/SM, warps), cast_dual (BM, BK, warps)\n")
     for block, per_sm, warps in AMAX_SWEEP:
-        ms = timer(partial(kernels._launch_amax, x, block, per_sm, warps))
-        gbs = nbytes / ms / 1e6
-        print(f"amax      {block:>6} {per_sm:>3} {warps:>3}  {ms:.4f} ms  {gbs:7.0f} GB/s")
+        ms = timer(partial(cast._launch_amax, x, block, per_sm, warps))
+        rows.append({"sweep": "amax", "m": m, "k": k, "block": block, "programs_per_sm": per_sm,
+                     "num_warps": warps, "ms": ms, "gb_s": nbytes / ms / 1e6})  # fmt: skip
+        emit(f"amax      {block:>6} {per_sm:>3} {warps:>3}  {ms:.4f} ms  {rows[-1]['gb_s']:7.0f} GB/s")
     for soft in (False, True):
         for bm, bk, warps in CAST_SWEEP:
-            fp8 = torch.float8_e4m3fn
-            ms = timer(partial(kernels._launch_cast_dual, x, scale, fp8, soft, bm, bk, warps))
-            gbs = (nbytes + 2 * x.numel()) / ms / 1e6
-            config = f"{bm:>4} {bk:>4} {warps:>3} soft={soft!s:5}"
-            print(f"cast_dual {config}  {ms:.4f} ms  {gbs:7.0f} GB/s")
+            ms = timer(partial(cast._launch_cast_dual, x, scale, torch.float8_e4m3fn, soft, bm, bk, warps))
+            rows.append({"sweep": "cast_dual", "m": m, "k": k, "block_m": bm, "block_k": bk, "num_warps": warps,
+                         "soft_cast": soft, "ms": ms, "gb_s": (nbytes + 2 * x.numel()) / ms / 1e6})  # fmt: skip
+            emit(f"cast_dual {bm:>4} {bk:>4} {warps:>3} soft={soft!s:5}  {ms:.4f} ms  {rows[-1]['gb_s']:7.0f} GB/s")
+    return rows
 
 
 def _fmt(ms, nbytes):
     return ("-", "-") if ms is None else (f"{ms:.4f}", f"{nbytes / ms / 1e6:.0f}")
 
 
+def bench_shape(m, k, device, timers, small, emit) -> list[dict]:
+    """The table of one bf16 x [m, k]: every case under every timer; rows for the json."""
+    rows = []
+    emit(f"\n### x [{m}, {k}] bf16 (GB/s: the bytes the op must move / time)\n")
+    emit(f"| {' | '.join(COLUMNS)} |\n|{'---|' * len(COLUMNS)}")
+    for name, dtype, ours_fn, ind_fn, nbytes, same in bench_cases(m, k, device, small):
+        for timer_name, timer in timers.items():
+            ours, ind = timer(ours_fn), None if ind_fn is None else timer(ind_fn)
+            speedup = "-" if ind is None else f"{ind / ours:.2f}x"
+            cells = [name, dtype, timer_name, *_fmt(ours, nbytes), *_fmt(ind, nbytes), speedup]
+            emit(f"| {' | '.join(cells)} | {'yes' if same else 'NO'} |")
+            rows.append({"m": m, "k": k, "op": name, "float8": dtype, "timer": timer_name, "ours_ms": ours,
+                         "inductor_ms": ind, "bytes": nbytes, "bitwise": bool(same)})  # fmt: skip
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--small", action="store_true", help="tiny shapes on CPU, perf_counter timer")
     p.add_argument("--sweep", action="store_true", help="also time block configs (CUDA)")
+    add_out_argument(p, "bench_kernels")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
     if device.type == "cpu" and not args.small:
         p.error("no CUDA GPU: run with --small (a CPU smoke test)")
-    if device.type == "cuda" and not kernels.triton_available(device):
+    if device.type == "cuda" and not triton_support.triton_available(device):
         p.error(f"{torch.cuda.get_device_name(device)}: the kernels need triton and an sm89+ GPU")
     timers = _timers(args.small)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    triton_version = getattr(kernels.triton, "__version__", "absent")
-    print(f"device: {device_name}, torch {torch.__version__}, triton {triton_version}")
-    ok = True
+    lines, rows = [], []
+
+    def emit(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    triton_version = getattr(triton_support.triton, "__version__", "absent")
+    emit(f"device: {device_name(device)}, torch {torch.__version__}, triton {triton_version}")
     for m, k in SMALL_SHAPES if args.small else SHAPES:
-        cases = bench_cases(m, k, device, args.small)
-        print(f"\n### x [{m}, {k}] bf16 (GB/s: the bytes the op must move / time)\n")
-        print(f"| {' | '.join(COLUMNS)} |\n|{'---|' * len(COLUMNS)}")
-        for name, dtype, ours_fn, ind_fn, nbytes, same in cases:
-            for timer_name, timer in timers.items():
-                ours, ind = timer(ours_fn), None if ind_fn is None else timer(ind_fn)
-                speedup = "-" if ind is None else f"{ind / ours:.2f}x"
-                cells = [name, dtype, timer_name, *_fmt(ours, nbytes), *_fmt(ind, nbytes), speedup]
-                print(f"| {' | '.join(cells)} | {'yes' if same else 'NO'} |")
-            ok &= same
+        rows += bench_shape(m, k, device, timers, args.small, emit)
         if args.sweep and device.type == "cuda":
-            sweep_shape(m, k, device, timers["graph"])
-    return 0 if ok else 1
+            rows += sweep_shape(m, k, device, timers["graph"], emit)
+        write_results(args.out, "bench_kernels", "\n".join(lines) + "\n", {"rows": rows})
+    return 0 if all(r["bitwise"] for r in rows if "bitwise" in r) else 1
 
 
 if __name__ == "__main__":

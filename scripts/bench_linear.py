@@ -30,19 +30,25 @@ compile_fp8 is faster).
 
 How to run
 ----------
-On the GPU machine (torchao installed from the local wheel folder)::
+On a CUDA GPU with FP8 (sm89+), torch and torchao installed::
 
-    python -m pip install --no-index --no-deps .whl/torchao-*.whl
     python scripts/bench_linear.py --out runs/bench_linear
 
-Subsets::
+Subsets, and the grid of layer shapes (``--shapes layers``: every K, N in 512 .. 8192 and the
+956M model's projections, smallest first; with ``--timer kernels`` it answers "which layer
+shapes are faster in FP8?")::
 
     python scripts/bench_linear.py --variants bf16,ours-tensorwise \\
         --shapes 4096x4096,8192x8192 --m 8192
+    python scripts/bench_linear.py --shapes layers --timer kernels --rounds 1 \\
+        --variants bf16,ours-tensorwise,ours-rowwise
 
 Smoke test (CPU is fine)::
 
     python scripts/bench_linear.py --small
+
+``--out DIR`` (default ``runs/bench_linear``) gets ``bench_linear.md`` (the table) and
+``bench_linear.json`` (header, rows, notes), rewritten after every shape.
 
 ``compile_fp8`` is imported only when an ``ours-*`` variant is requested; a
 missing torchao skips the torchao variants with a note. ``main`` returns 0, or
@@ -54,8 +60,8 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
-import os
+import itertools
+import pathlib
 import statistics
 import sys
 import time
@@ -63,6 +69,17 @@ import traceback
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _bench_common import (  # noqa: E402
+    add_out_argument,
+    device_name,
+    kernel_timeline,
+    raise_compile_limits,
+    sync,
+    versions,
+    write_results,
+)
 
 VARIANTS = (
     "bf16",
@@ -76,6 +93,8 @@ VARIANTS = (
 )
 DEFAULT_M = 16384
 DEFAULT_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192))
+GRID_SIDES = (512, 1024, 2048, 4096, 8192)
+MODEL_SHAPES = ((2048, 6144), (2048, 5632), (5632, 2048))  # the 956M model's q/k/v, gate/up, down
 SMALL_M = 64
 SMALL_SHAPES = ((32, 48), (64, 32))
 SMALL_WARMUP, SMALL_ITERS = 2, 5
@@ -90,13 +109,26 @@ class Skip(Exception):
 # --------------------------------------------------------------------------
 
 
+def layer_grid() -> list[tuple[int, int]]:
+    """Every (K, N) of GRID_SIDES and the MODEL_SHAPES, smallest first (a run cut short by a time
+    limit keeps the small shapes, where the answer to "is FP8 faster?" changes)."""
+    shapes = set(itertools.product(GRID_SIDES, GRID_SIDES)) | set(MODEL_SHAPES)
+    return sorted(shapes, key=lambda kn: (kn[0] * kn[1], kn))
+
+
+SHAPE_SETS = {"default": lambda: list(DEFAULT_SHAPES), "layers": layer_grid}
+
+
 def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """Parse ``"4096x4096,8192x8192"`` into ``[(4096, 4096), (8192, 8192)]``."""
+    """Parse ``"4096x4096,8192x8192"`` into ``[(4096, 4096), (8192, 8192)]``; a name of
+    SHAPE_SETS (``"default"``, ``"layers"``) gives that set."""
+    if text.strip() in SHAPE_SETS:
+        return SHAPE_SETS[text.strip()]()
     shapes = []
     for item in text.split(","):
         k, sep, n = item.strip().lower().partition("x")
         if not sep:
-            raise argparse.ArgumentTypeError(f"bad shape {item!r}, want KxN")
+            raise argparse.ArgumentTypeError(f"bad shape {item!r}, want KxN or one of {list(SHAPE_SETS)}")
         shapes.append((int(k), int(n)))
     return shapes
 
@@ -123,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", type=parse_variants, default=list(VARIANTS),
                    help=f"comma list from: {','.join(VARIANTS)}")
     p.add_argument("--shapes", type=parse_shapes, default=None,
-                   help="comma list of KxN, e.g. 4096x4096,8192x8192")
+                   help="comma list of KxN, e.g. 4096x4096,8192x8192, or a named set: default (four "
+                        "large shapes, used without --shapes) or layers (every K, N in 512 .. 8192 "
+                        "and the 956M model's projections, smallest first)")
     p.add_argument("--m", type=int, default=None,
                    help=f"tokens (default {DEFAULT_M}, {SMALL_M} with --small)")
     p.add_argument("--rounds", type=int, default=3,
@@ -134,8 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wall: do_bench's clock time of the step; kernels: the sum of its CUDA "
                         "kernel times from the profiler (what a layer costs inside a model whose "
                         "GPU queue stays full; small layers alone are host-bound on the clock)")
-    p.add_argument("--out", default=None,
-                   help="directory for bench_linear.md and bench_linear.json")
+    add_out_argument(p, "bench_linear")
     p.add_argument("--fail-fast", action="store_true",
                    help="re-raise the first variant error instead of going on")
     return p
@@ -204,11 +237,6 @@ def make_step(model: nn.Module, x: torch.Tensor, grad: torch.Tensor):
     return step
 
 
-def sync(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_simple(fn, device: str) -> float:
     """Median ms of a few iterations after a short warmup (smoke test only)."""
     for _ in range(SMALL_WARMUP):
@@ -227,34 +255,6 @@ def time_do_bench(fn, device: str, rep_ms: int = 100) -> float:
     from triton.testing import do_bench
 
     return float(do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
-
-
-def kernel_timeline(fn, steps: int = 20) -> list[tuple[str, float, float]]:
-    """The CUDA kernels of `steps` calls of `fn` (torch profiler), in launch order on the GPU:
-    (name, start us, duration us)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    timeline = []
-    for event in prof.events():
-        if str(getattr(event, "device_type", "")).endswith("CUDA"):
-            us = event.device_time if hasattr(event, "device_time") else event.cuda_time
-            timeline.append((event.name, event.time_range.start, us))
-    return sorted(timeline, key=lambda k: k[1])
-
-
-def kernels_by_name(timeline) -> dict[str, list]:
-    """A `kernel_timeline` summed per kernel name: name -> [launches, total us]."""
-    kernels: dict[str, list] = {}
-    for name, _, us in timeline:
-        entry = kernels.setdefault(name, [0, 0.0])
-        entry[0] += 1
-        entry[1] += us
-    return kernels
 
 
 def time_kernels(fn, steps: int = 20) -> float:
@@ -325,7 +325,7 @@ def add_note(notes: list[str], note: str) -> None:
 def free_memory(device: str) -> None:
     """After a shape: drop its compiled code too. Each shape recompiles every variant's forward;
     without a reset dynamo's per-function cache limit is reached after ~21 shapes x 3 variants and
-    the later shapes silently run eager (seen on the H200, 18:03: ours 3x slower from shape 22)."""
+    the later shapes silently run eager (and slow)."""
     torch._dynamo.reset()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
@@ -372,22 +372,6 @@ def table_row(row: dict) -> list[str]:
     ]
 
 
-def versions() -> dict:
-    out = {"torch": torch.__version__}
-    for mod in ("triton", "torchao"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:
-            out[mod] = "n/a"
-    return out
-
-
-def device_name(device: str) -> str:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name(torch.device(device))
-    return device
-
-
 def header(args) -> dict:
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -417,14 +401,6 @@ def render(meta: dict, rows: list[dict], notes: list[str]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_out(out_dir: str, text: str, meta: dict, rows, notes) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "bench_linear.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(out_dir, "bench_linear.json"), "w") as f:
-        json.dump({**meta, "rows": rows, "notes": notes}, f, indent=2)
-
-
 # --------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------
@@ -439,15 +415,6 @@ def resolve_defaults(args) -> None:
         args.shapes = list(SMALL_SHAPES if args.small else DEFAULT_SHAPES)
 
 
-def raise_compile_limits(limit: int = 64) -> None:
-    cfg = torch._dynamo.config
-    for key in ("cache_size_limit", "recompile_limit"):
-        if hasattr(cfg, key):
-            setattr(cfg, key, max(getattr(cfg, key), limit))
-    if hasattr(cfg, "accumulated_cache_size_limit"):
-        cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4 * limit)
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     resolve_defaults(args)
@@ -458,8 +425,7 @@ def main(argv=None) -> int:
     for k, n in args.shapes:
         rows.append(bench_shape(k, n, args, notes))
         text = render(meta, rows, notes)
-        if args.out:  # after every shape: a run cut short by its time limit keeps its rows
-            write_out(args.out, text, meta, rows, notes)
+        write_results(args.out, "bench_linear", text, {**meta, "rows": rows, "notes": notes})
     print(text, end="")
     return 1 if any(r["errors"] for r in rows) else 0
 

@@ -1,9 +1,9 @@
 """Benchmark one LM training step: bf16 vs compile_fp8 vs torchao, all in one process.
 
-The default model is the 956M Llama-style LM of ../shared/ANCHORS.md (`anchor` preset: 16
-layers, d_model 2048, 16 heads, SwiGLU 5632, vocab 32768, LM head kept in bf16), batch 8 x 2048
-tokens, bf16 parameters, fused AdamW, SDPA attention, torch.compile. For every variant it builds
-the same model from the same seed, compiles it, and reports:
+The default model is the 956M Llama-style LM of compile_fp8.lm (`anchor` preset: 16 layers,
+d_model 2048, 16 heads, SwiGLU 5632, vocab 32768, LM head kept in bf16), batch 8 x 2048 tokens,
+bf16 parameters, fused AdamW, SDPA attention, torch.compile. For every variant it builds the
+same model from the same seed, compiles it, and reports:
 
 * first step seconds (compilation + one step), step ms (median of `--steps` timed steps after
   `--warmup`), tokens/s, speed-up over bf16, peak memory (torch.cuda.max_memory_allocated).
@@ -14,14 +14,16 @@ with `static_grads=True`: calibrated grad_output scales too), ours-delayed,
 ours-triton (tensorwise, `cast_kernels="triton"`), ours-tensorwise-auto and ours-rowwise-auto
 (`layer_filter="auto"`: only the layer shapes measured faster in FP8), torchao-tensorwise,
 torchao-rowwise (skipped with a note when torchao is missing). Any variant can take one
-experiment as a suffix, `VARIANT+EXPERIMENT` (e.g. ours-tensorwise+rowamax, bf16+cdt): "rowamax"
-reduces tensorwise amaxes per row first (`scaling.TENSORWISE_AMAX = "rows"`: same bits), "cdt"
-turns on inductor's coordinate-descent tuning of its generated kernels (slower compile).
+experiment as a suffix, `VARIANT+EXPERIMENT`: "cdt" (e.g. bf16+cdt, ours-tensorwise+cdt) turns
+on inductor's coordinate-descent tuning of its generated kernels (slower compile).
 
-On the GPU (torchao carried as a wheel, see scripts/device_check.sh):
+On a CUDA GPU with FP8 (sm89+), torch and torchao installed:
 
-    python3 scripts/bench_train_step.py --out $OUT
+    python3 scripts/bench_train_step.py --out runs/bench_train_step
     python3 scripts/bench_train_step.py --variants bf16,ours-tensorwise --preset medium --batch 16 --seq 1024
+
+`--out DIR` (default runs/bench_train_step) gets bench_train_step.md (the table) and
+bench_train_step.json (its rows and notes), rewritten after every variant.
 
 On CPU, `--small` runs a one-layer toy model for a few steps so CI can check the script works
 (its timings mean nothing).
@@ -33,13 +35,15 @@ import argparse
 import contextlib
 import copy
 import datetime
-import json
 import pathlib
 import statistics
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _bench_common import add_out_argument, device_name, try_variant, write_results  # noqa: E402
 
 VARIANTS = (
     "bf16",
@@ -56,36 +60,20 @@ VARIANTS = (
 )
 
 
-@contextlib.contextmanager
-def _rowamax():
-    from compile_fp8 import scaling
-
-    saved, scaling.TENSORWISE_AMAX = scaling.TENSORWISE_AMAX, "rows"
-    # AOTAutograd's cache key (torch 2.11 / 2.13) does not cover the body of an autograd.Function,
-    # where the amax is traced: with the cache on, this variant got the plain variant's
-    # compiled graph back (measured on CPU: an autograd_cache_hit, the same kernels on the H200)
-    try:
-        with torch._functorch.config.patch(enable_autograd_cache=False):
-            yield
-    finally:
-        scaling.TENSORWISE_AMAX = saved
-
-
+# VARIANT+EXPERIMENT: a context (torch's own settings) the variant compiles and runs in
 EXPERIMENTS = {
-    "rowamax": _rowamax,
     "cdt": lambda: torch._inductor.config.patch(coordinate_descent_tuning=True),
 }
 
 
 def split_variant(name: str, sep: str = "+") -> tuple[str, str | None]:
-    """"ours-tensorwise+rowamax" -> ("ours-tensorwise", "rowamax"); no suffix -> (name, None).
-    (bench_inference's tile presets use sep="@": "ours-static@nosplit".)"""
+    """"ours-tensorwise+cdt" -> ("ours-tensorwise", "cdt"); no suffix -> (name, None)."""
     base, found, suffix = name.partition(sep)
     return base, (suffix if found else None)
 
 
 def not_head(module, fqn: str) -> bool:
-    return fqn != "head"  # the LM head stays bf16, as in ANCHORS.md
+    return fqn != "head"  # the LM head stays bf16
 
 
 def build_model(args, device):
@@ -194,18 +182,6 @@ def bench_variant(name, base, batch, args, device) -> dict:
     return row
 
 
-def try_variant(fn, name: str, notes: list[str], label: str | None = None):
-    """`fn()`, or None with a note: "skipped" when a package is missing (torchao), "failed" for
-    any other error, so one broken variant does not cost the others' rows."""
-    try:
-        return fn()
-    except ImportError as err:
-        notes.append(f"skipped {name}: {err}")
-    except Exception as err:  # report, then go on with the other variants
-        notes.append(f"{label or name} failed: {type(err).__name__}: {err}"[:300])
-    return None
-
-
 def run(args) -> tuple[list[dict], list[str]]:
     device = torch.device(args.device)
     base, cfg = build_model(args, device)
@@ -229,7 +205,7 @@ def render(rows, notes, args) -> str:
     bf16 = next((r for r in rows if r["variant"] == "bf16"), None)
     lines = [
         f"# bench_train_step {datetime.datetime.now().isoformat(timespec='seconds')} | "
-        f"{_device_name(args.device)} | torch {torch.__version__} | preset {args.preset}"
+        f"{device_name(args.device)} | torch {torch.__version__} | preset {args.preset}"
         f"{' (small)' if args.small else ''} | batch {args.batch} x {args.seq}",
         "",
         "| variant | step ms | tokens/s | speed-up | first step s | peak GiB |",
@@ -246,18 +222,10 @@ def render(rows, notes, args) -> str:
 
 
 def save(rows, notes, args) -> str:
-    """The table as text; also written to `--out` (bench_train_step.md and .json) if given."""
+    """The table as text; also written to `--out` (bench_train_step.md and .json)."""
     text = render(rows, notes, args)
-    if args.out:
-        out = pathlib.Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_train_step.md").write_text(text)
-        (out / "bench_train_step.json").write_text(json.dumps({"rows": rows, "notes": notes}, indent=1))
+    write_results(args.out, "bench_train_step", text, {"rows": rows, "notes": notes})
     return text
-
-
-def _device_name(device: str) -> str:
-    return torch.cuda.get_device_name() if device.startswith("cuda") else device
 
 
 def parse_args(argv):
@@ -270,7 +238,7 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--small", action="store_true", help="a one-layer toy model (CI smoke test)")
-    p.add_argument("--out", default=None, help="write bench_train_step.md and .json here")
+    add_out_argument(p, "bench_train_step")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in args.variants

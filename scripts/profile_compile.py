@@ -13,11 +13,14 @@ every variant compiles cold:
   graph (`compile_fx...fw_compiler_base` / `bw_compiler`);
 * the remainder of the first step (running it, the optimizer, the backward's lazy compile wait).
 
-    python3 scripts/profile_compile.py --out $OUT                      # GPU, the 956M model
+    python3 scripts/profile_compile.py --out runs/profile_compile      # GPU, the 956M model
     python3 scripts/profile_compile.py --layers 4 --d-model 256 --device cpu   # CPU, small
 
-The counts of graph nodes and of generated kernels come from inductor's counters, to say whether
-a variant compiles longer because it has more to compile or because each piece costs more.
+The counts of graphs and of generated kernels come from dynamo's and inductor's counters, to say
+whether a variant compiles longer because it has more to compile or because each piece costs more.
+
+`--out DIR` (default runs/profile_compile) gets profile_compile.md (the table) and
+profile_compile.json (its rows), rewritten after every variant.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch  # noqa: E402
 import torch._inductor.metrics  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _bench_common import add_out_argument, device_name, write_results  # noqa: E402
 from bench_train_step import convert, make_step, timed  # noqa: E402
 
 VARIANTS = ("bf16", "ours-tensorwise", "ours-rowwise", "torchao-tensorwise", "torchao-rowwise")
@@ -99,7 +103,7 @@ def profile_variant(name, base, batch, device) -> dict:
 def render(rows, args) -> str:
     lines = [
         f"# profile_compile {datetime.datetime.now().isoformat(timespec='seconds')} | "
-        f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else args.device} | "
+        f"{device_name(args.device)} | "
         f"torch {torch.__version__} | {args.layers} layers, d_model {args.d_model or 2048}, batch {args.batch} x {args.seq}",
         "",
         "| variant | first step s | dynamo s | aot s | inductor fwd s | inductor bwd s | rest s | kernels | graphs |",
@@ -121,7 +125,7 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None)
+    add_out_argument(p, "profile_compile")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in args.variants if v not in VARIANTS]
@@ -142,9 +146,7 @@ def main(argv=None) -> int:
         rows.append(profile_variant(name, base, batch, device))
         print(f"  {name}: {rows[-1]}", file=sys.stderr, flush=True)
         text = render(rows, args)
-        if args.out:
-            pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
-            (pathlib.Path(args.out) / "profile_compile.md").write_text(text)
+        write_results(args.out, "profile_compile", text, {"rows": rows})
     print(text)
     return 0
 

@@ -1,10 +1,16 @@
-"""The benchmark CLIs run on CPU in their --small mode (their speed is measured on the GPU only)."""
+"""The benchmark CLIs run on CPU in their --small mode (their speed is measured on the GPU only);
+scripts/gpu_check.sh runs its stages with a stand-in interpreter; the small-M kernel's SASS."""
 
 import importlib.util
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
+
+import sass_tools
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -24,6 +30,17 @@ def test_bench_linear_small(tmp_path, capsys):
     assert rc == 0, out
     assert "| 32 | 48 |" in out and "err" not in out, out
     assert (tmp_path / "bench_linear.json").exists() and (tmp_path / "bench_linear.md").exists()
+
+
+def test_bench_linear_layer_grid_is_a_shape_set():
+    """`--shapes layers`: every K, N of 512 .. 8192 and the 956M model's shapes, smallest first."""
+    bench = _load("bench_linear")
+    shapes = bench.parse_shapes("layers")
+    assert len(shapes) == 25 + 3 and shapes[0] == (512, 512) and shapes[-1] == (8192, 8192), shapes
+    assert {(2048, 6144), (2048, 5632), (5632, 2048)} <= set(shapes)
+    assert [k * n for k, n in shapes] == sorted(k * n for k, n in shapes)
+    assert bench.parse_shapes("default") == list(bench.DEFAULT_SHAPES)
+    assert bench.parse_shapes("32x48,64x32") == [(32, 48), (64, 32)]
 
 
 def test_bench_train_step_small(tmp_path, capsys):
@@ -49,26 +66,26 @@ def test_bench_train_step_auto_variant_filters_layers():
 
 
 def test_bench_train_step_experiment_suffix():
-    """VARIANT+EXPERIMENT: parsed and checked; "rowamax" sets the per-row amax with AOTAutograd's
-    cache off while the variant runs, then restores both."""
-    from compile_fp8 import scaling
+    """VARIANT+EXPERIMENT: parsed and checked; "cdt" turns inductor's coordinate-descent tuning on
+    while the variant runs, then restores it."""
+    from torch._inductor import config as inductor_config
 
     bench = _load("bench_train_step")
-    assert bench.parse_args(["--variants", "ours-tensorwise+rowamax"]).variants == ["ours-tensorwise+rowamax"]
-    for bad in ("ours-tensorwise+nope", "nope+rowamax"):
+    assert bench.parse_args(["--variants", "ours-tensorwise+cdt"]).variants == ["ours-tensorwise+cdt"]
+    for bad in ("ours-tensorwise+nope", "nope+cdt", "ours-tensorwise+rowamax"):
         with pytest.raises(SystemExit):
             bench.parse_args(["--variants", bad])
     seen = []
 
     @bench.in_experiment
     def probe(name):
-        seen.append((name, scaling.TENSORWISE_AMAX, torch._functorch.config.enable_autograd_cache))
+        seen.append((name, inductor_config.coordinate_descent_tuning))
 
-    cache_on = torch._functorch.config.enable_autograd_cache
-    probe("ours-tensorwise+rowamax")
+    before = inductor_config.coordinate_descent_tuning
+    probe("ours-tensorwise+cdt")
     probe("ours-tensorwise")
-    assert seen == [("ours-tensorwise", "rows", False), ("ours-tensorwise", "flat", cache_on)]
-    assert scaling.TENSORWISE_AMAX == "flat"
+    assert seen == [("ours-tensorwise", True), ("ours-tensorwise", before)]
+    assert inductor_config.coordinate_descent_tuning == before
 
 
 def test_bench_inference_small(tmp_path, capsys):
@@ -99,66 +116,24 @@ def test_bench_inference_kernel_gaps_locate_idle_time():
     assert "- 5.0 us before 1 x `c`" in text, text
 
 
-def test_bench_inference_installs_fastest_tiles_per_shape(tmp_path, monkeypatch):
-    from compile_fp8 import fp8_gemv
-
+def test_bench_inference_variants_choose_the_small_m_path_in_the_config():
+    """`-fp8x` variants ask for float8 x at small M through Float8Config.small_m_activation; the
+    others leave it "auto". Variants with a `@PRESET` suffix (module patches) are gone."""
     bench = _load("bench_inference")
-    monkeypatch.setattr(fp8_gemv, "TUNED_CONFIGS", {})
-    tiles = dict(block_k=256, split_k=1, num_warps=4, num_stages=3)
-    rows = [
-        {"sweep": "tiles", "n": 64, "k": 32, "block_n": 16, "ms": 0.02, **tiles},
-        {"sweep": "tiles", "n": 64, "k": 32, "block_n": 32, "ms": 0.01, **tiles},
-        {"sweep": "tiles", "x": "fp8", "n": 64, "k": 32, "block_n": 64, "ms": 0.005, "swap_ab": True, **tiles},
-        {"sweep": "m", "n": 64, "k": 32, "m": 16, "path": "bf16", "ms": 0.001},
-    ]
-    sweep = tmp_path / "sweep.json"
-    sweep.write_text(bench.json.dumps({"rows": rows, "notes": []}))
-    assert bench.install_tuning(sweep) == {  # the fastest per shape and x flavour
-        (64, 32): {"block_n": 32, **tiles, "swap_ab": False},
-        (64, 32, "fp8"): {"block_n": 64, **tiles, "swap_ab": True},
-    }
-    assert fp8_gemv.config_for(64, 32)["block_n"] == 32
-    assert fp8_gemv.config_for(64, 32, "fp8")["block_n"] == 64
-    assert fp8_gemv.config_for(32, 64) == fp8_gemv.WEIGHT_ONLY_CONFIG
-
-
-def test_bench_inference_tile_preset_applies_to_its_variant_only(monkeypatch):
-    """`ours-static@split2`: the preset's tiles are in TUNED_CONFIGS while the variant converts and
-    compiles (the layer traces them into its graph), and the previous tuning comes back after."""
-    from compile_fp8 import fp8_gemv
-
-    bench = _load("bench_inference")
-    monkeypatch.setattr(fp8_gemv, "TUNED_CONFIGS", {(1, 2): {"block_n": 16}})
-    seen = []
-    monkeypatch.setattr(bench, "_bench_converted", lambda name, *a: seen.append((name, dict(fp8_gemv.TUNED_CONFIGS))))
-    bench.bench_variant("ours-static@split2", None, None, "default", None, None, torch.device("cpu"))
-    name, tuned = seen[0]
-    assert name == "ours-static" and tuned[(2048, 5632, "fp8")]["split_k"] == 2 and (1, 2) in tuned, seen
-    assert fp8_gemv.TUNED_CONFIGS == {(1, 2): {"block_n": 16}}
-    assert bench.split_variant("bf16", "@") == ("bf16", None)
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--variants", "ours-static@nosuchpreset"])
-
-
-def test_bench_inference_flag_preset_switches_a_pass_for_its_variant_only(monkeypatch):
-    """`ours-static@nogroup` / `@castout`: the group pass's switch is off while the variant
-    compiles and runs, and back on after (the A/B of docs/benchmarks.md)."""
-    from compile_fp8 import group
-
-    bench = _load("bench_inference")
-    seen = []
-    monkeypatch.setattr(bench, "_bench_converted", lambda name, *a: seen.append((group.ENABLED, group.CAST_IN_KERNEL)))
-    for variant in ("ours-static@nogroup", "ours-static@castout", "ours-static"):
-        bench.bench_variant(variant, None, None, "default", None, None, torch.device("cpu"))
-    assert seen == [(False, True), (True, False), (True, True)], seen
-    assert group.ENABLED and group.CAST_IN_KERNEL
+    args = bench.parse_args(["--small"])
+    cpu = torch.device("cpu")
+    assert bench.inference_config("ours-static-fp8x", args, cpu).small_m_activation == "fp8"
+    assert bench.inference_config("ours-rowwise-fp8x", args, cpu).recipe == "rowwise"
+    static = bench.inference_config("ours-static", args, cpu)
+    assert (static.scaling, static.recipe, static.small_m_activation) == ("static", "tensorwise", "auto")
+    assert bench.inference_config("ours-tensorwise", args, cpu).mode == "inference"
+    for bad in ("ours-static@split2", "ours-static@nogroup", "ours-tensorwise@hpsplitout"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--variants", bad])
 
 
 def test_profile_compile_splits_the_first_step(tmp_path):
     """Run as a subprocess: the script turns inductor's caches off for its whole process."""
-    import subprocess
-    import sys
-
     cmd = [sys.executable, str(ROOT / "scripts" / "profile_compile.py"), "--device", "cpu", "--layers", "1",
            "--d-model", "256", "--batch", "1", "--seq", "32", "--variants", "bf16,ours-tensorwise",
            "--out", str(tmp_path)]  # fmt: skip
@@ -171,17 +146,66 @@ def test_profile_compile_splits_the_first_step(tmp_path):
         assert float(r[2]) > 0 and int(r[8]) > 0, r
 
 
+def _stand_in(tmp_path, fail_on: str = "", sleep: bool = False) -> str:
+    """An executable for $PYTHON that records its arguments in calls.txt, then fails (exit 3)
+    when they contain `fail_on`, or sleeps (`sleep`: to run into a stage's time limit)."""
+    path = tmp_path / ("sleep" if sleep else "python")
+    body = "exec sleep 30" if sleep else f'case "$*" in *{fail_on or "@@"}*) echo boom; exit 3 ;; esac\necho "1 passed"'
+    path.write_text(f'#!/usr/bin/env bash\necho "$*" >> {tmp_path / "calls.txt"}\n{body}\n')
+    path.chmod(0o755)
+    return str(path)
+
+
+def _gpu_check(results, **settings) -> subprocess.CompletedProcess:
+    """scripts/gpu_check.sh RESULTS with these environment variables (and none of the caller's
+    GPU_CHECK_* ones)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_")}
+    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(results)], env={**env, **settings},
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_gpu_check_runs_every_stage_past_a_failing_one(tmp_path):
+    """gpu_check.sh runs pytest -m gpu, then each benchmark with --out under the results folder;
+    a failing stage is reported and the next still runs; the exit status says one failed."""
+    results = tmp_path / "results"
+    done = _gpu_check(results, PYTHON=_stand_in(tmp_path, fail_on="bench_linear.py"))
+    assert done.returncode == 1, done.stdout + done.stderr
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    assert "-m pytest -m gpu -q" in calls, calls
+    for script in ("bench_linear", "bench_train_step", "bench_inference"):
+        call = next(c for c in calls if f"scripts/{script}.py" in c)
+        assert call.endswith(f"--out {results}/{script}"), call
+    assert "torchao-tensorwise" in next(c for c in calls if "bench_train_step.py" in c)
+    summary = done.stdout[done.stdout.index("== summary"):]
+    assert "failed (exit 3)" in summary and summary.count(" ok ") == 4, summary  # env, tests, train_step, inference
+    assert "tests: 1 passed" in summary, summary
+    assert (results / "linear.log").read_text().strip() == "boom"
+
+
+def test_gpu_check_stages_and_time_limits_come_from_the_environment(tmp_path):
+    python = _stand_in(tmp_path)
+    done = _gpu_check(tmp_path / "r", PYTHON=python, GPU_CHECK_STAGES="tests inference",
+                      GPU_CHECK_INFERENCE_VARIANTS="bf16,ours-static")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    assert len(calls) == 2 and "--variants bf16,ours-static" in calls[1], calls
+    done = _gpu_check(tmp_path / "r", PYTHON=_stand_in(tmp_path, sleep=True), GPU_CHECK_STAGES="tests",
+                      GPU_CHECK_TESTS_TIMEOUT="1")  # fmt: skip
+    assert done.returncode == 1 and "timed out (1s)" in done.stdout, done.stdout
+    done = _gpu_check(tmp_path / "r", PYTHON=python, GPU_CHECK_STAGES="nosuchstage")
+    assert done.returncode == 2 and "unknown stage" in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("x", ["bf16", "fp16"])
 def test_weight_only_kernel_dequantizes_without_f2f(x):
-    """probe_sass compiles the weight-only kernel for sm_90a here (no GPU): its float8 -> bf16/fp16
+    """sass_tools compiles the weight-only kernel for sm_90a here (no GPU): its float8 -> bf16/fp16
     dequantization must not use F2F, the per-element conversion triton's plain e4m3 -> bf16 emits
-    (64 per thread and K tile; `fp8_gemv._dequantize`), and the loop must still run HMMAs."""
+    (64 per thread and K tile; `small_m_kernels._dequantize`), and the loop must still run HMMAs."""
     pytest.importorskip("triton")
-    probe = _load("probe_sass")
-    counts = probe.opcode_counts(probe.compile_weight_only(x).asm["sass"])
+    counts = sass_tools.opcode_counts(sass_tools.compile_weight_only(x).asm["sass"])
     assert counts["HMMA"] > 0 and counts["F2F"] == 0, counts.most_common(12)
 
 
-def test_probe_sass_rejects_an_unknown_x():
+def test_sass_tools_rejects_an_unknown_x():
     with pytest.raises(ValueError, match="allowed"):
-        _load("probe_sass").compile_weight_only("int8")
+        sass_tools.compile_weight_only("int8")
