@@ -1,7 +1,8 @@
 """The public entry points: `compile_fp8(model)`, `fp8_layers(model)`, `plain_state_dict(model)`.
 
 `compile_fp8` checks its arguments, hands the model to the converter of the mode the config
-asks for (training: `training/convert.py`; inference: `inference/convert.py`), and compiles it.
+asks for (training: `training/convert.py`; inference: `inference/convert.py`), and compiles it
+in place, regionally where it repeats blocks (`regions.py`). It returns the same object.
 Every linear-like layer it looked at then carries its state (`layers.py`, [Note] A layer's FP8
 state), which `fp8_layers` reads.
 """
@@ -15,6 +16,7 @@ from torch import nn
 
 from .config import Float8Config
 from .layers import FilterFn, is_linear_like, layer_state
+from .regions import CompileChoice, check_compile_choice, compile_regions
 from .inference.convert import check_not_inference_model, convert_for_inference
 from .training.convert import convert_for_training, release_for_inference
 from .training.distributed import fsdp_param_dtypes
@@ -27,23 +29,27 @@ def compile_fp8(
     config: Optional[Float8Config] = None,
     *,
     module_filter_fn: Optional[FilterFn] = None,
-    compile: bool = True,
+    compile: CompileChoice = True,
     **compile_kwargs,
 ) -> nn.Module:
-    """Convert `model`'s linear layers to FP8, in place, and torch.compile it: FP8 training, or
-    with `Float8Config(mode="inference")` frozen float8 weights.
+    """Convert `model`'s linear layers to FP8 and compile it, both in place; returns `model`.
 
-    Returns `torch.compile(model, **compile_kwargs)`, or the converted model if `compile=False`
-    (for FSDP2, activation checkpointing or your own compile call). See `fp8_layers` for what
-    happened to each layer.
+    FP8 training, or with `Float8Config(mode="inference")` frozen float8 weights. `compile=True`:
+    each repeated block (e.g. the transformer layers of a ModuleList) compiled on its own,
+    identical blocks sharing one graph, or the whole model if it repeats none; `"model"`: one
+    whole-model compile; `False`: convert only (for FSDP2, activation checkpointing or your own
+    compile call). `compile_kwargs` go to every compile call. See `fp8_layers` for what happened
+    to each layer.
     """
     config = _check_args(model, config, module_filter_fn)
+    check_compile_choice(compile)
     if config.mode == "inference":
         release_for_inference(model)  # a model trained with compile_fp8: plain weights first
         convert_for_inference(model, config, module_filter_fn)
     else:
         convert_for_training(model, config, module_filter_fn)
-    return torch.compile(model, **compile_kwargs) if compile else model
+    compile_regions(model, compile, compile_kwargs)
+    return model
 
 
 def fp8_layers(model: nn.Module) -> dict[str, str]:
@@ -95,5 +101,10 @@ def _check_args(model, config, module_filter_fn) -> Float8Config:
         raise ValueError(
             f"model is already converted by compile_fp8 ({len(converted)} FP8 weights, e.g. "
             f"{converted[0]!r}); call compile_fp8 once, on the plain model"
+        )
+    if getattr(model, "_compiled_call_impl", None) is not None:
+        raise ValueError(
+            "compile_fp8 got a model already compiled in place (model.compile()); pass it before "
+            "compiling (compile_fp8 compiles it for you, or use compile=False)"
         )
     return config

@@ -18,16 +18,18 @@ float8 formats encode +0.0 as the byte 0x00, so padding is done on a uint8 view.
 Emulation (GPUs without FP8 tensor cores, or on request) multiplies the float8 values by the
 inverse scales and runs a float32 matmul. The float8 operands and scales are the same bits as on
 the real path; only the float32 accumulation order differs, so results agree to the last bits
-(often exactly, not always: torch's CPU `_scaled_mm` sums in its own order). On CPU emulation is
-also the fast path: torch's CPU `_scaled_mm` is a reference kernel, ~100x slower than a float32
-matmul, so `Float8Config(emulate=True)` is the practical choice for CPU runs; the default stays
-the real kernel there, which is what makes CPU results bitwise equal to torchao's.
+(often exactly, not always: torch's CPU `_scaled_mm` sums in its own order). Emulation is the
+default everywhere but on FP8 GPUs (CUDA sm89+): torch's CPU `_scaled_mm` is a reference kernel
+whose speed depends on the CPU and the build (far slower than a float32 matmul on some machines),
+while emulation runs ordinary float32 GEMMs. `Float8Config(emulate=False)` on CPU still runs it,
+with a warning: that is what makes CPU results bitwise equal to torchao's.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -153,11 +155,25 @@ _LOGGED_PATHS: set = set()
 
 
 def choose_emulate(device: torch.device, requested: bool | None) -> bool:
-    """Resolve `Float8Config.emulate` for `device`, logging each (device, path) choice once."""
+    """Resolve `Float8Config.emulate` for `device`, logging each (device, path) choice once.
+
+    None: `_scaled_mm` only on a CUDA device where it runs (sm89+), emulation elsewhere."""
     device = torch.device(device)
     if device.type == "meta":
         return bool(requested)
-    emulate = (not scaled_mm_supported(device)) if requested is None else requested
+    if requested is None:
+        emulate = device.type != "cuda" or not scaled_mm_supported(device)
+    else:
+        emulate = requested
+    if requested is False and device.type == "cpu":
+        warnings.warn(
+            "compile_fp8: Float8Config(emulate=False) on CPU runs torch's CPU _scaled_mm, a slow "
+            "reference kernel on many CPUs; leave emulate at its default (emulation on CPU: the same "
+            "casts and scales, float32 GEMMs) unless you need _scaled_mm's exact bits (e.g. to compare "
+            "with torchao)",
+            UserWarning,
+            stacklevel=2,
+        )
     key = (device.type, emulate, requested is None)
     if key not in _LOGGED_PATHS:
         _LOGGED_PATHS.add(key)
@@ -166,19 +182,13 @@ def choose_emulate(device: torch.device, requested: bool | None) -> bool:
 
 
 def _log_path(device, emulate, requested):
-    if not emulate and device.type == "cpu":
-        logger.info(
-            "compile_fp8: FP8 GEMMs run on torch._scaled_mm on cpu (a slow reference kernel; "
-            "Float8Config(emulate=True) is much faster on CPU, same casts and scales)"
-        )
-    elif not emulate:
+    if not emulate:
         logger.info("compile_fp8: FP8 GEMMs run on torch._scaled_mm on %s", device.type)
-    elif requested:
-        logger.info("compile_fp8: FP8 numerics emulated on %s (emulate=True)", device.type)
+    elif requested or device.type != "cuda":
+        logger.info("compile_fp8: FP8 numerics emulated on %s (same casts and scales, float32 GEMMs)", device.type)
     else:
         logger.warning(
             "compile_fp8: torch._scaled_mm does not run on %s (FP8 needs a CUDA GPU of compute "
-            "capability 8.9+ or a CPU build of torch >= 2.13); emulating FP8 numerics in float32, "
-            "which is correct but slower than bf16",
+            "capability 8.9+); emulating FP8 numerics in float32, which is correct but slower than bf16",
             device,
         )

@@ -38,7 +38,7 @@ STATE_ATTR = "_compile_fp8"  # the module attribute that holds its LayerState (s
 FilterFn = Callable[[nn.Module, str], bool]
 Owners = dict  # id(parameter) -> [(fqn of the parameter, module holding it)]
 
-# dtypes torch._scaled_mm takes for its output and the layer's activations
+# layer dtypes torch._scaled_mm can write and compile_fp8 converts
 FP8_WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -208,8 +208,11 @@ def shared_skip_reason(module, fqn: str, owners: Owners, filter_fn: Optional[Fil
         if size % ALIGN:
             return SkipReason(SkipKind.UNALIGNED, f"{name}={size} is not a multiple of {ALIGN}")
     weight = module.weight
-    if not weight.is_floating_point():
-        return SkipReason(SkipKind.DTYPE, f"weight dtype {weight.dtype} is not floating point")
+    if weight.dtype not in FP8_WEIGHT_DTYPES:
+        return SkipReason(
+            SkipKind.DTYPE,
+            f"weight dtype {weight.dtype} (torch._scaled_mm takes bfloat16, float16 or float32 layers)",
+        )
     kind = is_conv1d(module)  # a tie is shared only by layers that use the weight alike
     others = [n for n, m in owners.get(id(weight), []) if not is_linear_like(m) or is_conv1d(m) != kind]
     if others:

@@ -267,6 +267,16 @@ def _compiled(rank):
     return dict(losses=losses, weights=_weights(model), seconds=time.perf_counter() - start)
 
 
+def _compiled_per_block(rank):
+    """torchtitan's order: convert (compile=False), fully_shard each block and the root, then
+    compile each block in place (what compile_fp8's regional compile does)."""
+    model = _shard(_model())
+    for block in model.blocks:
+        block.compile()
+    losses = _train(model, _optimizer(model), _batches(), STEPS, [rank])
+    return dict(losses=losses, weights=_weights(model), compiled=[b._compiled_call_impl is not None for b in model.blocks])
+
+
 def _worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
@@ -279,6 +289,7 @@ def _worker(rank, world, port, out_dir):
     results["mixed_precision"] = _mixed_precision(rank, recorder)
     results["unsupported"] = _unsupported_scaling(rank)
     results["compiled"] = _compiled(rank)
+    results["compiled_per_block"] = _compiled_per_block(rank)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -394,16 +405,16 @@ def test_rowwise_all_gathers_high_precision_and_says_so(sharded, recipe):
     run = sharded[0][f"train/{recipe}"]
     assert run["gather_bytes"] == _gathered_bytes(4), run["gather_bytes"]
     assert set(run["types"].values()) == {"Float8TrainingWeight"}, run["types"]
-    assert set(run["layers"].values()) == {f"fp8 {recipe} dynamic (FSDP all-gather in fp32)"}, run["layers"]
+    assert set(run["layers"].values()) == {f"fp8 {recipe} dynamic (emulated) (FSDP all-gather in fp32)"}, run["layers"]
 
 
 @distributed
 def test_fp8_layers_names_the_fp8_all_gather(sharded):
     layers = sharded[0]["train/tensorwise"]["layers"]
     assert layers == {
-        "blocks.0.0": "fp8 tensorwise dynamic (FSDP all-gather in fp8 e4m3)",
-        "blocks.1.0": "fp8 tensorwise dynamic (FSDP all-gather in fp8 e4m3)",
-        "head": "fp8 tensorwise dynamic (FSDP all-gather in fp8 e4m3)",
+        "blocks.0.0": "fp8 tensorwise dynamic (emulated) (FSDP all-gather in fp8 e4m3)",
+        "blocks.1.0": "fp8 tensorwise dynamic (emulated) (FSDP all-gather in fp8 e4m3)",
+        "head": "fp8 tensorwise dynamic (emulated) (FSDP all-gather in fp8 e4m3)",
     }, layers
 
 
@@ -454,7 +465,7 @@ def test_mixed_precision_bf16_params_forward_equals_a_bf16_model(sharded):
         expected = _gathered_bytes(1 if recipe == "tensorwise" else 2, bias_element_bytes=2)
         assert run["gather_bytes"] == expected, (recipe, run["gather_bytes"], expected)
         gathered = "fp8 e4m3" if recipe == "tensorwise" else "bf16"
-        assert set(run["layers"].values()) == {f"fp8 {recipe} dynamic (FSDP all-gather in {gathered})"}
+        assert set(run["layers"].values()) == {f"fp8 {recipe} dynamic (emulated) (FSDP all-gather in {gathered})"}
 
 
 @distributed
@@ -470,6 +481,15 @@ def test_torch_compile_after_fully_shard(sharded, single_process):
     ref = single_process["tensorwise"]
     for rank in range(WORLD):
         run = sharded[rank]["compiled"]
+        _assert_same_run(run["losses"], run["weights"], ref["losses"], ref["weights"], rank, rel=1e-5)
+
+
+@distributed
+def test_fully_shard_then_compile_each_block(sharded, single_process):
+    ref = single_process["tensorwise"]
+    for rank in range(WORLD):
+        run = sharded[rank]["compiled_per_block"]
+        assert all(run["compiled"]), run["compiled"]
         _assert_same_run(run["losses"], run["weights"], ref["losses"], ref["weights"], rank, rel=1e-5)
 
 

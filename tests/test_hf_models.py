@@ -1,4 +1,4 @@
-"""Real clients (issue 8): HF transformers Llama, Qwen2 and GPT-2 from tiny random configs.
+"""Real clients: HF transformers Llama, Qwen2 and GPT-2 from tiny random configs.
 
 Nothing is downloaded: each model is built from a config (hidden sizes multiples of 16). They
 train under compile_fp8 with every projection in FP8 (asserted through `fp8_layers`), their
@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 VOCAB, SEQ = 128, 32
-EMULATED = "fp8 tensorwise dynamic (emulated)"  # CPU runs emulate: same casts, ~100x faster
+EMULATED = "fp8 tensorwise dynamic (emulated)"  # the CPU default: the same casts, float32 GEMMs
 CONFIG = Float8Config(emulate=True)
 
 
@@ -140,7 +140,7 @@ def test_conv1d_is_bitwise_the_equivalent_fp8_linear(recipe):
     conv, linear = _conv1d_and_linear()
     conv = compile_fp8(conv, Float8Config(recipe=recipe), compile=False)
     linear = compile_fp8(linear, Float8Config(recipe=recipe), compile=False)
-    assert fp8_layers(conv) == {"": f"fp8 {recipe} dynamic"}
+    assert fp8_layers(conv) == {"": f"fp8 {recipe} dynamic (emulated)"}
     assert isinstance(conv.weight, Float8TrainingWeight) and conv.weight.shape == (32, 48)
     x = torch.randn(2, 8, 32)
     x_conv, x_linear = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -217,3 +217,32 @@ def test_bf16_checkpoint_to_fp8_train_and_back_to_the_plain_model(name, tmp_path
     torch.save(unwrap_compiled(model).state_dict(), buffer)
     buffer.seek(0)
     plain.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
+
+
+# ---- FP8 inference checkpoints in the serving layout ---------------------------------------
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_inference_save_pretrained_reload_is_bitwise(recipe, tmp_path):
+    """An FP8 inference model's state_dict is plain tensors (float8 weight, weight_scale), so
+    `save_pretrained` writes safetensors; the documented load path (plain model, compile_fp8 with
+    the same config and compile=False, load_state_dict) gives the same outputs bit for bit."""
+    from safetensors.torch import load_file
+
+    config = Float8Config(mode="inference", recipe=recipe)
+    model = compile_fp8(_build("llama", torch.bfloat16), config, compile=False)
+    state = model.state_dict()
+    assert all(type(v) is torch.Tensor for v in state.values()), {k: type(v) for k, v in state.items()}
+    q = "model.layers.0.self_attn.q_proj."
+    assert state[q + "weight"].dtype == torch.float8_e4m3fn, state[q + "weight"].dtype
+    expected_scale_shape = () if recipe == "tensorwise" else (64, 1)
+    assert tuple(state[q + "weight_scale"].shape) == expected_scale_shape, state[q + "weight_scale"].shape
+    model.save_pretrained(tmp_path)
+    reloaded = compile_fp8(_build("llama", torch.bfloat16), config, compile=False)
+    reloaded.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    with torch.no_grad():
+        assert bits_equal(reloaded(ids).logits, model(ids).logits)
+    dequantized = state[q + "weight"].float() * state[q + "weight_scale"]
+    original = _build("llama", torch.bfloat16).get_parameter(q + "weight").float()
+    assert sqnr(original, dequantized) > 25, f"dequantized weight: {sqnr(original, dequantized):.1f} dB"

@@ -6,6 +6,7 @@ checked bitwise as well, and against the SQNR >= 40 dB floor the contract promis
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -38,8 +39,12 @@ def _ours_and_torchao(recipe, dtype, bias, input_shape, device, cast_kernels="in
         copy.deepcopy(base),
         config=torchao_float8.Float8LinearConfig.from_recipe_name(recipe),
     )
-    config = Float8Config(recipe=recipe, cast_kernels=cast_kernels)
-    ours = compile_fp8(copy.deepcopy(base), config, compile=False)
+    # emulate=False: torch._scaled_mm on every device, as torchao runs it (on CPU the reference
+    # kernel, which warns: slow, but the bits are the contract here)
+    config = Float8Config(recipe=recipe, cast_kernels=cast_kernels, emulate=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "compile_fp8: Float8Config.emulate=False. on CPU")
+        ours = compile_fp8(copy.deepcopy(base), config, compile=False)
     x = torch.randn(*input_shape, 64, dtype=dtype, device=device)
     grad = torch.randn(*input_shape, 32, dtype=dtype, device=device)
     return _run(ours, x, grad), _run(theirs, x, grad)

@@ -1,4 +1,4 @@
-"""Robustness (issue 8): what users' models and habits throw at compile_fp8.
+"""Robustness: what users' models and habits throw at compile_fp8.
 
 Each test asserts what a user would call right: the result the high-precision layer gives (up to
 FP8 rounding), the same non-finite values it gives, or a clear error that says what to do.
@@ -30,7 +30,7 @@ from compile_fp8.api import unwrap_compiled
 from helpers import bits_equal, sqnr
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-FP8 = "fp8 tensorwise dynamic"
+FP8 = "fp8 tensorwise dynamic (emulated)"  # on CPU the default emulates (gemm.choose_emulate)
 
 
 def _convert(model, config=None, **kwargs):
@@ -552,7 +552,7 @@ def test_meta_init_resolves_the_path_on_the_real_device(monkeypatch):
     model = _convert(model)  # emulate=None: chosen from the device
     monkeypatch.setattr(gemm, "scaled_mm_supported", lambda device: False)  # a GPU below sm89
     model.to_empty(device="cpu")
-    assert fp8_layers(model)["0"] == FP8 + " (emulated)", fp8_layers(model)
+    assert fp8_layers(model)["0"] == FP8, fp8_layers(model)
 
 
 def test_meta_model_loads_a_checkpoint_with_assign():
@@ -640,12 +640,11 @@ def test_fallback_path_says_so_once(monkeypatch, caplog):
     monkeypatch.setattr(gemm, "scaled_mm_supported", lambda device: False)
     monkeypatch.setattr(gemm, "_LOGGED_PATHS", set())
     with caplog.at_level(logging.INFO, logger="compile_fp8"):
-        models = [_convert(_mlp()) for _ in range(3)]
+        chosen = [gemm.choose_emulate(torch.device("cuda"), None) for _ in range(3)]
+    assert chosen == [True] * 3, chosen
     lines = [r for r in caplog.records if "_scaled_mm" in r.getMessage()]
     assert len(lines) == 1 and lines[0].levelno == logging.WARNING, [r.getMessage() for r in lines]
     assert "emulating FP8 numerics in float32" in lines[0].getMessage(), lines[0].getMessage()
-    assert fp8_layers(models[0])["0"] == FP8 + " (emulated)"
-    assert torch.isfinite(models[0](torch.randn(4, 32))).all()
 
 
 @pytest.mark.skipif(
@@ -654,6 +653,6 @@ def test_fallback_path_says_so_once(monkeypatch, caplog):
 )
 def test_gpu_without_fp8_emulates():
     model = _convert(_mlp("cuda"))
-    assert fp8_layers(model)["0"] == FP8 + " (emulated)"
+    assert fp8_layers(model)["0"] == FP8
     x = torch.randn(16, 32, device="cuda")
     _assert_close(_run(_mlp("cuda"), x), _run(model, x), 20, "emulated on a pre-sm89 GPU")

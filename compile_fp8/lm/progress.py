@@ -1,7 +1,7 @@
 """The progress display: a tqdm bar on a terminal, else plain printed lines.
 
 `mode="auto"` shows a bar when tqdm is installed and stderr is a terminal; otherwise (a log
-file, a CI job, the device tool's captured output) it prints one line every ~5% of the run, so
+file, a CI job, a remote job's captured output) it prints one line every ~5% of the run, so
 logs stay readable. tqdm is imported lazily: `import compile_fp8` must stay light.
 """
 
