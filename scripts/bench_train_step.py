@@ -8,7 +8,9 @@ same model from the same seed, compiles it, and reports:
 * first step seconds (compilation + one step), step ms (median of `--steps` timed steps after
   `--warmup`), tokens/s, speed-up over bf16, peak memory (torch.cuda.max_memory_allocated).
 
-Variants: bf16, ours-tensorwise, ours-rowwise, ours-static (calibrated on one batch; weight scales
+Variants: bf16 (whole-model torch.compile), bf16-regional (each block compiled in place),
+ours-tensorwise (compile_fp8's default: regional compile), ours-tensorwise-model
+(`compile="model"`: one whole-model compile), ours-rowwise, ours-static (calibrated on one batch; weight scales
 refreshed after every optimizer step, whose cost is also timed alone), ours-staticgrads (the same
 with `static_grads=True`: calibrated grad_output scales too), ours-delayed,
 ours-triton (tensorwise, `cast_kernels="triton"`), ours-tensorwise-auto and ours-rowwise-auto
@@ -47,7 +49,9 @@ from _bench_common import add_out_argument, device_name, try_variant, write_resu
 
 VARIANTS = (
     "bf16",
+    "bf16-regional",
     "ours-tensorwise",
+    "ours-tensorwise-model",
     "ours-rowwise",
     "ours-static",
     "ours-staticgrads",
@@ -90,6 +94,10 @@ def convert(name: str, model, batch, emulate):
     """`model` converted and compiled as variant `name`."""
     if name == "bf16":
         return torch.compile(model)
+    if name == "bf16-regional":  # each transformer block compiled in place, as compile_fp8 does
+        for block in model.blocks:
+            block.compile()
+        return model
     kind, what, *flags = name.split("-")
     if kind == "torchao":
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
@@ -107,7 +115,8 @@ def convert(name: str, model, batch, emulate):
     else:
         layer_filter = "auto" if flags == ["auto"] else "all"
         config = Float8Config(recipe=what, emulate=emulate, layer_filter=layer_filter)
-    compiled = compile_fp8(model, config, module_filter_fn=not_head)
+    how = "model" if flags == ["model"] else True  # default: regional (each block in place)
+    compiled = compile_fp8(model, config, module_filter_fn=not_head, compile=how)
     if what == "static":
         calibrate(compiled, [batch[0]])
     elif what == "staticgrads":  # the model returns the loss given targets: backward it
