@@ -25,7 +25,7 @@
 #
 # Other settings (environment variables):
 #   GPU_CHECK_STAGES              the stages to run, e.g. "tests inference" (default: all of them)
-#   GPU_CHECK_PYTEST_ARGS         more pytest arguments, e.g. "tests/test_inference.py -x"
+#   GPU_CHECK_PYTEST_ARGS         more pytest arguments, e.g. "tests/test_small_m_gemm.py -x"
 #   GPU_CHECK_LINEAR_VARIANTS     bench_linear --variants (default: all of its variants)
 #   GPU_CHECK_TRAIN_VARIANTS      bench_train_step --variants
 #                                 (default: bf16,ours-tensorwise,torchao-tensorwise,ours-rowwise,torchao-rowwise)

@@ -242,10 +242,10 @@ def test_cpu_probe_defaults_to_emulation_and_says_why():
 # ---- comparison -------------------------------------------------------------------------------
 
 
-def write_metrics(folder, fp8, losses, tokens_per_s, val):
+def write_metrics(folder, fp8, losses, tokens_per_s, val, device="cuda"):
     folder.mkdir(parents=True)
     name = "bf16" if fp8 == "none" else f"fp8-{fp8}"
-    lines = [{"event": "start", "name": name, "fp8": fp8, "preset": "tiny", "device": "cpu"}]
+    lines = [{"event": "start", "name": name, "fp8": fp8, "preset": "tiny", "device": device}]
     lines += [{"step": i + 1, "loss": loss, "lr": 1e-3, "tokens_per_s": tokens_per_s,
                "mfu": None, "step_ms": 1.0} for i, loss in enumerate(losses)]
     lines += [{"step": len(losses), "val_loss": val},
@@ -255,15 +255,52 @@ def write_metrics(folder, fp8, losses, tokens_per_s, val):
 
 
 def test_compare_runs_writes_table_and_plot(tmp_path):
-    fp8 = write_metrics(tmp_path / "b", "tensorwise", [5.0] * 20 + [4.04] * 10, 1500.0, 4.2)
-    bf16 = write_metrics(tmp_path / "a", "none", [5.0] * 20 + [4.0] * 10, 1000.0, 4.0)
+    """Runs recorded on a GPU: tokens/s and the speed-up over bf16."""
+    fp8 = write_metrics(tmp_path / "b", "tensorwise", [5.0] * 20 + [4.04] * 10, 1500.0, 4.2, device="cuda:0")
+    bf16 = write_metrics(tmp_path / "a", "none", [5.0] * 20 + [4.0] * 10, 1000.0, 4.0, device="cuda:0")
     markdown = compare.write_report([fp8, bf16], tmp_path / "out")
     rows = [line for line in markdown.splitlines() if line.startswith("| bf16") or
             line.startswith("| fp8")]
     assert rows[0].startswith("| bf16"), markdown  # the reference comes first
     assert "4.0400 | +1.00% | 4.2000 | +5.00% | 1,500 | 1.50x | 2.00 | 9.0 |" in rows[1], rows[1]
+    assert "Not on a GPU" not in markdown, markdown
     assert (tmp_path / "out" / "loss.png").stat().st_size > 10_000
     assert (tmp_path / "out" / "comparison.md").read_text() == markdown
+
+
+def test_compare_runs_on_cpu_shows_no_speed_up(tmp_path, capsys):
+    """CPU runs (emulated FP8 GEMMs): no tokens/s, no speed-up ratio, a note saying why; the
+    losses are still compared. Through scripts/compare_runs.py, as a user runs it."""
+    import importlib.util
+    from pathlib import Path
+
+    fp8 = write_metrics(tmp_path / "b", "tensorwise", [5.0] * 20 + [4.04] * 10, 1500.0, 4.2, device="cpu")
+    bf16 = write_metrics(tmp_path / "a", "none", [5.0] * 20 + [4.0] * 10, 1000.0, 4.0, device="cpu")
+    path = Path(__file__).resolve().parent.parent / "scripts" / "compare_runs.py"
+    spec = importlib.util.spec_from_file_location("compare_runs_cli", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main([str(bf16), str(fp8), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.startswith("| ")]
+    assert "speed-up |" not in rows[0] and "tokens/s" not in rows[0], rows[0]
+    assert "4.0400 | +1.00% | 4.2000 | +5.00% | 2.00 | 9.0 |" in rows[2], rows[2]
+    assert not any(ratio in printed for ratio in ("1.50x", "1.00x", "1,500", "0.67x")), printed
+    assert "tokens/s there are not meaningful for FP8" in printed, printed
+    assert (tmp_path / "out" / "loss.png").stat().st_size > 10_000
+
+
+def test_compare_runs_shows_the_speed_up_only_of_runs_made_on_a_gpu(tmp_path):
+    bf16 = write_metrics(tmp_path / "a", "none", [4.0] * 10, 1000.0, 4.0, device="cuda")
+    gpu = write_metrics(tmp_path / "b", "tensorwise", [4.0] * 10, 1250.0, 4.0, device="cuda")
+    cpu = write_metrics(tmp_path / "c", "rowwise", [4.0] * 10, 50.0, 4.0, device="cpu")
+    rows = compare.table(compare.load_runs([bf16, gpu, cpu])).splitlines()
+    assert "| 1,250 | 1.25x |" in rows[3], rows[3]
+    assert "| n/a | n/a |" in rows[4] and "x |" not in rows[4], rows[4]
+    # a GPU run against a CPU reference: no ratio either
+    cpu_ref = write_metrics(tmp_path / "d", "none", [4.0] * 10, 50.0, 4.0, device="cpu")
+    table = compare.table(compare.load_runs([cpu_ref, gpu]))
+    assert "speed-up" not in table and "x |" not in table, table
 
 
 def test_compare_runs_rejects_a_folder_without_metrics(tmp_path):

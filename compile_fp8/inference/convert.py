@@ -44,7 +44,7 @@ from ..layers import (
     shared_skip_reason,
 )
 from . import passes
-from .linear import Float8InferenceLinear, conv1d_forward, linear_forward
+from .linear import Float8InferenceLinear, apply_keeping_fp8, conv1d_forward, linear_forward
 from .scales import quantize_weight
 from .state import INPUT_SCALE, WEIGHT_SCALE, InferenceSpec, InferenceState
 
@@ -99,6 +99,7 @@ def _attach(module: nn.Module, weight: nn.Parameter, inv_scale: torch.Tensor, st
     else:  # Conv1D, or a subclass of nn.Linear: its other methods stay
         forward = conv1d_forward if state.conv1d else linear_forward
         module.forward = functools.partial(forward, module)  # deepcopy / pickle keep it bound
+        module._apply = functools.partial(apply_keeping_fp8, module)
     module._register_load_state_dict_pre_hook(_load_checkpoint, with_module=True)
     module.register_load_state_dict_post_hook(_after_load)
 

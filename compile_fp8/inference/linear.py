@@ -43,6 +43,8 @@ from ..scaling import saturated_cast
 from .scales import inference_scale
 from .state import DERIVED, INPUT_AMAX, INPUT_SCALE, WEIGHT_SCALE, InferenceSpec, InferenceState
 
+SCALE_BUFFERS = (WEIGHT_SCALE, INPUT_SCALE, *DERIVED.values())  # float32 whatever the model's dtype
+
 
 def linear_forward(module: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     """nn.Linear.forward of a converted layer: weight [N, K] float8."""
@@ -55,11 +57,28 @@ def conv1d_forward(module: nn.Module, input: torch.Tensor) -> torch.Tensor:
     return _fp8_linear(module, input, _frozen_weight(module).t())
 
 
+def apply_keeping_fp8(module: nn.Module, fn, recurse: bool = True) -> nn.Module:
+    """`nn.Module._apply` (behind `.to()`, `.cuda()`, `.bfloat16()`, ...) for a converted layer:
+    the float8 weight and the float32 scales move to the new device but keep their dtypes (a
+    plain `_apply` would cast every floating-point tensor, float8 included, to the new dtype)."""
+    kept = {name: t for name, t in module.named_buffers(recurse=False) if name in SCALE_BUFFERS}
+    kept["weight"] = module.weight.detach()  # _apply swaps the Parameter's data in place
+    nn.Module._apply(module, fn, recurse)
+    device = module.weight.device
+    for name, tensor in kept.items():
+        if name == "weight":  # the same Parameter object: ties stay ties
+            module.weight.data = tensor.to(device)
+        else:
+            module._buffers[name] = tensor.to(device)
+    return module
+
+
 class Float8InferenceLinear(nn.Linear):
     """The class of a converted plain `nn.Linear` (importable by name: deepcopy and pickling
     keep it)."""
 
     forward = linear_forward
+    _apply = apply_keeping_fp8
 
 
 def _frozen_weight(module) -> torch.Tensor:
