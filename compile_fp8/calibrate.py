@@ -46,7 +46,10 @@ def calibrate(
     needs_grads = any(state.calibrates_grads for _, _, state in layers)
     _check_calibrate_args(layers, num_batches, needs_grads, loss_fn)
     seen = 0
-    with _calibrating(layers), torch.enable_grad() if needs_grads else torch.no_grad():
+    # eager, also where compile_fp8 compiled the model in place: the recording forward is a
+    # different graph, and compiling it would cost a compile and a recompile for a few batches
+    eager = torch.compiler.set_stance("force_eager")
+    with _calibrating(layers), eager, torch.enable_grad() if needs_grads else torch.no_grad():
         for batch in batches:
             if num_batches is not None and seen >= num_batches:
                 break

@@ -270,3 +270,18 @@ def test_compiled_training_on_cuda(scaling):
     assert losses[-1] < 0.7 * losses[0], f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
     # one graph for both: delayed scaling's empty-history first step is a `where` in the graph
     assert counter.frame_count == 1, f"{counter.frame_count} frames"
+
+
+def test_calibrate_runs_eagerly_on_a_model_compiled_in_place():
+    """compile_fp8 compiles in place, so calibrate's forwards would go through the compiled
+    model: they run eagerly instead (no graph for the recording forward, no recompile after)."""
+    model = _mlp()
+    counter = CompileCounterWithBackend("eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compile_fp8(model, Float8Config(scaling="static"), backend=counter, fullgraph=True)
+    calibrate(model, _batches())
+    assert counter.frame_count == 0, f"calibrate compiled {counter.frame_count} frame(s)"
+    for _ in range(2):
+        model(torch.randn(8, 32)).sum().backward()
+    assert counter.frame_count == 1, f"{counter.frame_count} frames after calibrate"
