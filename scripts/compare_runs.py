@@ -4,7 +4,10 @@
 
 Each argument is a run folder of scripts/train.py (or its metrics.jsonl file). Writes
 OUT/comparison.md and OUT/loss.png and prints the table. The reference for the relative
-differences and the speed-up is the bf16 run (--fp8 none). See compile_fp8/lm/compare.py.
+differences and the speed-up is the bf16 run (--fp8 none). tokens/s and the speed-up are shown
+only for runs recorded on a CUDA GPU: on CPU the FP8 GEMMs are emulated, so tokens/s there are
+not meaningful for FP8 and the report compares the losses only (and says so). See
+compile_fp8/lm/compare.py.
 """
 
 from __future__ import annotations

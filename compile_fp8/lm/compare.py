@@ -10,6 +10,11 @@ For each run (a run folder, or a metrics .jsonl file itself):
 * peak memory: CUDA's max allocated on GPU, the process's peak RSS on CPU (as logged);
 * first step: seconds of step 1, mostly torch.compile's compilation.
 
+Speed is compared only between runs recorded on a CUDA GPU (the `device` of each run's start
+record, which `train.py` writes). On CPU the FP8 GEMMs are emulated (or run torch's reference
+`_scaled_mm`), so an FP8 run's tokens/s there measure the emulation, not FP8: a CPU run gets no
+tokens/s and no speed-up, the report says why, and only its losses are compared.
+
 matplotlib is imported lazily and with the Agg backend (no display needed).
 """
 
@@ -95,6 +100,30 @@ def reference(runs: list[RunSummary]) -> RunSummary:
     return next((r for r in runs if r.fp8 == "none"), runs[0])
 
 
+def on_gpu(run: RunSummary) -> bool:
+    """Whether the run was recorded on a CUDA device (its start record's `device`, e.g.
+    "cuda" or "cuda:0"): the only place its tokens/s say something about FP8's speed."""
+    return str(run.start.get("device") or "").split(":")[0] == "cuda"
+
+
+def speed_comparable(run: RunSummary, ref: RunSummary) -> bool:
+    """A speed-up of `run` over `ref` means something: both ran on a GPU."""
+    return on_gpu(run) and on_gpu(ref)
+
+
+def cpu_note(runs: list[RunSummary]) -> str:
+    """Why runs get no tokens/s and no speed-up ("" when every run was made on a GPU)."""
+    elsewhere = [r for r in runs if not on_gpu(r)]
+    if not elsewhere:
+        return ""
+    where = ", ".join(f"{r.label} on {r.start.get('device') or 'an unrecorded device'}" for r in elsewhere)
+    which = "any run" if not on_gpu(reference(runs)) else "those runs"
+    return (f"Not on a GPU: {where}. On CPU the FP8 GEMMs are emulated (float32 GEMMs plus the "
+            "casts), so tokens/s there are not meaningful for FP8: no tokens/s or speed-up is "
+            f"shown for {which}, only the losses are compared. FP8's speed needs a CUDA GPU with "
+            "FP8 tensor cores (sm89+: H100, H200, L4, RTX 4090).")
+
+
 def _rel(value: float, ref: float) -> str:
     if not (math.isfinite(value) and math.isfinite(ref)) or ref == 0:
         return "n/a"
@@ -106,23 +135,29 @@ def _num(value, fmt: str) -> str:
 
 
 def table(runs: list[RunSummary]) -> str:
-    """The markdown comparison table (one row per run, the reference first)."""
+    """The markdown comparison table (one row per run, the reference first). The tokens/s and
+    speed-up columns appear only where some run's speed can be compared (`speed_comparable`);
+    a run on CPU shows "n/a" there."""
     ref = reference(runs)
-    rows = [
-        f"| run | steps | train loss (last {LAST_N}) | vs {ref.label} | final val loss | "
-        f"vs {ref.label} | tokens/s (median) | speed-up | peak memory GiB | first step s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    speed_columns = any(speed_comparable(r, ref) for r in runs)
+    header = (f"| run | steps | train loss (last {LAST_N}) | vs {ref.label} | final val loss | "
+              f"vs {ref.label} |")
+    header += " tokens/s (median) | speed-up |" if speed_columns else ""
+    header += " peak memory GiB | first step s |"
+    rows = [header, "|---|" + "---:|" * (header.count("|") - 2)]
     for run in [ref] + [r for r in runs if r is not ref]:
         same = run is ref
-        tps, ref_tps = run.steady_tokens_per_s, ref.steady_tokens_per_s
-        speed = tps / ref_tps if math.isfinite(tps) and ref_tps else math.nan
-        rows.append(
-            f"| {run.label} | {run.steps[-1] if run.steps else 0} | {_num(run.final_loss, '.4f')}"
-            f" | {'-' if same else _rel(run.final_loss, ref.final_loss)} | "
-            f"{_num(run.final_val, '.4f')} | {'-' if same else _rel(run.final_val, ref.final_val)}"
-            f" | {_num(tps, ',.0f')} | {_num(speed, '.2f')}x | "
-            f"{_num(run.end.get('peak_mem_gib'), '.2f')} | {_num(run.end.get('first_step_s'), '.1f')} |")
+        row = (f"| {run.label} | {run.steps[-1] if run.steps else 0} | {_num(run.final_loss, '.4f')}"
+               f" | {'-' if same else _rel(run.final_loss, ref.final_loss)} | "
+               f"{_num(run.final_val, '.4f')} | {'-' if same else _rel(run.final_val, ref.final_val)} |")
+        if speed_columns and speed_comparable(run, ref):
+            tps, ref_tps = run.steady_tokens_per_s, ref.steady_tokens_per_s
+            speed = tps / ref_tps if math.isfinite(tps) and ref_tps else math.nan
+            row += f" {_num(tps, ',.0f')} | {_num(speed, '.2f')}x |"
+        elif speed_columns:
+            row += " n/a | n/a |"
+        row += f" {_num(run.end.get('peak_mem_gib'), '.2f')} | {_num(run.end.get('first_step_s'), '.1f')} |"
+        rows.append(row)
     return "\n".join(rows)
 
 
@@ -147,8 +182,9 @@ def _smooth(values: list[float]) -> list[float]:
 
 
 def plot(runs: list[RunSummary], path: str | Path) -> None:
-    """Three panels: train loss (smoothed; val loss as dots), difference to the reference's
-    smoothed train loss in percent, tokens/s."""
+    """Train loss (smoothed; val loss as dots), difference to the reference's smoothed train
+    loss in percent, and tokens/s of the runs made on a GPU (no third panel when there is none:
+    `cpu_note`)."""
     import matplotlib  # lazy: only plotting needs it
 
     matplotlib.use("Agg")
@@ -156,7 +192,9 @@ def plot(runs: list[RunSummary], path: str | Path) -> None:
 
     ref = reference(runs)
     ref_smooth = dict(zip(ref.steps, _smooth(ref.losses)))
-    fig, (ax_loss, ax_diff, ax_speed) = plt.subplots(1, 3, figsize=(16, 4.5))
+    speed = any(on_gpu(r) for r in runs)
+    fig, axes = plt.subplots(1, 3 if speed else 2, figsize=(16 if speed else 11, 4.5))
+    ax_loss, ax_diff, ax_speed = (*axes, None) if not speed else axes
     for run in runs:
         smooth = _smooth(run.losses)
         (line,) = ax_loss.plot(run.steps, smooth, label=f"{run.label} (train, smoothed)")
@@ -168,11 +206,13 @@ def plot(runs: list[RunSummary], path: str | Path) -> None:
                 for s, v in zip(run.steps, smooth) if s in ref_smooth]
         if diff and run is not ref:
             ax_diff.plot(*zip(*diff), color=line.get_color(), label=run.label)
-        ax_speed.plot(run.steps, run.tokens_per_s, color=line.get_color(), label=run.label)
+        if ax_speed is not None and on_gpu(run):
+            ax_speed.plot(run.steps, run.tokens_per_s, color=line.get_color(), label=run.label)
     _label(ax_loss, "loss", "loss (nats/token)")
     _label(ax_diff, f"smoothed train loss vs {ref.label}", "relative difference (%)")
     ax_diff.axhline(0, color="gray", linewidth=0.8)
-    _label(ax_speed, "throughput", "tokens/s")
+    if ax_speed is not None:
+        _label(ax_speed, "throughput (GPU runs)", "tokens/s")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -193,8 +233,14 @@ def write_report(paths, out_dir: str | Path) -> str:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot(runs, out_dir / "loss.png")
+    ref = reference(runs)
+    notes = []
+    if any(speed_comparable(r, ref) for r in runs):
+        notes.append("tokens/s is the median after the first 10% of steps (compilation left out); "
+                     f"speed-up is relative to {ref.label}.")
+    if cpu_note(runs):
+        notes.append(cpu_note(runs))
     markdown = (f"# Training runs compared\n\n{table(runs)}\n\n{context(runs)}\n\n"
-                f"tokens/s is the median after the first 10% of steps (compilation left out); "
-                f"speed-up is relative to {reference(runs).label}.\n\n![loss](loss.png)\n")
+                + "".join(f"{note}\n\n" for note in notes) + "![loss](loss.png)\n")
     (out_dir / "comparison.md").write_text(markdown)
     return markdown
