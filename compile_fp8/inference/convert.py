@@ -145,7 +145,8 @@ def _load_checkpoint(module, state_dict, prefix, local_metadata, strict, missing
                                                                  transposed=state.conv1d)  # fmt: skip
     scale = state_dict.get(scale_key)
     if scale is not None and tuple(scale.shape) != tuple(getattr(module, WEIGHT_SCALE).shape):
-        state_dict.pop(key, None), state_dict.pop(scale_key)
+        del state_dict[scale_key]  # reported here, not again as nn.Module's size mismatch
+        state_dict.pop(key, None)
         errors.append(
             f"compile_fp8: {scale_key}: the checkpoint holds a {_granularity(scale)} FP8 weight, the "
             f"model a {state.spec.granularity} one: convert with the recipe the checkpoint was saved with"

@@ -5,7 +5,7 @@ Three paths run the same FP8 numerics (the same float8 bits and scales; see docs
 * **FP8 hardware**: a CUDA GPU of compute capability 8.9+ (Ada, Hopper): `torch._scaled_mm`
   on FP8 tensor cores. The only path that is faster than bf16.
 * **CPU real kernel**: torch's CPU `_scaled_mm` (torch >= 2.13). Bitwise equal to torchao, but a
-  reference kernel ~100x slower than a float32 matmul: fine for tests, not for training.
+  reference kernel, far slower than a float32 matmul on many CPUs: fine for tests, not for training.
 * **emulation**: the float8 values times their inverse scales, then a float32 matmul. The
   default for training on CPU, and the only choice on GPUs below sm89.
 
@@ -87,8 +87,8 @@ def _choose(device: torch.device, runs: bool, emulate: str) -> tuple[bool, str]:
                            "reference kernel (bitwise equal to torchao)")
         return False, "requested with --emulate off"
     if device.type == "cpu":
-        return True, ("CPU default: torch's CPU _scaled_mm is a reference kernel ~100x slower "
-                      "than a float32 matmul; emulation gives the same float8 casts and scales "
+        return True, ("CPU default: torch's CPU _scaled_mm is a reference kernel, slow on many "
+                      "CPUs; emulation gives the same float8 casts and scales "
                       "(--emulate off to use the kernel anyway)")
     if runs:
         return False, "torch._scaled_mm runs on FP8 tensor cores"
