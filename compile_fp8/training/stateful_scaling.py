@@ -106,7 +106,7 @@ def _fp8_linear(module, input, input_scale, weight_scale, grad_amax, grading):
     )  # fmt: skip
 
 
-def _static_forward(module, input, config):
+def _static_forward(module, input, config: Float8Config):
     margin = config.amax_margin
     input_scale = stored_amax_to_scale(module.fp8_amax_input, E4M3, margin)
     weight_scale = stored_amax_to_scale(module.fp8_amax_weight, E4M3, margin)
@@ -116,7 +116,7 @@ def _static_forward(module, input, config):
     return _fp8_linear(module, input, input_scale, weight_scale, None, DYNAMIC_GRADS)
 
 
-def _delayed_forward(module, input, config, record=True):
+def _delayed_forward(module, input, config: Float8Config, record=True):
     margin, how = config.amax_margin, config.amax_from
     amax_input, amax_weight = amax(input), amax(module.weight)
     input_scale = delayed_scale(module.fp8_amax_history_input, amax_input, E4M3, how, margin)
