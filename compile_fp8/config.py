@@ -93,7 +93,7 @@ class Float8Config:
 
     cast_kernels: CastKernels = "inductor"
     """Experimental, tensorwise only. "inductor" (default): torch.compile generates the amax and
-    cast kernels. "triton": hand-written Triton kernels (`kernels.py`) compute each amax and
+    cast kernels. "triton": hand-written Triton kernels (`kernels/cast.py`) compute each amax and
     write each float8 operand in both layouts in one pass; backward then keeps the float8 input
     and weight instead of high-precision copies. Same bits either way; on CPU (no Triton) the
     torch fallbacks run (`kernels/cast.py`)."""

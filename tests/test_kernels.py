@@ -1,4 +1,4 @@
-"""kernels.py: the Triton amax and dual-layout cast equal the torch references, bit for bit.
+"""kernels/cast.py: the Triton amax and dual-layout cast equal the torch references, bit for bit.
 
 Three levels:
 * the public functions' torch fallbacks, everywhere (CI has no triton);

@@ -9,7 +9,7 @@ What changes against a single-process run (`train.py` calls these):
 * the model is built and loaded whole, converted by `compile_fp8(..., compile=False)`, then
   `fully_shard` each Transformer block and the root (embedding, final norm, head), then
   compiled: FP8 weights all-gather in FP8 (tensorwise) or bf16 (rowwise), see
-  `compile_fp8/fsdp.py`; after each optimizer step one all-reduce takes every FP8 weight's amax;
+  `compile_fp8/training/fsdp.py`; after each optimizer step one all-reduce takes every FP8 weight's amax;
 * `--batch-size` is per process: process r trains on batch `W * step + r` of the run's sampler,
   so W processes see W times the tokens per step, and the data position is the same number on
   every rank;
