@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import Float8Config
-from .layers import FilterFn, is_linear_like, layer_state
+from .layers import FilterFn, is_linear_like, layer_state, unwrap_compiled
 from .regions import CompileChoice, check_compile_choice, compile_regions
 from .inference.convert import check_not_inference_model, convert_for_inference
 from .training.convert import convert_for_training, release_for_inference
@@ -65,14 +65,11 @@ def fp8_layers(model: nn.Module) -> dict[str, str]:
     for fqn, module in model.named_modules():
         if is_linear_like(module):
             state = layer_state(module)
-            report[fqn] = "skipped: not converted (compile_fp8 was not called on it)" if state is None \
-                else state.describe(module, gather_dtypes)  # fmt: skip
+            if state is None:
+                report[fqn] = "skipped: not converted (compile_fp8 was not called on it)"
+            else:
+                report[fqn] = state.describe(module, gather_dtypes)
     return report
-
-
-def unwrap_compiled(model: nn.Module) -> nn.Module:
-    """The module inside `torch.compile(module)` (`_orig_mod`), or `model` itself."""
-    return getattr(model, "_orig_mod", model)
 
 
 def plain_state_dict(model: nn.Module) -> dict:

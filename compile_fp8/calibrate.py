@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from .layers import converted_layers
+from .layers import converted_layers, unwrap_compiled
 from .training.state import TrainingState
 
 logger = logging.getLogger("compile_fp8")
@@ -41,7 +41,7 @@ def calibrate(
 
     `loss_fn(output, batch) -> loss` is needed only with `Float8Config(static_grads=True)`.
     """
-    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: the module inside
+    model = unwrap_compiled(model)
     layers = [(fqn, m, state) for fqn, m, state in converted_layers(model) if state.is_static]
     needs_grads = any(state.calibrates_grads for _, _, state in layers)
     _check_calibrate_args(layers, num_batches, needs_grads, loss_fn)
@@ -116,7 +116,7 @@ def refresh_weight_scales(model: nn.Module) -> None:
     buffer: no recompile). Without it the calibrated weight scale stays fixed, and weight values
     that grow past `amax * amax_margin` saturate.
     """
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap_compiled(model)
     layers = [m for _, m, state in converted_layers(model, TrainingState) if state.is_static]
     if not layers:
         return

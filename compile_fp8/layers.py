@@ -159,6 +159,11 @@ class ConvertedLayer(LayerState):
         return self.refresh(module)
 
 
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module inside a `torch.compile(module)` wrapper (`_orig_mod`), or `model` itself."""
+    return getattr(model, "_orig_mod", model)
+
+
 def layer_state(module: nn.Module) -> Optional[LayerState]:
     return module.__dict__.get(STATE_ATTR)
 

@@ -109,9 +109,9 @@ def release_for_inference(model: nn.Module) -> None:
     each FP8 weight becomes a plain Parameter of its master tensor again (ties stay ties)."""
     plain: dict[int, nn.Parameter] = {}  # id(training Parameter) -> its plain Parameter
     for _, module, state in converted_layers(model, TrainingState):
-        weight = module.weight
-        if training_weight(weight) is not None and id(weight) not in plain:
-            plain[id(weight)] = nn.Parameter(training_weight(weight).hp.detach(), weight.requires_grad)
+        weight, master = module.weight, training_weight(module.weight)
+        if master is not None and id(weight) not in plain:
+            plain[id(weight)] = nn.Parameter(master.hp.detach(), weight.requires_grad)
         if id(weight) in plain:
             module.weight = plain[id(weight)]
         remove_hooks(module._state_dict_hooks, _plain_weight_in_state_dict)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..layers import unwrap_compiled
 from .fsdp import all_reduce_max, gather_amaxes, gathers_fp8, local_amax
 from .weight import training_weight
 
@@ -31,7 +32,7 @@ def precompute_float8_dynamic_scale_for_fsdp(model: nn.Module) -> None:
     Call it right after `opt.step()` (as torchao's function of the same name). Without it each
     weight all-reduces its own amax when it is gathered; the scales are the same either way.
     """
-    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: the module inside
+    model = unwrap_compiled(model)
     weights = [w for w in sharded_weights(model) if gathers_fp8(w[1]._recipe)]
     by_mesh: dict = {}  # one collective per mesh (FSDP applied to every module with one mesh: one)
     for mesh, weight in weights:
