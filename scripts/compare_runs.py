@@ -1,13 +1,14 @@
 """Compare training runs: loss curves (PNG) and a table of final losses, speed and memory.
 
     python scripts/compare_runs.py runs/tiny-bf16 runs/tiny-fp8-tensorwise --out runs/compare
+    python scripts/compare_runs.py runs/tiny-fp32 runs/tiny-fp8-tensorwise     # made on CPU
 
 Each argument is a run folder of scripts/train.py (or its metrics.jsonl file). Writes
 OUT/comparison.md and OUT/loss.png and prints the table. The reference for the relative
-differences and the speed-up is the bf16 run (--fp8 none). tokens/s and the speed-up are shown
-only for runs recorded on a CUDA GPU: on CPU the FP8 GEMMs are emulated, so tokens/s there are
-not meaningful for FP8 and the report compares the losses only (and says so). See
-compile_fp8/lm/compare.py.
+differences and the speed-up is the baseline run (--fp8 none), labelled by its parameter dtype:
+bf16, or fp32 (float32, the default on CPU). tokens/s and the speed-up are shown only for runs
+recorded on a CUDA GPU: on CPU the FP8 GEMMs are emulated, so tokens/s there are not meaningful
+for FP8 and the report compares the losses only (and says so). See compile_fp8/lm/compare.py.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""Train a Transformer LM on the prepared corpus, in bf16 or FP8, and log metrics.
+"""Train a Transformer LM on the prepared corpus, with or without FP8, and log metrics.
 
     python scripts/prepare_data.py                                    # once: data/corpus
-    python scripts/train.py --preset tiny --steps 200 --out runs/bf16
+    python scripts/train.py --preset tiny --steps 200 --out runs/base  # bf16 (CPU: float32)
     python scripts/train.py --preset tiny --steps 200 --out runs/fp8 --use_fp8
-    python scripts/compare_runs.py runs/bf16 runs/fp8 --out runs/compare
+    python scripts/compare_runs.py runs/base runs/fp8 --out runs/compare
 
     python scripts/train.py --preset small --fp8 rowwise --batch-size 16 --out runs/small-rw
     python scripts/train.py ... --out runs/small-rw --resume           # continue from ckpt.pt
@@ -25,14 +25,15 @@ from compile_fp8.config import LAYER_FILTERS
 from compile_fp8.lm.hardware import EMULATE_CHOICES
 from compile_fp8.lm.model import PRESETS
 from compile_fp8.lm.progress import MODES
-from compile_fp8.lm.train import FP8_CHOICES, TrainConfig, run
+from compile_fp8.lm.train import DTYPE_CHOICES, FP8_CHOICES, TrainConfig, run
 
 
 def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = p.add_argument
     add("--preset", choices=list(PRESETS), default="tiny", help="model shape (default: tiny)")
-    add("--fp8", choices=FP8_CHOICES, default="none", help="FP8 recipe, or none for bf16")
+    add("--fp8", choices=FP8_CHOICES, default="none",
+        help="FP8 recipe, or none for the baseline in --dtype")
     add("--use_fp8", action="store_true", help="the same as --fp8 tensorwise")
     add("--layer-filter", choices=LAYER_FILTERS, default="all",
         help="FP8 for all eligible layers, or auto: only shapes measured faster than bf16 (H200)")
@@ -46,10 +47,14 @@ def parse_args(argv=None) -> TrainConfig:
     add("--emulate", choices=EMULATE_CHOICES, default="auto",
         help="FP8 path: auto (FP8 hardware on sm89+ GPUs, emulation on CPU), on, off")
     add("--device", default=None, help="default: cuda if available, else cpu")
+    add("--dtype", choices=DTYPE_CHOICES, default="auto",
+        help="parameter dtype (baseline weights, FP8 master weights, LM head); auto: bfloat16 "
+             "on CUDA, float32 on CPU (CPUs without native bf16 run bf16 matmuls ~10x slower)")
     add("--seed", type=int, default=0, help="weights and data order")
     add("--vocab-size", type=int, default=None, help="override the preset's vocab size")
     add("--data", default="data/corpus", help="folder with train.bin, val.bin, meta.json")
-    add("--out", default=None, help="run folder (default: runs/<preset>-<bf16|fp8-recipe>)")
+    add("--out", default=None,
+        help="run folder (default: runs/<preset>-<bf16|fp32|fp8-recipe>)")
     add("--eval-every", type=int, default=100, help="val loss every N steps (0: at the end)")
     add("--eval-batches", type=int, default=20)
     add("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
@@ -65,12 +70,13 @@ def parse_args(argv=None) -> TrainConfig:
         if args.fp8 not in ("none", "tensorwise"):
             p.error("--use_fp8 means --fp8 tensorwise; pass only one of them")
         args.fp8 = "tensorwise"
-    name = "bf16" if args.fp8 == "none" else f"fp8-{args.fp8}"
+    name = TrainConfig(fp8=args.fp8, device=args.device, dtype=args.dtype).name  # bf16, fp32, fp8-*
     return TrainConfig(
         preset=args.preset, fp8=args.fp8, layer_filter=args.layer_filter, steps=args.steps, batch_size=args.batch_size,
         seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps, compile=args.compile,
-        emulate=args.emulate, device=args.device, seed=args.seed, vocab_size=args.vocab_size,
-        data_dir=args.data, out_dir=args.out or f"runs/{args.preset}-{name}",
+        emulate=args.emulate, device=args.device, dtype=args.dtype, seed=args.seed,
+        vocab_size=args.vocab_size, data_dir=args.data,
+        out_dir=args.out or f"runs/{args.preset}-{name}",
         eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
         stop_after=args.stop_after, resume=args.resume, progress=args.progress, fsdp=args.fsdp)
 

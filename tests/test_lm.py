@@ -1,4 +1,4 @@
-"""compile_fp8.lm: presets, token files and sampler, training (bf16 / FP8), resume, comparison.
+"""compile_fp8.lm: presets, token files and sampler, training (baseline / FP8), resume, comparison.
 
 All on CPU and small: the training runs use the `tiny` preset with a 512-token vocab on a
 synthetic, learnable token file (no network, no prepared corpus), eagerly.
@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from compile_fp8 import fp8_layers
 from compile_fp8.lm import PRESETS, ModelConfig, TransformerLM, flops_per_token, num_params
 from compile_fp8.lm import compare, corpus, hardware
 from compile_fp8.lm.data import BatchSampler, eval_batches, open_corpus, open_tokens
 from compile_fp8.lm.model import apply_rope, rope_tables
-from compile_fp8.lm.train import TrainConfig, lr_at, run
+from compile_fp8.lm.train import TrainConfig, bytes_per_param, lr_at, run, setup
 
 VOCAB = 512
 
@@ -186,11 +187,41 @@ def train_losses(out_dir) -> dict[int, float]:
 
 @pytest.mark.parametrize("fp8", ["none", "tensorwise"])
 def test_a_few_steps_of_tiny_lower_the_loss(tmp_path, fp8):
+    """On CPU the default dtype is float32: FP8 (emulated) trains float32 master weights."""
     write_corpus(tmp_path / "data")
     summary = run(small_run(tmp_path, fp8=fp8), say=lambda *a: None)
     losses = train_losses(tmp_path / "run")
     assert losses[12] < losses[1] - 1.0, f"{fp8}: loss {losses[1]:.3f} -> {losses[12]:.3f}"
     assert math.isfinite(summary["val_loss"]), summary
+    start = compare.load_run(tmp_path / "run").start
+    assert start["dtype"] == "float32", start
+
+
+@pytest.mark.parametrize("fp8", ["none", "tensorwise"])
+@pytest.mark.parametrize("dtype, expected", [("auto", torch.float32), ("bfloat16", torch.bfloat16),
+                                             ("float32", torch.float32)])
+def test_parameter_dtype_is_float32_on_cpu_by_default_and_an_explicit_one_is_honoured(
+        tmp_path, fp8, dtype, expected):
+    """`auto` = float32 on CPU (bf16 matmuls there are ~10x slower without native bf16);
+    `--dtype bfloat16` still builds bf16 weights. The head (kept out of FP8) and the
+    converted layers' master weights are in that dtype, and the run is named by it."""
+    write_corpus(tmp_path / "data")
+    cfg = small_run(tmp_path, fp8=fp8, dtype=dtype, steps=2)
+    short = "fp32" if expected == torch.float32 else "bf16"
+    assert cfg.param_dtype == str(expected).removeprefix("torch.")
+    assert cfg.name == (short if fp8 == "none" else "fp8-tensorwise")
+    said = []
+    run_ = setup(cfg, say=said.append)
+    run_.log.close()
+    assert {p.dtype for p in run_.eval_model.parameters()} == {expected}
+    assert run_.eval_model.head.weight.dtype == expected
+    assert f"{cfg.param_dtype} parameters" in "\n".join(said), said
+    if fp8 != "none":
+        converted = [how for how in fp8_layers(run_.eval_model).values() if how.startswith("fp8")]
+        assert len(converted) == 20, fp8_layers(run_.eval_model)  # 4 blocks x 5 linears
+    start = compare.load_run(tmp_path / "run").start
+    assert (start["dtype"], start["name"]) == (cfg.param_dtype, cfg.name), start
+    assert bytes_per_param(cfg.param_dtype) == 4 * expected.itemsize  # weight, grad, 2 moments
 
 
 def test_resume_continues_exactly_and_checkpoint_loads_weights_only(tmp_path):
@@ -229,6 +260,8 @@ def test_bad_train_config_values_name_the_choices():
         TrainConfig(fp8="int8")
     with pytest.raises(ValueError, match="preset='huge' is not known"):
         TrainConfig(preset="huge")
+    with pytest.raises(ValueError, match="dtype='float16' is not supported; allowed values"):
+        TrainConfig(dtype="float16")
 
 
 def test_cpu_probe_defaults_to_emulation_and_says_why():
@@ -337,3 +370,12 @@ def test_train_cli_flags(monkeypatch):
         cli.parse_args(["--use_fp8", "--fp8", "rowwise"])
     assert cli.parse_args(["--fp8", "rowwise", "--layer-filter", "auto"]).layer_filter == "auto"
     assert cfg.layer_filter == "all"
+    # the baseline's dtype: auto is float32 on CPU, an explicit --dtype wins; the default run
+    # folder is named after it
+    auto = cli.parse_args(["--device", "cpu"])
+    assert (auto.dtype, auto.param_dtype, auto.out_dir) == ("auto", "float32", "runs/tiny-fp32")
+    bf16 = cli.parse_args(["--device", "cpu", "--dtype", "bfloat16"])
+    assert (bf16.param_dtype, bf16.out_dir) == ("bfloat16", "runs/tiny-bf16"), bf16
+    assert cli.parse_args(["--device", "cpu", "--out", "runs/x"]).out_dir == "runs/x"
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--dtype", "float16"])

@@ -4,7 +4,8 @@ For each run (a run folder, or a metrics .jsonl file itself):
 
 * final train loss: the mean of the last 10 logged training losses (one step's loss is noisy);
 * final val loss: the last val loss logged (a fixed set of val batches, same for every run);
-* relative difference to the reference, the run with `fp8 == "none"` (bf16): (run - ref) / ref;
+* relative difference to the reference, the run with `fp8 == "none"` (the baseline, named by
+  its parameter dtype: bf16, or fp32 on CPU): (run - ref) / ref;
 * tokens/s: the median over the steady state (the first 10% of steps, which include
   compilation, left out); speed-up = tokens/s / the reference's;
 * peak memory: CUDA's max allocated on GPU, the process's peak RSS on CPU (as logged);
@@ -96,7 +97,7 @@ def load_runs(paths) -> list[RunSummary]:
 
 
 def reference(runs: list[RunSummary]) -> RunSummary:
-    """The bf16 run (fp8 "none"); the first run if there is none."""
+    """The baseline run (fp8 "none": bf16 or fp32); the first run if there is none."""
     return next((r for r in runs if r.fp8 == "none"), runs[0])
 
 
@@ -162,13 +163,15 @@ def table(runs: list[RunSummary]) -> str:
 
 
 def context(runs: list[RunSummary]) -> str:
-    """One line per run saying where and how it ran (device, FP8 path, shape)."""
+    """One line per run saying where and how it ran (device, parameter dtype, FP8 path, shape)."""
     lines = []
     for run in runs:
         s = run.start
         mem = run.end.get("peak_mem_kind", "")
-        lines.append(f"- {run.label}: preset {s.get('preset')}, {s.get('batch_size')} x "
-                     f"{s.get('seq_len')} tokens/step, lr {s.get('lr')}, seed {s.get('seed')}, "
+        dtype = s.get("dtype") or "bfloat16"  # runs logged before the field trained in bf16
+        lines.append(f"- {run.label}: preset {s.get('preset')}, {dtype} parameters, "
+                     f"{s.get('batch_size')} x {s.get('seq_len')} tokens/step, lr {s.get('lr')}, "
+                     f"seed {s.get('seed')}, "
                      f"compile={s.get('compile')}, on {s.get('device_name')} "
                      f"(torch {s.get('torch')}), FP8 path: {s.get('fp8_path')}; "
                      f"peak memory = {mem or 'n/a'}")

@@ -1,13 +1,15 @@
-"""The training loop: a `TransformerLM` on token files, bf16 or FP8 (`compile_fp8`), compiled.
+"""The training loop: a `TransformerLM` on token files, a bf16 (or float32) baseline or FP8
+(`compile_fp8`), compiled.
 
 One run, start to end (`run(TrainConfig(...))`; `scripts/train.py` is its command line):
 
 1. report the FP8 support found (device, torch, a `torch._scaled_mm` probe) and the path taken:
    FP8 hardware, CPU real kernel or emulation (`hardware.py`);
 2. open and check the token files (`data.py`), check the model fits the device;
-3. build the model with bf16 parameters (seeded), load the checkpoint when resuming, then
+3. build the model with parameters in `dtype` (seeded; "auto": bf16 on CUDA, float32 on CPU),
+   load the checkpoint when resuming, then
    `compile_fp8(model, Float8Config(recipe=...), module_filter_fn=lambda m, fqn: fqn != "head")`
-   (the LM head stays bf16) or plain `torch.compile` for the bf16 baseline;
+   (the LM head stays in the parameter dtype) or plain `torch.compile` for the baseline;
 4. AdamW (fused on CUDA; weight decay on matrices only), linear warm-up then cosine decay to
    `min_lr_ratio * lr`, gradient clipping;
 5. each step: loss, tokens/s and MFU to the progress bar and `metrics.jsonl`; the val loss every
@@ -44,9 +46,17 @@ from .metrics import METRICS_NAME, MetricsLog
 from .model import ModelConfig, TransformerLM, flops_per_token, get_preset, num_params
 from .progress import Progress
 
-FP8_CHOICES = ("none", *RECIPES)  # the CLI offers exactly what Float8Config takes, plus bf16
+FP8_CHOICES = ("none", *RECIPES)  # what Float8Config takes, plus "none": the baseline
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPE_CHOICES = ("auto", *DTYPES)
+SHORT_DTYPE = {"bfloat16": "bf16", "float32": "fp32"}  # the baseline run's name
 DEFAULT_LR = {"tiny": 3e-3, "small": 6e-4, "medium": 3e-4, "wide": 3e-4, "anchor": 3e-4}
-BYTES_PER_PARAM = 8  # bf16 weight + bf16 grad + two bf16 AdamW moments, before activations
+
+
+def bytes_per_param(dtype: str) -> int:
+    """Weight, grad and two AdamW moments, all in the parameter dtype (an FP8 run's master
+    weights too), before activations: 8 for bfloat16, 16 for float32."""
+    return 4 * DTYPES[dtype].itemsize
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +87,11 @@ class TrainConfig:
     """FP8 path: "auto" (hardware where `_scaled_mm` runs on a GPU, else emulation), "on", "off"."""
     device: str | None = None
     """None: "cuda" when available, else "cpu"."""
+    dtype: str = "auto"
+    """Parameter dtype: the baseline's weights, an FP8 run's master weights, the LM head and any
+    layer left unconverted; grads and AdamW states follow it. "auto": bfloat16 on CUDA, float32
+    on CPU, where CPUs without native bf16 arithmetic (e.g. AVX2 only) run bf16 matmuls an order
+    of magnitude slower than float32 ones, and FP8 is emulated with float32 GEMMs anyway."""
     seed: int = 0
     """Seeds the weights and the data order (same seed, same batches for every --fp8)."""
     vocab_size: int | None = None
@@ -102,13 +117,29 @@ class TrainConfig:
         if self.fp8 not in FP8_CHOICES:
             raise ValueError(f"fp8={self.fp8!r} is not supported; allowed values: "
                              f"{list(FP8_CHOICES)}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype={self.dtype!r} is not supported; allowed values: "
+                             f"{list(DTYPE_CHOICES)}")
         for name in ("steps", "batch_size", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
+    def default_device(self) -> torch.device:
+        """`device`, or "cuda" when available, else "cpu" (one process; `--fsdp` picks the
+        local rank's device of the same type)."""
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @property
+    def param_dtype(self) -> str:
+        """`dtype` resolved: "bfloat16" or "float32"."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.default_device().type == "cuda" else "float32"
+
     @property
     def name(self) -> str:
-        return "bf16" if self.fp8 == "none" else f"fp8-{self.fp8}"
+        """The run's label: "bf16" or "fp32" (the baseline, by its dtype), or "fp8-<recipe>"."""
+        return SHORT_DTYPE[self.param_dtype] if self.fp8 == "none" else f"fp8-{self.fp8}"
 
     def model_config(self) -> ModelConfig:
         cfg = get_preset(self.preset)
@@ -123,9 +154,10 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) ->
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def check_fits(model_cfg: ModelConfig, preset: str, device: torch.device) -> None:
+def check_fits(model_cfg: ModelConfig, preset: str, device: torch.device, dtype: str) -> None:
     """ValueError when weights, grads and AdamW states alone exceed the device's memory."""
-    need = num_params(model_cfg) * BYTES_PER_PARAM
+    per_param = bytes_per_param(dtype)
+    need = num_params(model_cfg) * per_param
     if device.type == "cuda":
         have = torch.cuda.mem_get_info(device)[1]
     else:
@@ -134,17 +166,17 @@ def check_fits(model_cfg: ModelConfig, preset: str, device: torch.device) -> Non
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > 0.9 * have:
         raise ValueError(f"preset {preset!r} needs at least {need / 2**30:.1f} GiB on {device} "
-                         f"for weights, gradients and AdamW states ({BYTES_PER_PARAM} bytes per "
-                         f"parameter, before activations); {have / 2**30:.1f} GiB is there: pick "
-                         "a smaller --preset")
+                         f"for weights, gradients and AdamW states ({per_param} bytes per "
+                         f"{dtype} parameter, before activations); {have / 2**30:.1f} GiB is "
+                         "there: pick a smaller --preset")
 
 
 def build_model(cfg: TrainConfig, model_cfg: ModelConfig, support, device, state=None):
-    """(model to train, plain module for eval): bf16 weights, checkpoint loaded, FP8, FSDP2
-    (`cfg.fsdp`), compile."""
+    """(model to train, plain module for eval): weights in `cfg.param_dtype`, checkpoint loaded,
+    FP8, FSDP2 (`cfg.fsdp`), compile."""
     torch.manual_seed(cfg.seed)
     with torch.device(device):
-        model = TransformerLM(model_cfg).to(torch.bfloat16)
+        model = TransformerLM(model_cfg).to(DTYPES[cfg.param_dtype])
     if state is not None:
         model.load_state_dict(state["model"])  # plain keys and tensors, also from an FP8 run
     if cfg.fp8 != "none":
@@ -220,15 +252,15 @@ def setup(cfg: TrainConfig, say=print, ranks: distributed.Ranks | None = None) -
     """Probe, check the data and the output folder, build model/optimizer, load a checkpoint.
 
     `ranks`: this process's place under `--fsdp` (`distributed.init_from_torchrun`)."""
-    device = ranks.device if ranks else torch.device(
-        cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = ranks.device if ranks else cfg.default_device()
     model_cfg = cfg.model_config()
     seq_len = cfg.seq_len or model_cfg.seq_len
     support = hardware.probe(device, cfg.emulate)
-    say(support.describe() + (" (unused: this is the bf16 run)" if cfg.fp8 == "none" else ""))
+    say(support.describe() + (f" (unused: this is the {cfg.name} run)" if cfg.fp8 == "none"
+                              else ""))
     train_tokens, val_tokens, _ = open_corpus(cfg.data_dir, vocab_size=model_cfg.vocab_size,
                                               seq_len=seq_len)
-    check_fits(model_cfg, cfg.preset, device)
+    check_fits(model_cfg, cfg.preset, device, cfg.param_dtype)
     out = Path(cfg.out_dir)
     ckpt = checkpoint_path(out)
     if ckpt.exists() and not cfg.resume:
@@ -258,10 +290,17 @@ def setup(cfg: TrainConfig, say=print, ranks: distributed.Ranks | None = None) -
     log = (MetricsLog(out / METRICS_NAME, resume_step=start_step if state else None)
            if ranks is None or ranks.is_main else _NoLog())
     run = Run(cfg, device, seq_len, model, eval_model, optimizer, sampler, val_tokens, log,
-              start_step, flops_per_token(model_cfg, seq_len),
-              hardware.peak_flops(device, fp8=cfg.fp8 != "none"), ranks)
+              start_step, flops_per_token(model_cfg, seq_len), _peak_flops(cfg, device), ranks)
     log.write(event="start", **_start_record(cfg, model_cfg, support, seq_len, start_step))
     return run
+
+
+def _peak_flops(cfg: TrainConfig, device) -> float | None:
+    """The MFU denominator: the FP8 or bf16 tensor-core peak; None for a float32 baseline (no
+    such peak is known here, so no MFU is reported)."""
+    if cfg.fp8 == "none" and cfg.param_dtype != "bfloat16":
+        return None
+    return hardware.peak_flops(device, fp8=cfg.fp8 != "none")
 
 
 class _NoLog:
@@ -287,7 +326,8 @@ def _check_world_size(state, ranks, ckpt) -> None:
 
 def _describe_model(cfg, model_cfg, eval_model, seq_len, say, ranks) -> None:
     say(f"model: preset {cfg.preset!r} {model_cfg}, {num_params(model_cfg) / 1e6:.1f}M params "
-        f"({num_params(model_cfg, embedding=False) / 1e6:.1f}M without the embedding), bf16")
+        f"({num_params(model_cfg, embedding=False) / 1e6:.1f}M without the embedding), "
+        f"{cfg.param_dtype} parameters")
     per = f" per process, FSDP2 over {ranks.world_size} processes" if ranks else ""
     say(f"run: {cfg.name}, {cfg.steps} steps x {cfg.batch_size} x {seq_len} tokens{per}, "
         f"compile={cfg.compile}, seed {cfg.seed}")
@@ -296,13 +336,14 @@ def _describe_model(cfg, model_cfg, eval_model, seq_len, say, ranks) -> None:
         fp8 = [how for how in layers.values() if how.startswith("fp8")]
         kept = [f"{fqn} ({how})" for fqn, how in layers.items() if not how.startswith("fp8")]
         kinds = ", ".join(sorted(set(fp8)))
-        say(f"fp8 layers: {len(fp8)} converted ({kinds}); kept in bf16: {', '.join(kept)}")
+        say(f"fp8 layers: {len(fp8)} converted ({kinds}); kept in {cfg.param_dtype}: "
+            f"{', '.join(kept)}")
 
 
 def _start_record(cfg, model_cfg, support, seq_len, start_step) -> dict:
-    return {"name": cfg.name, "preset": cfg.preset, "fp8": cfg.fp8, "device": support.device,
-            "device_name": support.device_name,
-            "fp8_path": "none (bf16)" if cfg.fp8 == "none" else support.path,
+    return {"name": cfg.name, "preset": cfg.preset, "fp8": cfg.fp8, "dtype": cfg.param_dtype,
+            "device": support.device, "device_name": support.device_name,
+            "fp8_path": f"none ({cfg.name})" if cfg.fp8 == "none" else support.path,
             "torch": support.torch_version, "num_params": num_params(model_cfg),
             "flops_per_token": flops_per_token(model_cfg, seq_len),
             "batch_size": cfg.batch_size, "seq_len": seq_len, "steps": cfg.steps,
