@@ -6,10 +6,12 @@ bf16 parameters, fused AdamW, SDPA attention, torch.compile. For every variant i
 same model from the same seed, compiles it, and reports:
 
 * first step seconds (compilation + one step), step ms (median of `--steps` timed steps after
-  `--warmup`), tokens/s, speed-up over bf16, peak memory (torch.cuda.max_memory_allocated).
+  `--warmup`), tokens/s, speed-up over bf16, peak memory of the steps (torch.cuda.max_memory_allocated
+  from the first step on: `calibrate`'s eager high-precision passes are not counted).
 
-Variants: bf16 (whole-model torch.compile), bf16-regional (each block compiled in place),
-ours-tensorwise (compile_fp8's default: regional compile), ours-tensorwise-model
+Variants: bf16 (whole-model torch.compile), bf16-regional (each block compiled in place, the
+loss compiled on its own: `TransformerLM.compile_loss`), ours-tensorwise (compile_fp8's default,
+regional compile, with the loss compiled on its own as well), ours-tensorwise-model
 (`compile="model"`: one whole-model compile), ours-rowwise, ours-static (calibrated on one batch; weight scales
 refreshed after every optimizer step, whose cost is also timed alone), ours-staticgrads (the same
 with `static_grads=True`: calibrated grad_output scales too), ours-delayed,
@@ -97,7 +99,7 @@ def convert(name: str, model, batch, emulate):
     if name == "bf16-regional":  # each transformer block compiled in place, as compile_fp8 does
         for block in model.blocks:
             block.compile()
-        return model
+        return model.compile_loss()
     kind, what, *flags = name.split("-")
     if kind == "torchao":
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
@@ -117,6 +119,8 @@ def convert(name: str, model, batch, emulate):
         config = Float8Config(recipe=what, emulate=emulate, layer_filter=layer_filter)
     how = "model" if flags == ["model"] else True  # default: regional (each block in place)
     compiled = compile_fp8(model, config, module_filter_fn=not_head, compile=how)
+    if how is True:  # the blocks compiled one by one: the loss too, on its own (torchtitan does so)
+        compiled.compile_loss()
     if what == "static":
         calibrate(compiled, [batch[0]])
     elif what == "staticgrads":  # the model returns the loss given targets: backward it
@@ -177,6 +181,8 @@ def bench_variant(name, base, batch, args, device) -> dict:
     if name in ("ours-static", "ours-staticgrads"):
         from compile_fp8 import refresh_weight_scales as refresh
     model = convert(name, copy.deepcopy(base), batch, emulate)
+    if device.type == "cuda":  # the step's peak, not calibrate's eager high-precision passes
+        torch.cuda.reset_peak_memory_stats()
     step = make_step(model, batch, device, refresh)
     first_s = timed(step, device)
     for _ in range(args.warmup):

@@ -104,3 +104,22 @@ def test_hf_llama_blocks_share_one_graph():
         model(ids, use_cache=False).logits.float().pow(2).mean().backward()
     assert counter.frame_count == 1, f"{counter.frame_count} frames for {BLOCKS} decoder layers"
     assert isinstance(model, transformers.LlamaForCausalLM) and hasattr(model, "save_pretrained")
+
+
+def test_lm_compile_loss_runs_alone_and_inlines_into_a_whole_model_compile():
+    """`TransformerLM.compile_loss`: the per-block compile's model gets its loss compiled on its
+    own (same value as eager); a whole-model compile traces it inline (still one frame)."""
+    from torch._dynamo.testing import CompileCounter
+
+    cfg = get_preset("tiny").replace(n_layers=2, seq_len=16, vocab_size=64)
+    torch.manual_seed(0)
+    model = TransformerLM(cfg)
+    tokens = torch.randint(0, 64, (2, 17))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    eager_loss = model(x, y)
+    loss_counter, model_counter = CompileCounter(), CompileCounter()
+    model.compile_loss(backend=loss_counter)
+    assert torch.equal(model(x, y), eager_loss) and loss_counter.frame_count == 1
+    model.compile(backend=model_counter)
+    model(x, y).backward()
+    assert model_counter.frame_count == 1 and loss_counter.frame_count == 1

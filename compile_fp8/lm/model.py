@@ -7,8 +7,8 @@ One block, pre-norm with residuals (x: [B, T, D] throughout)::
 
 then a final RMSNorm and an untied LM head `head` (an nn.Linear, [D] -> [vocab]). Every matrix
 multiply is an `nn.Linear` without bias, so `compile_fp8` converts all of them; the training
-loop keeps `head` in bf16 (its output feeds the softmax directly, where FP8's 3-bit mantissa
-costs the most). Attention itself (q @ k^T, p @ v) runs in bf16 inside
+loop keeps `head` in the parameter dtype (its output feeds the softmax directly, where FP8's
+3-bit mantissa costs the most). Attention itself (q @ k^T, p @ v) runs in high precision inside
 `F.scaled_dot_product_attention`, as in torchao and Transformer Engine.
 
 Dimensions are multiples of 16 (what `torch._scaled_mm` needs, so no layer is skipped) and the
@@ -185,8 +185,16 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits [B, T, V] against targets [B, T], in float32: bf16 logits
+    lose the small differences between likely tokens."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
 class TransformerLM(nn.Module):
     """tokens [B, T] -> logits [B, T, vocab], or the mean next-token loss given targets."""
+
+    loss_fn = staticmethod(next_token_loss)  # `compile_loss` replaces it on the instance
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -241,5 +249,12 @@ class TransformerLM(nn.Module):
         logits = self.head(self.norm(x))  # [B, T, D] @ [D, V] -> [B, T, V]
         if targets is None:
             return logits
-        # float32 log-softmax: bf16 logits lose the small differences between likely tokens
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return self.loss_fn(logits, targets)
+
+    def compile_loss(self, **compile_kwargs) -> "TransformerLM":
+        """Compile the loss on its own (in place; returns self). A model whose blocks are
+        compiled one by one (`compile_fp8`'s default) otherwise runs the cross-entropy eagerly:
+        a float32 copy of the [B*T, vocab] logits, a log-softmax and its backward as separate
+        kernels. Inside a whole-model compile the compiled loss is traced inline like any code."""
+        self.loss_fn = torch.compile(next_token_loss, **compile_kwargs)
+        return self
