@@ -580,7 +580,8 @@ def test_gathered_weight_linear_equals_training_weight_without_casting_the_weigh
     (out, grad_input, grad_weight, casts), (g_out, g_grad_input, g_grad_weight, g_casts) = results
     assert bits_equal(out, g_out) and bits_equal(grad_input, g_grad_input), "output / grad_input differ"
     assert type(g_grad_weight) is torch.Tensor and bits_equal(grad_weight, g_grad_weight), "grad_weight differs"
-    assert casts.count((48, 32)) + casts.count((32, 48)) == 2, casts  # the training weight: both GEMMs
+    # the training weight: cast once in forward, its float8 copy serves the backward GEMM too
+    assert casts.count((48, 32)) + casts.count((32, 48)) == 1, casts
     assert (48, 32) not in g_casts and (32, 48) not in g_casts, g_casts
 
 

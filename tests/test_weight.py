@@ -78,3 +78,27 @@ def test_autocast_bf16_over_fp32_master_weights():
     out.float().sum().backward()
     grad = converted[0].weight.grad
     assert grad.dtype == torch.float32 and torch.isfinite(grad).all(), grad.dtype
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_backward_keeps_the_float8_copies_where_forward_and_backward_cast_alike(recipe):
+    """Tensorwise: input and weight are cast once, and backward keeps those float8 copies (half
+    the bytes of bf16); rowwise casts them along other dims in backward, so it keeps bf16."""
+    from compile_fp8 import Float8Config
+
+    torch.manual_seed(0)
+    layer = compile_fp8(nn.Linear(32, 48).bfloat16(), Float8Config(recipe=recipe), compile=False)
+    x = torch.randn(2, 8, 32, dtype=torch.bfloat16, requires_grad=True)
+    saved = {}
+
+    def pack(t):
+        if t.dim() == 2:
+            saved[tuple(t.shape)] = t.dtype
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+    out.float().square().sum().backward()
+    want = torch.float8_e4m3fn if recipe == "tensorwise" else torch.bfloat16
+    assert saved == {(16, 32): want, (48, 32): want}, saved
+    assert x.grad is not None and layer.weight.grad is not None

@@ -11,11 +11,14 @@ weights in e4m3 (more mantissa), gradients in e5m2 (more range) for tensorwise. 
 always runs along the contracted dim, so the same tensor gets different scales in different
 GEMMs (input: per token in the output GEMM, per feature in grad_weight's).
 
-The high-precision input and weight are saved for backward and re-cast there, as torchao does,
-together with any tensorwise scale computed in forward, so the re-cast uses the same scale
-(dynamic: the same bits; delayed: the history has moved on by then). With
-`Float8Config(cast_kernels="triton")` the float8 copies are saved instead (`_dual_cast_*`,
-with the kernels of `kernels/cast.py`).
+What backward keeps of input and weight: where an operand's backward cast is its forward cast
+(tensorwise: the same float8 dtype and the scale computed in forward), the float8 copy the
+forward GEMM used, and backward only re-lays it out for its GEMM (a transposed copy of one byte
+per element, where torchao re-reads the two-byte high-precision tensor and casts it again: the
+same bits, half the saved memory). Where the casts differ (rowwise scales run along another dim
+in each GEMM) the high-precision tensor, re-cast in backward. With
+`Float8Config(cast_kernels="triton")` both layouts are written by one kernel in forward
+(`_dual_cast_*`, with the kernels of `kernels/cast.py`).
 `gemm.scaled_mm` puts each operand in the layout `_scaled_mm` needs.
 """
 
@@ -46,24 +49,28 @@ class GradScaling:
     """Where grad_output's scale comes from in backward (constant metadata of the function).
 
     dynamic: this step's amax. static: `grad_amax` (a calibrated scalar). delayed: `grad_amax` is
-    an amax history; the scale comes from it (from this step's amax while it is empty), then
-    this step's amax is pushed.
+    an amax history; the scale comes from it (`seeded`: from it alone; otherwise from this
+    step's amax while it is empty), then this step's amax is pushed.
     """
 
     kind: str = "dynamic"
     amax_from: str = "max"
     margin: float = 1.0
+    seeded: bool = False
 
 
 DYNAMIC_GRADS = GradScaling()
 
 
-def _gemm(a_hp, b_hp, spec: GemmSpec, pow2: bool, emulate: bool, a_scale=None, b_scale=None):
-    """[M, K] @ [K, N] -> [M, N], casting A and B as `spec` says (or not at all).
+def _gemm(a_hp, b_hp, spec: GemmSpec, pow2: bool, emulate: bool, a_scale=None, b_scale=None,
+          out_dtype=None):  # fmt: skip
+    """[M, K] @ [K, N] -> [M, N], casting A and B as `spec` says (or not at all; an operand
+    already in the spec's float8 dtype is taken as cast with its scale).
 
     `a_scale` / `b_scale`: a fixed (static, delayed or forward-saved) scale; None: dynamic.
+    `out_dtype`: default A's dtype.
     """
-    out_dtype = a_hp.dtype
+    out_dtype = out_dtype or a_hp.dtype
     if not spec.a.is_fp8:
         return torch.mm(a_hp, b_hp.to(out_dtype))
     a_fp8, a_scale = _cast(a_hp, spec.a, 1, pow2, a_scale)  # scale [M, 1] or []
@@ -77,6 +84,14 @@ def _cast(hp: torch.Tensor, spec: CastSpec, rowwise_dim: int, pow2: bool, scale=
     if scale is None:
         return cast_to_fp8(hp, spec, rowwise_dim, pow2)
     return saturated_cast(hp, scale, spec.dtype), scale
+
+
+def _cast_once(hp: torch.Tensor, scale, forward: CastSpec, backward: CastSpec) -> torch.Tensor:
+    """`hp` cast to float8 with `scale` where its forward and backward casts are the same
+    tensorwise cast (`_cast` then passes the float8 copy through in both GEMMs); else `hp`."""
+    if scale is None or hp.dtype == forward.dtype or not same_tensorwise_cast(forward, backward):
+        return hp
+    return saturated_cast(hp, scale, forward.dtype)
 
 
 def _shared_scale(hp: torch.Tensor, first: CastSpec, second: CastSpec, pow2: bool):
@@ -98,7 +113,7 @@ def _grad_out_scale(grad_out, grad_amax, grading: GradScaling, recipe: RecipeSpe
     if grading.kind == "static":
         return stored_amax_to_scale(grad_amax, dtype, grading.margin)
     amax_now = amax(grad_out)
-    scale = delayed_scale(grad_amax, amax_now, dtype, grading.amax_from, grading.margin)
+    scale = delayed_scale(grad_amax, amax_now, dtype, grading.amax_from, grading.margin, grading.seeded)
     push_amax(grad_amax, amax_now)  # a buffer mutated in backward: supported by AOT autograd
     return scale
 
@@ -130,19 +145,23 @@ class Float8LinearFn(torch.autograd.Function):
         weight = weight_hp if weight_fp8 is None else weight_fp8  # [N, K], hp or float8
         if weight_scale is None:
             weight_scale = _shared_scale(weight, recipe.output.b, recipe.grad_input.b, pow2)
-        ctx.save_for_backward(input_hp, weight, input_scale, weight_scale, grad_amax)
+        # one cast serves both GEMMs of an operand: cast here, keep the float8 copy for backward
+        input_2d = _cast_once(input_2d, input_scale, recipe.output.a, recipe.grad_weight.b)
+        weight = _cast_once(weight, weight_scale, recipe.output.b, recipe.grad_input.b)
+        ctx.save_for_backward(input_2d, weight, input_scale, weight_scale, grad_amax)
+        ctx.input_shape = input_hp.shape
         # ---- output = input @ weight.T:  [M, K] @ [K, N] -> [M, N]
-        output = _gemm(input_2d, weight.t(), recipe.output, pow2, emulate, input_scale, weight_scale)
+        output = _gemm(input_2d, weight.t(), recipe.output, pow2, emulate, input_scale, weight_scale,
+                       input_hp.dtype)  # fmt: skip
         return output.reshape(*input_hp.shape[:-1], output.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.dual_cast:
             return _dual_cast_backward(ctx, grad_out)
-        input_hp, weight, input_scale, weight_scale, grad_amax = ctx.saved_tensors
+        input_2d, weight, input_scale, weight_scale, grad_amax = ctx.saved_tensors
         recipe, emulate, pow2 = ctx.recipe, ctx.emulate, ctx.recipe.pow2_scales
         grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        input_2d = input_hp.reshape(-1, input_hp.shape[-1])
         go_scale = _grad_out_scale(grad_out_2d, grad_amax, ctx.grading, recipe)
         grad_input = grad_weight = None
         if ctx.needs_input_grad[0]:
@@ -150,7 +169,7 @@ class Float8LinearFn(torch.autograd.Function):
             grad_input = _gemm(
                 grad_out_2d, weight, recipe.grad_input, pow2, emulate, go_scale, weight_scale
             )
-            grad_input = grad_input.reshape(*input_hp.shape[:-1], grad_input.shape[-1])
+            grad_input = grad_input.reshape(*ctx.input_shape[:-1], grad_input.shape[-1])
         if ctx.needs_input_grad[1]:
             # ---- grad_weight = grad_out.T @ input:  [N, M] @ [M, K] -> [N, K]
             grad_weight = _gemm(
