@@ -1,8 +1,13 @@
-"""calibrate(): measure the amaxes that static scaling uses, in high precision.
+"""calibrate(): measure the amaxes that static scaling uses (and that seed delayed scaling's
+histories), in high precision.
 
     model = compile_fp8(model, Float8Config(scaling="static"))
     calibrate(model, batches, num_batches=8)        # eager forward passes, no FP8
     train(model)                                    # casts use the stored scales: no amax pass
+
+A delayed layer (`scaling="delayed"`) records into the newest entry of its histories, input,
+weight and grad_output (through a backward of `loss_fn`): its first training step then already
+takes every scale from the history (see `training/stateful_scaling.py`).
 
 Each static layer switches to a high-precision forward that records the running max of |input|
 and |weight| (and, with `static_grads=True`, of |grad_output| through a backward of `loss_fn`)
@@ -42,7 +47,7 @@ def calibrate(
     `loss_fn(output, batch) -> loss` is needed only with `Float8Config(static_grads=True)`.
     """
     model = unwrap_compiled(model)
-    layers = [(fqn, m, state) for fqn, m, state in converted_layers(model) if state.is_static]
+    layers = [(fqn, m, state) for fqn, m, state in converted_layers(model) if state.takes_calibration]
     needs_grads = any(state.calibrates_grads for _, _, state in layers)
     _check_calibrate_args(layers, num_batches, needs_grads, loss_fn)
     seen = 0
@@ -71,13 +76,13 @@ def _check_calibrate_args(layers, num_batches, needs_grads, loss_fn):
     if not layers:
         raise ValueError(
             "calibrate needs a model converted with compile_fp8(model, Float8Config(scaling='static'))"
-            " (mode 'training' or 'inference')"
+            " (mode 'training' or 'inference') or Float8Config(scaling='delayed') (training)"
         )
     if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
         raise ValueError(f"num_batches={num_batches!r} must be None or an int >= 1")
     if needs_grads and loss_fn is None:
         raise ValueError(
-            "Float8Config(static_grads=True) calibrates gradients too: pass "
+            "Float8Config(static_grads=True) and scaling='delayed' calibrate gradients too: pass "
             "loss_fn=lambda output, batch: ... so calibrate can run backward"
         )
 

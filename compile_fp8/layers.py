@@ -69,7 +69,11 @@ def features(module: nn.Module) -> tuple[int, int]:
 
 
 def overrides_linear_forward(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward
+    """A user's nn.Linear subclass with its own forward (not one of the classes a conversion
+    gives a plain nn.Linear: those set `CONVERTED_FORWARD`)."""
+    cls = type(module)
+    return (isinstance(module, nn.Linear) and cls.forward is not nn.Linear.forward
+            and not getattr(cls, "CONVERTED_FORWARD", False))  # fmt: skip
 
 
 # ---- state ----------------------------------------------------------------------------------
@@ -125,8 +129,13 @@ class ConvertedLayer(LayerState):
 
     @property
     def is_static(self) -> bool:
-        """Calibrated by `calibrate` (scaling="static")."""
+        """Fixed scales from `calibrate` (scaling="static")."""
         return False
+
+    @property
+    def takes_calibration(self) -> bool:
+        """`calibrate` records amaxes for this layer (static scales, delayed histories' seed)."""
+        return self.is_static
 
     @property
     def stateful_scaling(self) -> Optional[str]:
@@ -136,7 +145,7 @@ class ConvertedLayer(LayerState):
 
     @property
     def calibrates_grads(self) -> bool:
-        """`calibrate` must run backward for this layer (static gradient scales)."""
+        """`calibrate` must run backward for this layer (static or delayed gradient scales)."""
         return False
 
     def amax_buffer_names(self) -> tuple[str, ...]:

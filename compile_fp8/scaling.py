@@ -82,14 +82,21 @@ def history_amax(history: torch.Tensor, amax_from: str) -> torch.Tensor:
 
 
 def delayed_scale(
-    history: torch.Tensor, amax_now: torch.Tensor, float8_dtype: torch.dtype, amax_from: str, margin: float
+    history: torch.Tensor, amax_now, float8_dtype: torch.dtype, amax_from: str, margin: float,
+    seeded: bool = False,
 ) -> torch.Tensor:
-    """Delayed scaling's scale: from the history's amax (with `margin`), or from `amax_now` (as
-    dynamic scaling would) while the history is empty, i.e. on the first step. The choice is a
-    `where` inside the graph, so the first step runs the same compiled graph as every later one.
+    """Delayed scaling's scale: from the history's amax (with `margin`).
+
+    `seeded` (the history is known to hold an amax: after `calibrate`, a checkpoint or the first
+    optimizer step): from the history alone, so the cast does not wait for a reduction of the
+    tensor it casts and the compiler can fuse it into the kernel that produces that tensor.
+    Otherwise a `where` inside the graph takes `amax_now` (as dynamic scaling would) while the
+    history is empty, i.e. on the first step.
     """
     remembered = history_amax(history, amax_from)
     from_history = stored_amax_to_scale(remembered, float8_dtype, margin)
+    if seeded:
+        return from_history
     return torch.where(remembered > 0, from_history, amax_to_scale(amax_now, float8_dtype))
 
 

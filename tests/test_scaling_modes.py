@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._inductor.utils import run_and_get_code
@@ -18,6 +19,7 @@ from compile_fp8 import (
     plain_state_dict,
     refresh_weight_scales,
 )
+from compile_fp8.layers import layer_state
 from helpers import bits_equal, sqnr
 
 
@@ -134,21 +136,61 @@ def test_calibrate_needs_a_static_model():
 
 
 @pytest.mark.parametrize("cast_kernels", ["inductor", "triton"])
-def test_delayed_trains_compiled_in_one_graph(cast_kernels):
-    """The first step (empty histories: dynamic scales) and the later ones share one graph."""
+def test_delayed_trains_compiled_seeded_after_the_first_step(cast_kernels):
+    """The first step (empty histories: `where` picks this step's amax) compiles one graph; the
+    first optimizer step seeds the layers, and the step after compiles the seeded graph (scales
+    from the histories alone) once; no recompile after that."""
     model = _mlp()
     counter = CompileCounterWithBackend("inductor")
     config = Float8Config(scaling="delayed", history_len=4, cast_kernels=cast_kernels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         compiled = compile_fp8(model, config, backend=counter, fullgraph=True)
+    assert "dynamic until the first optimizer step" in fp8_layers(compiled)["0"]
     losses = _train(compiled, 30)
     assert losses[-1] < 0.7 * losses[0], f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
-    assert counter.frame_count == 1, f"{counter.frame_count} frames compiled, want 1 (no recompile)"
+    assert counter.frame_count == 2, f"{counter.frame_count} frames compiled, want 2 (unseeded, seeded)"
+    assert all(layer_state(m).ready for m in (model[0], model[2]))
     for name in ("input", "weight", "grad_output"):
         history = getattr(model[0], f"fp8_amax_history_{name}")
         assert history.shape == (4,) and (history > 0).all(), f"{name}: {history}"
     assert fp8_layers(compiled)["0"] == "fp8 tensorwise delayed (history 4, max) (emulated)"
+
+
+def test_delayed_calibrated_trains_in_one_graph():
+    """calibrate seeds the histories (newest entry only): the first step already runs seeded."""
+    model = _mlp()
+    counter = CompileCounterWithBackend("inductor")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = compile_fp8(model, Float8Config(scaling="delayed", history_len=4), backend=counter)
+    x = torch.randn(64, 32)
+    with pytest.raises(ValueError, match="scaling='delayed' calibrate gradients too"):
+        calibrate(compiled, [x])
+    calibrate(compiled, [x], loss_fn=lambda out, _: out.square().mean())
+    history = model[0].fp8_amax_history_input
+    assert history[0] == x.abs().max() and (history[1:] == 0).all(), history
+    assert (model[2].fp8_amax_history_grad_output[:1] > 0).all()
+    assert layer_state(model[0]).ready
+    _train(compiled, 5)
+    assert counter.frame_count == 1, f"{counter.frame_count} frames compiled, want 1"
+
+
+def test_delayed_seeded_scale_comes_from_the_history_alone():
+    """Seeded, a step's input scale is the history's, even where this step's amax is larger
+    (the cast saturates, as delayed scaling does); unseeded, the `where` would take the amax."""
+    model = _convert(_mlp(), scaling="delayed")
+    layer = model[0]
+    layer.fp8_amax_history_input.fill_(0.5)
+    layer.fp8_amax_history_weight.fill_(layer.weight.detach().abs().max())
+    layer.fp8_amax_history_grad_output.fill_(1.0)
+    layer_state(layer).refresh(layer)
+    assert layer_state(layer).ready
+    x = torch.full((16, 32), 4.0)  # amax 4 > 0.5: saturates to 0.5 with the history's scale
+    out = layer(x)
+    want = F.linear(torch.full((16, 32), 0.5), layer.weight.detach(), layer.bias.detach())
+    assert torch.allclose(out, want, rtol=0.1), (out[0, :4], want[0, :4])
+    assert layer.fp8_amax_history_input[0] == 4.0, "this step's amax is pushed for the next"
 
 
 def test_delayed_first_step_is_dynamic_scaling_bit_for_bit():
@@ -243,7 +285,48 @@ def test_deepcopy_keeps_the_scaled_forward_bound_to_the_copy():
     clone[0].fp8_amax_input.fill_(1e-3)  # a tiny scale range: the clone must saturate, not us
     x = torch.randn(8, 32)
     assert not bits_equal(clone(x), model(x))
-    assert clone[0].forward.args[0] is clone[0]
+    assert clone[0].forward.__self__ is clone[0]
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class _Blocks(nn.Module):
+    def __init__(self, n=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(32, 32)  # every block's input requires grad (no guard on it)
+        self.blocks = nn.ModuleList(_Block() for _ in range(n))
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return x[:, :16]
+
+
+def test_delayed_blocks_share_one_graph_and_pickle():
+    """A plain nn.Linear with stateful scaling gets a class (not a per-instance forward), so the
+    identical blocks of a regional compile share a graph: 2 for 4 blocks (unseeded, seeded)."""
+    model = _Blocks()
+    counter = CompileCounterWithBackend("inductor")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compile_fp8(model, Float8Config(scaling="delayed"), backend=counter, fullgraph=True)
+    assert isinstance(model.blocks[0].up, nn.Linear) and "forward" not in vars(model.blocks[0].up)
+    _train(model, 3)
+    assert counter.frame_count == 2, f"{counter.frame_count} frames for 4 blocks, want 2"
+    buffer = io.BytesIO()
+    torch.save(_convert(_mlp(), scaling="delayed"), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert "delayed" in fp8_layers(loaded)["0"] and loaded(torch.randn(4, 32)).shape == (4, 16)
 
 
 @pytest.mark.gpu
@@ -268,8 +351,10 @@ def test_compiled_training_on_cuda(scaling):
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
-    # one graph for both: delayed scaling's empty-history first step is a `where` in the graph
-    assert counter.frame_count == 1, f"{counter.frame_count} frames"
+    # static: calibrated before the first step; delayed: the first optimizer step seeds the
+    # histories and the next step compiles the seeded graph once
+    want = 1 if scaling == "static" else 2
+    assert counter.frame_count == want, f"{counter.frame_count} frames, want {want}"
 
 
 def test_calibrate_runs_eagerly_on_a_model_compiled_in_place():

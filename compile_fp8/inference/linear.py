@@ -77,6 +77,7 @@ class Float8InferenceLinear(nn.Linear):
     """The class of a converted plain `nn.Linear` (importable by name: deepcopy and pickling
     keep it)."""
 
+    CONVERTED_FORWARD = True
     forward = linear_forward
     _apply = apply_keeping_fp8
 

@@ -55,11 +55,22 @@ class TrainingState(ConvertedLayer):
         return None if self.config.scaling == "dynamic" else self.config.scaling
 
     @property
+    def takes_calibration(self) -> bool:
+        return self.config.scaling != "dynamic"
+
+    @property
     def calibrates_grads(self) -> bool:
-        return self.is_static and self.config.static_grads
+        return self.config.scaling == "delayed" or (self.is_static and self.config.static_grads)
 
     def amax_buffer_names(self) -> tuple[str, ...]:
         return buffer_names(self.config)
+
+    def amax_slot(self, module: nn.Module, operand: str):
+        """Where `calibrate` records `operand`'s amax: the static amax buffer, or the newest
+        entry of the delayed history (a view: the history's first step)."""
+        name = buffer_names(self.config)[OPERANDS.index(operand)]
+        buffer = getattr(module, name)
+        return buffer[:1] if self.config.scaling == "delayed" else buffer
 
     def refresh(self, module: nn.Module) -> bool:
         """Ready once every amax is recorded (static) / every history has begun (delayed)."""
@@ -83,7 +94,7 @@ class TrainingState(ConvertedLayer):
         if config.scaling == "dynamic":
             return "dynamic"
         if config.scaling == "delayed":
-            warm = "" if self.refresh(module) else ", dynamic until the first training step"
+            warm = "" if self.refresh(module) else ", dynamic until the first optimizer step or calibrate()"
             return f"delayed (history {config.history_len}, {config.amax_from}{warm})"
         grads = "static grads" if config.static_grads else "dynamic grads"
         state = grads if self.ready else "uncalibrated: dynamic until calibrate()"

@@ -4,17 +4,28 @@ Dynamic scaling needs no state: the training weight's `F.linear` hook computes e
 this step's amax. Static and delayed scaling keep amaxes between steps, and mutable state must
 not live inside the weight subclass (torch mishandles mutation of a subclass's inner tensor in a
 compiled region), so it lives in plain buffers on the converted `nn.Linear` (names in
-`state.py`), saved in `state_dict()` (`plain_state_dict(model)` drops them). Such a layer gets
-`stateful_forward` as its forward (an instance attribute: a `functools.partial`, so deepcopy and
-pickling keep it bound to the right module): it reads the buffers and passes fixed scales to the
-FP8 linear function; the histories are updated in place inside the compiled graph (forward for
-input and weight, backward for grad_output).
+`state.py`), saved in `state_dict()` (`plain_state_dict(model)` drops them). Such a layer runs
+`stateful_forward`: it reads the buffers and passes fixed scales to the FP8 linear function; the
+histories are updated in place inside the compiled graph (forward for input and weight, backward
+for grad_output). A plain `nn.Linear` becomes a `StatefulScalingLinear` (an nn.Linear subclass
+whose forward is that function, importable by name so deepcopy and pickling keep it): one
+class-level forward lets every block of a regionally compiled model share one graph. A subclass
+of nn.Linear keeps its class and gets the forward as an instance attribute (a
+`functools.partial`, bound to its module through deepcopy and pickling), which dynamo guards per
+instance: one graph per block there.
 
 A static layer is uncalibrated (`state.ready` False) until `calibrate`: it then runs dynamic
-scaling (never a NaN from an unset scale), and calibrating flips that flag: one recompile. A
-delayed layer needs no flag: while a history is empty (the first step) its scale comes from the
-current amax, chosen by a `where` inside the graph (`scaling.delayed_scale`), so the first step
-and every later one run one compiled graph.
+scaling (never a NaN from an unset scale), and calibrating flips that flag: one recompile.
+
+A delayed layer is *seeded* (`state.ready`) once each of its three histories holds an amax. A
+seeded layer takes every scale from its history alone: no cast waits for a reduction of the
+tensor it casts, so the compiler fuses the cast into the kernel that produces the tensor and
+this step's amax (for the next step) into the same kernel. Before that, a `where` inside the
+graph takes the current amax while a history is empty (`scaling.delayed_scale`). What seeds
+it: `calibrate(model, batches, loss_fn=...)` before training, a checkpoint with its histories,
+or else the first optimizer step (a global optimizer step hook looks at the unseeded layers
+after each of the first `SEED_STEPS` steps, then removes itself); the flag flips outside the
+graph, so the step after it compiles once more.
 
 Histories move only in training forwards (grad mode on): an evaluation under `torch.no_grad()`
 reads them and records nothing. A delayed layer cannot be recomputed by activation
@@ -25,9 +36,11 @@ that says so.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch import nn
 
 from ..config import E4M3, Float8Config
@@ -43,16 +56,24 @@ def attach_scaling_state(module: nn.Linear, state: TrainingState) -> None:
     for name in state.amax_buffer_names():
         shape = () if length is None else (length,)
         module.register_buffer(name, torch.zeros(shape, dtype=torch.float32, device=module.weight.device))
-    module.forward = functools.partial(stateful_forward, module)
+    if type(module) is nn.Linear:
+        module.__class__ = StatefulScalingLinear
+    else:
+        module.forward = functools.partial(stateful_forward, module)
     module._register_load_state_dict_pre_hook(_fill_missing_buffers, with_module=True)
     module.register_load_state_dict_post_hook(_ready_after_load)
+    if config.scaling == "delayed":
+        _seed_watch.add(module, state)
 
 
 def detach_scaling_state(module: nn.Module, state: TrainingState) -> None:
     """Undo `attach_scaling_state` (the layer is converted for inference)."""
     for name in state.amax_buffer_names():
         module._buffers.pop(name, None)
+    if type(module) is StatefulScalingLinear:
+        module.__class__ = nn.Linear
     module.__dict__.pop("forward", None)
+    _seed_watch.discard(module)
     remove_hooks(module._load_state_dict_pre_hooks, _fill_missing_buffers)
     remove_hooks(module._load_state_dict_post_hooks, _ready_after_load)
 
@@ -80,7 +101,14 @@ def stateful_forward(module: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     _refuse_checkpoint_recompute(module)
     # evaluation (no_grad, inference_mode) records nothing, so an evaluation pass never changes
     # what the training run does next
-    return _delayed_forward(module, input, config, record=torch.is_grad_enabled())
+    return _delayed_forward(module, input, config, torch.is_grad_enabled(), state.ready)
+
+
+class StatefulScalingLinear(nn.Linear):
+    """The class of a plain `nn.Linear` converted with static or delayed scaling."""
+
+    CONVERTED_FORWARD = True
+    forward = stateful_forward
 
 
 def _refuse_checkpoint_recompute(module: nn.Linear) -> None:
@@ -116,15 +144,19 @@ def _static_forward(module, input, config: Float8Config):
     return _fp8_linear(module, input, input_scale, weight_scale, None, DYNAMIC_GRADS)
 
 
-def _delayed_forward(module, input, config: Float8Config, record=True):
+def _delayed_forward(module, input, config: Float8Config, record: bool, seeded: bool):
+    """`record`: push this step's amaxes (training); `seeded`: scales from the histories alone."""
     margin, how = config.amax_margin, config.amax_from
-    amax_input, amax_weight = amax(input), amax(module.weight)
-    input_scale = delayed_scale(module.fp8_amax_history_input, amax_input, E4M3, how, margin)
-    weight_scale = delayed_scale(module.fp8_amax_history_weight, amax_weight, E4M3, how, margin)
+    weight, histories = module.weight, (module.fp8_amax_history_input, module.fp8_amax_history_weight)
+    amaxes = (amax(input), amax(weight)) if record or not seeded else (None, None)
+    input_scale, weight_scale = (
+        delayed_scale(history, amax_now, E4M3, how, margin, seeded)
+        for history, amax_now in zip(histories, amaxes)
+    )
     if record:
-        push_amax(module.fp8_amax_history_input, amax_input)
-        push_amax(module.fp8_amax_history_weight, amax_weight)
-    grading = GradScaling("delayed", how, margin)
+        for history, amax_now in zip(histories, amaxes):
+            push_amax(history, amax_now)
+    grading = GradScaling("delayed", how, margin, seeded)
     return _fp8_linear(
         module, input, input_scale, weight_scale, module.fp8_amax_history_grad_output, grading
     )
@@ -150,12 +182,49 @@ class _RecordGradAmax(torch.autograd.Function):
 def _calibrating_forward(module, input, state: TrainingState):
     """High-precision forward that records the running max of |input| and |weight|."""
     weight_hp = module.weight * 1  # a plain, autograd-connected high-precision copy
-    record_amax(module.fp8_amax_input, input)
-    record_amax(module.fp8_amax_weight, weight_hp)
+    record_amax(state.amax_slot(module, "input"), input)
+    record_amax(state.amax_slot(module, "weight"), weight_hp)
     output = F.linear(input, weight_hp, module.bias)
-    if state.config.static_grads and torch.is_grad_enabled():
-        output = _RecordGradAmax.apply(output, module.fp8_amax_grad_output)
+    if state.calibrates_grads and torch.is_grad_enabled():
+        output = _RecordGradAmax.apply(output, state.amax_slot(module, "grad_output"))
     return output
+
+
+# ---- delayed scaling: seeded after the first optimizer step -------------------------------
+
+SEED_STEPS = 3  # optimizer steps after which a layer still unseeded (never trained) is left be
+
+
+class _SeedWatch:
+    """Delayed layers not seeded yet; after each optimizer step (a global post hook, held only
+    while there are such layers), each whose histories have all begun is marked ready."""
+
+    def __init__(self):
+        self.layers: "weakref.WeakKeyDictionary[nn.Module, TrainingState]" = weakref.WeakKeyDictionary()
+        self.handle = None
+        self.steps_left = SEED_STEPS
+
+    def add(self, module: nn.Module, state: TrainingState) -> None:
+        self.layers[module] = state
+        self.steps_left = SEED_STEPS
+        if self.handle is None:
+            self.handle = register_optimizer_step_post_hook(self.after_step)
+
+    def discard(self, module: nn.Module) -> None:
+        self.layers.pop(module, None)
+
+    def after_step(self, optimizer, args, kwargs) -> None:
+        for module, state in list(self.layers.items()):
+            if state.ready or state.refresh(module):
+                del self.layers[module]
+        self.steps_left -= 1
+        if (not self.layers or self.steps_left <= 0) and self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+            self.layers.clear()
+
+
+_seed_watch = _SeedWatch()
 
 
 # ---- checkpoints --------------------------------------------------------------------------
