@@ -46,7 +46,7 @@ from pathlib import Path
 from compile_fp8.config import RECIPES  # the CLI offers exactly the recipes the library takes
 from compile_fp8.lm.compare import load_runs, reference, write_report
 from compile_fp8.lm.corpus import prepare
-from compile_fp8.lm.train import DTYPE_CHOICES, TrainConfig
+from compile_fp8.lm.run_config import DTYPE_CHOICES, TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,7 +25,8 @@ from compile_fp8.config import LAYER_FILTERS
 from compile_fp8.lm.hardware import EMULATE_CHOICES
 from compile_fp8.lm.model import PRESETS
 from compile_fp8.lm.progress import MODES
-from compile_fp8.lm.train import DTYPE_CHOICES, FP8_CHOICES, TrainConfig, run
+from compile_fp8.lm.run_config import DTYPE_CHOICES, FP8_CHOICES, TrainConfig
+from compile_fp8.lm.train import run
 
 
 def parse_args(argv=None) -> TrainConfig:
