@@ -19,8 +19,9 @@ scaling (never a NaN from an unset scale), and calibrating flips that flag: one 
 
 A delayed layer is *seeded* (`state.ready`) once each of its three histories holds an amax. A
 seeded layer takes every scale from its history alone: no cast waits for a reduction of the
-tensor it casts, so the compiler fuses the cast into the kernel that produces the tensor and
-this step's amax (for the next step) into the same kernel. Before that, a `where` inside the
+tensor it casts (this step's amax is only pushed, for the next step). On the H200 that runs at
+dynamic scaling's speed: inductor fuses the casts into their producers either way, and the
+amax passes remain (docs/benchmarks.md). Before that, a `where` inside the
 graph takes the current amax while a history is empty (`scaling.delayed_scale`). What seeds
 it: `calibrate(model, batches, loss_fn=...)` before training, a checkpoint with its histories,
 or else the first optimizer step (a global optimizer step hook looks at the unseeded layers
