@@ -21,7 +21,7 @@ import functools
 import sys
 import traceback
 
-from compile_fp8.config import LAYER_FILTERS
+from compile_fp8.config import LAYER_FILTERS, SCALINGS
 from compile_fp8.lm.hardware import EMULATE_CHOICES
 from compile_fp8.lm.model import PRESETS
 from compile_fp8.lm.progress import MODES
@@ -36,6 +36,9 @@ def parse_args(argv=None) -> TrainConfig:
     add("--fp8", choices=FP8_CHOICES, default="none",
         help="FP8 recipe, or none for the baseline in --dtype")
     add("--use_fp8", action="store_true", help="the same as --fp8 tensorwise")
+    add("--scaling", choices=SCALINGS, default="dynamic",
+        help="FP8 scales (tensorwise): dynamic (each step's amax), static (calibrated on one "
+             "batch, gradients included; weight scales refreshed each step), delayed (amax history)")
     add("--layer-filter", choices=LAYER_FILTERS, default="all",
         help="FP8 for all eligible layers, or auto: only shapes measured faster than bf16 (H200)")
     add("--steps", type=int, default=200, help="optimizer steps of the whole run")
@@ -71,9 +74,12 @@ def parse_args(argv=None) -> TrainConfig:
         if args.fp8 not in ("none", "tensorwise"):
             p.error("--use_fp8 means --fp8 tensorwise; pass only one of them")
         args.fp8 = "tensorwise"
-    name = TrainConfig(fp8=args.fp8, device=args.device, dtype=args.dtype).name  # bf16, fp32, fp8-*
+    if args.scaling != "dynamic" and args.fp8 != "tensorwise":
+        p.error(f"--scaling {args.scaling} needs --fp8 tensorwise")
+    name = TrainConfig(fp8=args.fp8, device=args.device, dtype=args.dtype,
+                       scaling=args.scaling).name  # bf16, fp32, fp8-*
     return TrainConfig(
-        preset=args.preset, fp8=args.fp8, layer_filter=args.layer_filter, steps=args.steps, batch_size=args.batch_size,
+        preset=args.preset, fp8=args.fp8, scaling=args.scaling, layer_filter=args.layer_filter, steps=args.steps, batch_size=args.batch_size,
         seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps, compile=args.compile,
         emulate=args.emulate, device=args.device, dtype=args.dtype, seed=args.seed,
         vocab_size=args.vocab_size, data_dir=args.data,

@@ -197,6 +197,21 @@ def test_a_few_steps_of_tiny_lower_the_loss(tmp_path, fp8):
     assert start["dtype"] == "float32", start
 
 
+@pytest.mark.parametrize("scaling", ["static", "delayed"])
+def test_static_and_delayed_runs_calibrate_on_one_batch_and_train(tmp_path, scaling):
+    write_corpus(tmp_path / "data")
+    said = []
+    cfg = small_run(tmp_path, fp8="tensorwise", scaling=scaling, steps=6)
+    assert cfg.name == f"fp8-tensorwise-{scaling}"
+    summary = run(cfg, say=said.append)
+    losses = train_losses(tmp_path / "run")
+    assert losses[6] < losses[1], losses
+    assert math.isfinite(summary["val_loss"]), summary
+    assert any(f"calibrated {scaling} scaling on one batch" in line for line in said), said
+    layers = [line for line in said if line.startswith("fp8 layers:")]
+    assert layers and scaling in layers[0], layers
+
+
 @pytest.mark.parametrize("fp8", ["none", "tensorwise"])
 @pytest.mark.parametrize("dtype, expected", [("auto", torch.float32), ("bfloat16", torch.bfloat16),
                                              ("float32", torch.float32)])
@@ -262,6 +277,10 @@ def test_bad_train_config_values_name_the_choices():
         TrainConfig(preset="huge")
     with pytest.raises(ValueError, match="dtype='float16' is not supported; allowed values"):
         TrainConfig(dtype="float16")
+    with pytest.raises(ValueError, match="scaling='sometimes' is not supported; allowed values"):
+        TrainConfig(fp8="tensorwise", scaling="sometimes")
+    with pytest.raises(ValueError, match="scaling='static' needs fp8='tensorwise' without fsdp"):
+        TrainConfig(fp8="rowwise", scaling="static")
 
 
 def test_cpu_probe_defaults_to_emulation_and_says_why():
@@ -379,3 +398,7 @@ def test_train_cli_flags(monkeypatch):
     assert cli.parse_args(["--device", "cpu", "--out", "runs/x"]).out_dir == "runs/x"
     with pytest.raises(SystemExit):
         cli.parse_args(["--dtype", "float16"])
+    static = cli.parse_args(["--fp8", "tensorwise", "--scaling", "static"])
+    assert (static.scaling, static.out_dir) == ("static", "runs/tiny-fp8-tensorwise-static")
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--scaling", "delayed"])  # needs --fp8 tensorwise

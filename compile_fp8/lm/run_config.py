@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compile_fp8.config import RECIPES
+from compile_fp8.config import RECIPES, SCALINGS
 
 from .model import ModelConfig, get_preset
 
@@ -32,6 +32,10 @@ class TrainConfig:
     """Model shape: a key of `model.PRESETS`."""
     fp8: str = "none"
     """"none" (the bf16 baseline) or a `Float8Config` recipe."""
+    scaling: str = "dynamic"
+    """`Float8Config.scaling` of an FP8 run (tensorwise only). "static": calibrated on one
+    training batch before the first step, gradient scales included (`static_grads=True`), weight
+    scales refreshed after every optimizer step. "delayed": its histories seeded on that batch."""
     layer_filter: str = "all"
     """`Float8Config.layer_filter`: "all" eligible layers in FP8, or "auto" (only the shapes
     measured faster than bf16 on an H200)."""
@@ -85,6 +89,12 @@ class TrainConfig:
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype={self.dtype!r} is not supported; allowed values: "
                              f"{list(DTYPE_CHOICES)}")
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling={self.scaling!r} is not supported; allowed values: "
+                             f"{list(SCALINGS)}")
+        if self.scaling != "dynamic" and (self.fp8 != "tensorwise" or self.fsdp):
+            raise ValueError(f"scaling={self.scaling!r} needs fp8='tensorwise' without fsdp "
+                             f"(got fp8={self.fp8!r}, fsdp={self.fsdp})")
         for name in ("steps", "batch_size", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -103,8 +113,11 @@ class TrainConfig:
 
     @property
     def name(self) -> str:
-        """The run's label: "bf16" or "fp32" (the baseline, by its dtype), or "fp8-<recipe>"."""
-        return SHORT_DTYPE[self.param_dtype] if self.fp8 == "none" else f"fp8-{self.fp8}"
+        """The run's label: "bf16" or "fp32" (the baseline, by its dtype), or "fp8-<recipe>"
+        (with "-static" / "-delayed" for those scalings)."""
+        if self.fp8 == "none":
+            return SHORT_DTYPE[self.param_dtype]
+        return f"fp8-{self.fp8}" + ("" if self.scaling == "dynamic" else f"-{self.scaling}")
 
     def model_config(self) -> ModelConfig:
         cfg = get_preset(self.preset)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from compile_fp8 import Float8Config, compile_fp8, fp8_layers
+from compile_fp8 import Float8Config, calibrate, compile_fp8, fp8_layers, refresh_weight_scales
 from compile_fp8 import precompute_float8_dynamic_scale_for_fsdp
 
 from . import distributed, hardware
@@ -80,7 +80,8 @@ def build_model(cfg: TrainConfig, model_cfg: ModelConfig, support, device, state
     if state is not None:
         model.load_state_dict(state["model"])  # plain keys and tensors, also from an FP8 run
     if cfg.fp8 != "none":
-        config = Float8Config(recipe=cfg.fp8, emulate=support.emulate, layer_filter=cfg.layer_filter)
+        config = Float8Config(recipe=cfg.fp8, emulate=support.emulate, layer_filter=cfg.layer_filter,
+                              scaling=cfg.scaling, static_grads=cfg.scaling == "static")  # fmt: skip
         compile_fp8(model, config, module_filter_fn=lambda mod, fqn: fqn != "head", compile=False)
     if cfg.fsdp:
         distributed.shard(model)  # after compile_fp8, before torch.compile
@@ -186,6 +187,8 @@ def setup(cfg: TrainConfig, say=print, ranks: distributed.Ranks | None = None) -
         start_step = state["step"]
         fp8_note = "" if state["fp8"] == cfg.fp8 else f" (it trained with --fp8 {state['fp8']})"
         say(f"resumed {ckpt} at step {start_step}{fp8_note}")
+    if cfg.fp8 != "none" and cfg.scaling != "dynamic":
+        _calibrate(cfg, eval_model, train_tokens, seq_len, device, say)
     _describe_model(cfg, model_cfg, eval_model, seq_len, say, ranks)
     log = (MetricsLog(out / METRICS_NAME, resume_step=start_step if state else None)
            if ranks is None or ranks.is_main else _NoLog())
@@ -290,8 +293,20 @@ def _one_step(run: Run, step: int, lr: float) -> dict:
             "step_ms": 1e3 * seconds, "grad_norm": grad_norm}
 
 
+def _calibrate(cfg: TrainConfig, model, train_tokens, seq_len: int, device, say) -> None:
+    """Static scales (or delayed histories' seeds) from one training batch, drawn by a sampler of
+    its own so the run's batch order stays that of every other run with this seed (also on
+    resume: the checkpoint holds the plain weights only)."""
+    inputs, targets = BatchSampler(train_tokens, cfg.batch_size, seq_len, seed=cfg.seed + 1).next_batch()
+    calibrate(model, [(inputs.to(device), targets.to(device))], loss_fn=lambda loss, _: loss)
+    say(f"calibrated {cfg.scaling} scaling on one batch of {cfg.batch_size} x {seq_len} tokens")
+
+
 def _after_step(run: Run):
-    """Under FSDP2 with FP8: every weight's amax for the next all-gather in one all-reduce."""
+    """Under FSDP2 with FP8: every weight's amax for the next all-gather in one all-reduce.
+    Static scaling: the weights' scales re-measured (they changed in the optimizer step)."""
+    if run.cfg.fp8 != "none" and run.cfg.scaling == "static":
+        return lambda: refresh_weight_scales(run.eval_model)
     if run.ranks is None or run.cfg.fp8 == "none":
         return None
     return lambda: precompute_float8_dynamic_scale_for_fsdp(run.eval_model)
