@@ -89,7 +89,7 @@ def delayed_scale(
 
     `seeded` (the history is known to hold an amax: after `calibrate`, a checkpoint or the first
     optimizer step): from the history alone, so the cast does not wait for a reduction of the
-    tensor it casts and the compiler can fuse it into the kernel that produces that tensor.
+    tensor it casts (the amax of this step is only recorded, for the next).
     Otherwise a `where` inside the graph takes `amax_now` (as dynamic scaling would) while the
     history is empty, i.e. on the first step.
     """
