@@ -299,7 +299,11 @@ def _calibrate(cfg: TrainConfig, model, train_tokens, seq_len: int, device, say)
     resume: the checkpoint holds the plain weights only)."""
     inputs, targets = BatchSampler(train_tokens, cfg.batch_size, seq_len, seed=cfg.seed + 1).next_batch()
     calibrate(model, [(inputs.to(device), targets.to(device))], loss_fn=lambda loss, _: loss)
-    say(f"calibrated {cfg.scaling} scaling on one batch of {cfg.batch_size} x {seq_len} tokens")
+    note = ""
+    if torch.device(device).type == "cuda":  # the run reports its steps' peak, not this eager pass's
+        note = f" (peak {hardware.peak_memory_gib(device)[0]:.2f} GiB, not counted in the run's peak)"
+        torch.cuda.reset_peak_memory_stats(device)
+    say(f"calibrated {cfg.scaling} scaling on one batch of {cfg.batch_size} x {seq_len} tokens{note}")
 
 
 def _after_step(run: Run):

@@ -68,7 +68,7 @@ def _gemm(a_hp, b_hp, spec: GemmSpec, pow2: bool, emulate: bool, a_scale=None, b
     already in the spec's float8 dtype is taken as cast with its scale).
 
     `a_scale` / `b_scale`: a fixed (static, delayed or forward-saved) scale; None: dynamic.
-    `out_dtype`: default A's dtype.
+    `out_dtype`: the output's dtype (A's, if A is not float8).
     """
     out_dtype = out_dtype or a_hp.dtype
     if not spec.a.is_fp8:
@@ -161,20 +161,20 @@ class Float8LinearFn(torch.autograd.Function):
             return _dual_cast_backward(ctx, grad_out)
         input_2d, weight, input_scale, weight_scale, grad_amax = ctx.saved_tensors
         recipe, emulate, pow2 = ctx.recipe, ctx.emulate, ctx.recipe.pow2_scales
-        grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_out_2d, out_dtype = grad_out.reshape(-1, grad_out.shape[-1]), grad_out.dtype
         go_scale = _grad_out_scale(grad_out_2d, grad_amax, ctx.grading, recipe)
+        # one float8 grad_out for both GEMMs where they cast it alike (tensorwise)
+        grad_out_2d = _cast_once(grad_out_2d, go_scale, recipe.grad_input.a, recipe.grad_weight.a)
         grad_input = grad_weight = None
         if ctx.needs_input_grad[0]:
             # ---- grad_input = grad_out @ weight:  [M, N] @ [N, K] -> [M, K]
-            grad_input = _gemm(
-                grad_out_2d, weight, recipe.grad_input, pow2, emulate, go_scale, weight_scale
-            )
+            grad_input = _gemm(grad_out_2d, weight, recipe.grad_input, pow2, emulate, go_scale,
+                               weight_scale, out_dtype)  # fmt: skip
             grad_input = grad_input.reshape(*ctx.input_shape[:-1], grad_input.shape[-1])
         if ctx.needs_input_grad[1]:
             # ---- grad_weight = grad_out.T @ input:  [N, M] @ [M, K] -> [N, K]
-            grad_weight = _gemm(
-                grad_out_2d.t(), input_2d, recipe.grad_weight, pow2, emulate, go_scale, input_scale
-            )
+            grad_weight = _gemm(grad_out_2d.t(), input_2d, recipe.grad_weight, pow2, emulate,
+                                go_scale, input_scale, out_dtype)  # fmt: skip
         return grad_input, grad_weight, None, None, None, None, None, None, None
 
 
