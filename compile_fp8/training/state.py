@@ -6,20 +6,23 @@ amaxes between steps in module buffers (`stateful_scaling.py`), named here:
 
     scaling="static"    fp8_amax_input, fp8_amax_weight           float32 scalars from calibrate()
                         fp8_amax_grad_output                      (only with static_grads=True)
+                        (a layer tied to another that reads the same input reads that one's
+                        fp8_amax_input: `input_scale_from`, `shared_inputs.py`)
     scaling="delayed"   fp8_amax_history_input, fp8_amax_history_weight,
                         fp8_amax_history_grad_output              float32 [history_len], newest first
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from torch import nn
 
 from ..config import Float8Config, RecipeSpec
-from ..layers import ConvertedLayer, overrides_linear_forward, replaced_weight_text
+from ..layers import ConvertedLayer, layer_state, overrides_linear_forward, replaced_weight_text
 from .fsdp import gather_description
+from .shared_inputs import tied_leader
 from .weight import training_weight
 
 OPERANDS = ("input", "weight", "grad_output")
@@ -45,6 +48,10 @@ def is_scaling_buffer(key: str) -> bool:
 class TrainingState(ConvertedLayer):
     config: Float8Config
     recipe: RecipeSpec
+    input_scale_from: Optional[nn.Module] = field(default=None, repr=False, compare=False)
+    """Static: a layer that reads the same input tensor and whose input amax buffer this layer's
+    forward reads instead of its own (equal values), so both share one float8 cast
+    (`shared_inputs.py`; set by `calibrate`)."""
 
     @property
     def is_static(self) -> bool:
@@ -64,6 +71,22 @@ class TrainingState(ConvertedLayer):
 
     def amax_buffer_names(self) -> tuple[str, ...]:
         return buffer_names(self.config)
+
+    def begin_calibration(self, module: nn.Module) -> None:
+        super().begin_calibration(module)
+        self.input_scale_from = None
+
+    def end_calibration(self, module: nn.Module) -> bool:
+        ready = super().end_calibration(module)
+        if self.is_static:
+            self.input_scale_from = self._input_leader(module)
+        return ready
+
+    def _input_leader(self, module: nn.Module) -> Optional[nn.Module]:
+        leader = tied_leader(module, buffer_names(self.config)[0])
+        state = layer_state(leader) if leader is not None else None
+        same_scaling = isinstance(state, TrainingState) and state.config == self.config
+        return leader if same_scaling and state.input_scale_from is None else None
 
     def amax_slot(self, module: nn.Module, operand: str):
         """Where `calibrate` records `operand`'s amax: the static amax buffer, or the newest
@@ -97,5 +120,7 @@ class TrainingState(ConvertedLayer):
             warm = "" if self.refresh(module) else ", dynamic until the first optimizer step or calibrate()"
             return f"delayed (history {config.history_len}, {config.amax_from}{warm})"
         grads = "static grads" if config.static_grads else "dynamic grads"
+        if self.input_scale_from is not None:
+            grads += ", input scale and cast shared with a layer reading the same tensor"
         state = grads if self.ready else "uncalibrated: dynamic until calibrate()"
         return f"static ({state})"

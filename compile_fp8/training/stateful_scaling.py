@@ -16,6 +16,8 @@ instance: one graph per block there.
 
 A static layer is uncalibrated (`state.ready` False) until `calibrate`: it then runs dynamic
 scaling (never a NaN from an unset scale), and calibrating flips that flag: one recompile.
+Calibration also ties static layers that read the same tensor (gate and up of a SwiGLU) to one
+input amax buffer, so the compiled step casts that tensor once (`shared_inputs.py`).
 
 A delayed layer is *seeded* (`state.ready`) once each of its three histories holds an amax. A
 seeded layer takes every scale from its history alone: no cast waits for a reduction of the
@@ -48,6 +50,7 @@ from ..config import E4M3, Float8Config
 from ..layers import fill_missing_buffers, layer_state, record_amax
 from ..scaling import amax, delayed_scale, push_amax, stored_amax_to_scale
 from .linear_fn import DYNAMIC_GRADS, GradScaling, float8_linear
+from .shared_inputs import record_input
 from .state import TrainingState
 
 def attach_scaling_state(module: nn.Linear, state: TrainingState) -> None:
@@ -98,7 +101,7 @@ def stateful_forward(module: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     if config.scaling == "static":
         if not state.ready:
             return F.linear(input, module.weight, module.bias)  # dynamic until calibrated
-        return _static_forward(module, input, config)
+        return _static_forward(module, input, config, state.input_scale_from or module)
     _refuse_checkpoint_recompute(module)
     # evaluation (no_grad, inference_mode) records nothing, so an evaluation pass never changes
     # what the training run does next
@@ -135,9 +138,10 @@ def _fp8_linear(module, input, input_scale, weight_scale, grad_amax, grading):
     )  # fmt: skip
 
 
-def _static_forward(module, input, config: Float8Config):
+def _static_forward(module, input, config: Float8Config, input_amax_owner: nn.Module):
+    """`input_amax_owner`: `module`, or a layer that reads the same input (`shared_inputs.py`)."""
     margin = config.amax_margin
-    input_scale = stored_amax_to_scale(module.fp8_amax_input, E4M3, margin)
+    input_scale = stored_amax_to_scale(input_amax_owner.fp8_amax_input, E4M3, margin)
     weight_scale = stored_amax_to_scale(module.fp8_amax_weight, E4M3, margin)
     if config.static_grads:
         grading = GradScaling("static", margin=margin)
@@ -183,6 +187,8 @@ class _RecordGradAmax(torch.autograd.Function):
 def _calibrating_forward(module, input, state: TrainingState):
     """High-precision forward that records the running max of |input| and |weight|."""
     weight_hp = module.weight * 1  # a plain, autograd-connected high-precision copy
+    if state.is_static:
+        record_input(module, input)
     record_amax(state.amax_slot(module, "input"), input)
     record_amax(state.amax_slot(module, "weight"), weight_hp)
     output = F.linear(input, weight_hp, module.bias)

@@ -1,0 +1,142 @@
+"""training/shared_inputs.py: static layers that read the same tensor share one input scale, so
+the compiled step casts that tensor once and keeps one float8 copy, as dynamic scaling does."""
+
+import copy
+import io
+import warnings
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from compile_fp8 import Float8Config, calibrate, compile_fp8, fp8_layers
+from compile_fp8.layers import layer_state
+from helpers import bits_equal
+
+
+class _SwiGLU(nn.Module):
+    def __init__(self, d=32, f=64):
+        super().__init__()
+        self.gate = nn.Linear(d, f, bias=False)
+        self.up = nn.Linear(d, f, bias=False)
+        self.down = nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        h = F.rms_norm(x, (x.shape[-1],))
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class _Blocks(nn.Module):
+    def __init__(self, n=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(32, 32)  # every block's input requires grad
+        self.blocks = nn.ModuleList(_SwiGLU() for _ in range(n))
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def _batches(n=3, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(64, 32, generator=gen).to(dtype) for _ in range(n)]
+
+
+def _static(model, compile=False, backend="inductor", **config):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compile_fp8(model, Float8Config(scaling="static", static_grads=True, **config),
+                    compile=compile, backend=backend)  # fmt: skip
+    dtype = next(model.parameters()).dtype
+    calibrate(model, _batches(dtype=dtype), loss_fn=lambda out, _: out.float().pow(2).mean())
+    return model
+
+
+def _leader(module):
+    return layer_state(module).input_scale_from
+
+
+def test_calibrate_ties_the_layers_that_read_one_tensor():
+    model = _static(_Blocks())
+    for block in model.blocks:
+        assert _leader(block.up) is block.gate  # up reads what gate read: gate's scale
+        assert _leader(block.gate) is None and _leader(block.down) is None
+        assert torch.equal(block.up.fp8_amax_input, block.gate.fp8_amax_input)  # both kept
+    assert _leader(model.embed) is None
+    assert "input scale and cast shared" in fp8_layers(model)["blocks.0.up"]
+
+
+def test_a_layer_that_once_read_another_tensor_is_not_tied():
+    class Sometimes(_SwiGLU):
+        calls = 0
+
+        def forward(self, x):
+            h = F.rms_norm(x, (x.shape[-1],))
+            self.calls += 1
+            other = h if self.calls < 3 else h.clone()  # the third batch: equal values, not the same tensor
+            return x + self.down(F.silu(self.gate(h)) * self.up(other))
+
+    torch.manual_seed(0)
+    model = _static(Sometimes())
+    assert _leader(model.up) is None
+
+
+def test_tied_layers_compute_the_same_bits():
+    """Reading the leader's buffer changes nothing but where the (equal) scale comes from."""
+    tied = _static(_Blocks())
+    untied = copy.deepcopy(tied)
+    for block in untied.blocks:
+        layer_state(block.up).input_scale_from = None
+    x = torch.randn(64, 32)
+    results = []
+    for model in (tied, untied):
+        out = model(x)
+        out.float().pow(2).mean().backward()
+        results.append([out.detach()] + [p.grad for p in model.parameters()])
+    for a, b in zip(*results):
+        assert bits_equal(a, b)
+
+
+def test_copies_keep_their_ties_inside_the_copy():
+    model = _static(_Blocks())
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for clone in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert _leader(clone.blocks[1].up) is clone.blocks[1].gate
+
+
+def _saved_float8(model):
+    """(shape, dtype) of every float8 tensor autograd keeps for backward in one training step."""
+    saved = []
+
+    def pack(t):
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(torch.randn(96, 32, dtype=torch.bfloat16)).float().pow(2).mean()
+    loss.backward()
+    return Counter(saved)
+
+
+def test_compiled_static_keeps_no_more_float8_than_dynamic():
+    """The peak-memory property, on CPU: per block, the compiled static step saves the same
+    float8 tensors as the dynamic one (before the ties it kept a second copy of the SwiGLU
+    input, [96, 32] here), and the blocks still share one graph."""
+    counter = CompileCounterWithBackend("inductor")
+    static = _static(_Blocks().bfloat16(), compile=True, backend=counter, emulate=False)
+    dynamic = _Blocks().bfloat16()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compile_fp8(dynamic, Float8Config(emulate=False), compile=True)
+    for _ in range(2):
+        static_saved, dynamic_saved = _saved_float8(static), _saved_float8(dynamic)
+    assert static_saved == dynamic_saved, (static_saved, dynamic_saved)
+    assert counter.frame_count == 1, f"{counter.frame_count} frames for 3 blocks, want 1"
