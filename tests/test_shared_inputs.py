@@ -140,3 +140,18 @@ def test_compiled_static_keeps_no_more_float8_than_dynamic():
         static_saved, dynamic_saved = _saved_float8(static), _saved_float8(dynamic)
     assert static_saved == dynamic_saved, (static_saved, dynamic_saved)
     assert counter.frame_count == 1, f"{counter.frame_count} frames for 3 blocks, want 1"
+
+
+def test_no_tie_to_a_layer_of_an_earlier_calibration():
+    """Two models calibrated on the very same batch tensors: each first layer sees tensors an
+    earlier call fed to the other model's first layer; neither is tied across models."""
+    batches = _batches()
+    first = _Blocks()
+    second = copy.deepcopy(first)
+    for model in (first, second):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compile_fp8(model, Float8Config(scaling="static"), compile=False)
+        calibrate(model, batches)
+    assert _leader(second.embed) is None and _leader(first.embed) is None
+    assert _leader(second.blocks[0].up) is second.blocks[0].gate

@@ -58,6 +58,13 @@ class InputTies:
 _ties = InputTies()
 
 
+def begin() -> None:
+    """A `calibrate` call starts: forget what earlier calls saw (a tensor that an earlier call,
+    maybe of another model, fed to some layer must not tie this call's layers to that one)."""
+    global _ties
+    _ties = InputTies()
+
+
 def record_input(module: nn.Module, input: torch.Tensor) -> None:
     _ties.record(module, input)
 

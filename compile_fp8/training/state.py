@@ -22,7 +22,7 @@ from torch import nn
 from ..config import Float8Config, RecipeSpec
 from ..layers import ConvertedLayer, layer_state, overrides_linear_forward, replaced_weight_text
 from .fsdp import gather_description
-from .shared_inputs import tied_leader
+from . import shared_inputs
 from .weight import training_weight
 
 OPERANDS = ("input", "weight", "grad_output")
@@ -75,6 +75,7 @@ class TrainingState(ConvertedLayer):
     def begin_calibration(self, module: nn.Module) -> None:
         super().begin_calibration(module)
         self.input_scale_from = None
+        shared_inputs.begin()  # every layer's begin comes before the first forward
 
     def end_calibration(self, module: nn.Module) -> bool:
         ready = super().end_calibration(module)
@@ -83,7 +84,7 @@ class TrainingState(ConvertedLayer):
         return ready
 
     def _input_leader(self, module: nn.Module) -> Optional[nn.Module]:
-        leader = tied_leader(module, buffer_names(self.config)[0])
+        leader = shared_inputs.tied_leader(module, buffer_names(self.config)[0])
         state = layer_state(leader) if leader is not None else None
         same_scaling = isinstance(state, TrainingState) and state.config == self.config
         return leader if same_scaling and state.input_scale_from is None else None
