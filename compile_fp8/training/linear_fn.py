@@ -62,15 +62,12 @@ class GradScaling:
 DYNAMIC_GRADS = GradScaling()
 
 
-def _gemm(a_hp, b_hp, spec: GemmSpec, pow2: bool, emulate: bool, a_scale=None, b_scale=None,
-          out_dtype=None):  # fmt: skip
-    """[M, K] @ [K, N] -> [M, N], casting A and B as `spec` says (or not at all; an operand
-    already in the spec's float8 dtype is taken as cast with its scale).
+def _gemm(a_hp, b_hp, spec: GemmSpec, pow2: bool, emulate: bool, a_scale, b_scale, out_dtype):
+    """[M, K] @ [K, N] -> [M, N] in `out_dtype`, casting A and B as `spec` says (or not at all;
+    an operand already in the spec's float8 dtype is taken as cast with its scale).
 
     `a_scale` / `b_scale`: a fixed (static, delayed or forward-saved) scale; None: dynamic.
-    `out_dtype`: the output's dtype (A's, if A is not float8).
     """
-    out_dtype = out_dtype or a_hp.dtype
     if not spec.a.is_fp8:
         return torch.mm(a_hp, b_hp.to(out_dtype))
     a_fp8, a_scale = _cast(a_hp, spec.a, 1, pow2, a_scale)  # scale [M, 1] or []
