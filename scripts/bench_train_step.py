@@ -18,8 +18,11 @@ with `static_grads=True`: calibrated grad_output scales too), ours-delayed,
 ours-triton (tensorwise, `cast_kernels="triton"`), ours-tensorwise-auto and ours-rowwise-auto
 (`layer_filter="auto"`: only the layer shapes measured faster in FP8), torchao-tensorwise,
 torchao-rowwise (skipped with a note when torchao is missing). Any variant can take one
-experiment as a suffix, `VARIANT+EXPERIMENT`: "cdt" (e.g. bf16+cdt, ours-tensorwise+cdt) turns
-on inductor's coordinate-descent tuning of its generated kernels (slower compile).
+experiment as a suffix, `VARIANT+EXPERIMENT` (e.g. bf16+cdt, ours-staticgrads+nd), each one of
+inductor's own settings: "cdt" coordinate-descent tuning of its generated kernels (slower
+compile), "nd" N-d tiling of pointwise kernels (triton.prefer_nd_tiling), "tr" the same plus tiled
+reductions, "mapw" autotuned pointwise kernels (max_autotune_pointwise), "nomix" no mixed-order
+reductions (triton.mix_order_reduction off).
 
 On a CUDA GPU with FP8 (sm89+), torch and torchao installed:
 
@@ -69,6 +72,10 @@ VARIANTS = (
 # VARIANT+EXPERIMENT: a context (torch's own settings) the variant compiles and runs in
 EXPERIMENTS = {
     "cdt": lambda: torch._inductor.config.patch(coordinate_descent_tuning=True),
+    "nd": lambda: torch._inductor.config.patch({"triton.prefer_nd_tiling": True}),
+    "tr": lambda: torch._inductor.config.patch({"triton.prefer_nd_tiling": True, "triton.tile_reductions": True}),
+    "mapw": lambda: torch._inductor.config.patch(max_autotune_pointwise=True),
+    "nomix": lambda: torch._inductor.config.patch({"triton.mix_order_reduction": False}),
 }
 
 
