@@ -13,7 +13,7 @@ what `torch._scaled_mm` can take), and whether cuBLAS may use fast (lower-precis
 accumulation. The recipes reproduce torchao's `Float8LinearConfig.from_recipe_name` numerics:
 
 * ``tensorwise``: e4m3 input and weight, e5m2 gradients, tensorwise scales; fast accumulation for
-  the output GEMM only.
+  the output GEMM only (`Float8Config(fast_accum="all")`: in every FP8 GEMM).
 * ``rowwise``: e4m3 everywhere (gradients too), rowwise scales rounded down to powers of two.
 * ``rowwise_with_gw_hp``: like rowwise for the output; grad_input uses a tensorwise weight;
   grad_weight is computed in high precision (the most accurate of the three).
@@ -35,6 +35,7 @@ AmaxFrom = Literal["max", "most_recent"]
 CastKernels = Literal["inductor", "triton"]
 LayerFilter = Literal["all", "auto"]
 SmallMActivation = Literal["auto", "hp", "fp8"]
+FastAccum = Literal["forward", "all"]
 
 RECIPES: tuple[str, ...] = get_args(Recipe)
 SCALINGS: tuple[str, ...] = get_args(Scaling)
@@ -44,6 +45,7 @@ AMAX_FROM: tuple[str, ...] = get_args(AmaxFrom)
 CAST_KERNELS: tuple[str, ...] = get_args(CastKernels)
 LAYER_FILTERS: tuple[str, ...] = get_args(LayerFilter)
 SMALL_M_ACTIVATIONS: tuple[str, ...] = get_args(SmallMActivation)
+FAST_ACCUMS: tuple[str, ...] = get_args(FastAccum)
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
@@ -91,6 +93,15 @@ class Float8Config:
     +-max of the float8 type; a margin above 1 (e.g. 1.25) leaves headroom for growth, at the
     cost of a little resolution."""
 
+    fast_accum: FastAccum = "forward"
+    """Where cuBLAS may accumulate an FP8 GEMM's products in less than float32 precision (the
+    Hopper "fast accumulation" mode). "forward" (default): the output GEMM only, as the recipes
+    of torchao (its bits). "all": the two gradient GEMMs too (rowwise_with_gw_hp: grad_input; its
+    grad_weight stays high precision): faster backward GEMMs, for a coarser sum over long
+    contractions (grad_weight sums over every token of the batch); docs/benchmarks.md has the
+    measured GEMMs, step and loss. Training only. Emulation (`emulate`) accumulates in float32
+    either way."""
+
     cast_kernels: CastKernels = "inductor"
     """Experimental, tensorwise only. "inductor" (default): torch.compile generates the amax and
     cast kernels. "triton": hand-written Triton kernels (`kernels/cast.py`) compute each amax and
@@ -125,6 +136,7 @@ class Float8Config:
         check_choice("Float8Config.emulate", self.emulate, (None, True, False))
         check_choice("Float8Config.static_grads", self.static_grads, (False, True))
         check_choice("Float8Config.amax_from", self.amax_from, AMAX_FROM)
+        check_choice("Float8Config.fast_accum", self.fast_accum, FAST_ACCUMS)
         check_choice("Float8Config.cast_kernels", self.cast_kernels, CAST_KERNELS)
         check_choice("Float8Config.layer_filter", self.layer_filter, LAYER_FILTERS)
         check_choice("Float8Config.small_m_activation", self.small_m_activation, SMALL_M_ACTIVATIONS)
@@ -158,6 +170,11 @@ class Float8Config:
             )
         if self.static_grads:
             raise ValueError("Float8Config.static_grads=True applies to mode='training' only")
+        if self.fast_accum != "forward":
+            raise ValueError(
+                f"Float8Config.fast_accum={self.fast_accum!r} applies to mode='training' only "
+                "(inference runs the forward GEMM alone, with fast accumulation)"
+            )
         if self.cast_kernels != "inductor":
             raise ValueError(
                 f"Float8Config.cast_kernels={self.cast_kernels!r} applies to mode='training' only; "
@@ -263,7 +280,15 @@ _RECIPE_BUILDERS = {
 }
 
 
-def recipe_spec(name: str, dual_cast: bool = False) -> RecipeSpec:
+def recipe_spec(name: str, dual_cast: bool = False, fast_accum: str = "forward") -> RecipeSpec:
+    """The named recipe; `fast_accum="all"` lets its gradient GEMMs accumulate fast too."""
     check_choice("recipe", name, RECIPES)
-    spec = _RECIPE_BUILDERS[name]()
-    return dataclasses.replace(spec, dual_cast=True) if dual_cast else spec
+    check_choice("fast_accum", fast_accum, FAST_ACCUMS)
+    spec = dataclasses.replace(_RECIPE_BUILDERS[name](), dual_cast=dual_cast)
+    if fast_accum == "all":
+        spec = dataclasses.replace(
+            spec,
+            grad_input=dataclasses.replace(spec.grad_input, use_fast_accum=True),
+            grad_weight=dataclasses.replace(spec.grad_weight, use_fast_accum=spec.grad_weight.a.is_fp8),
+        )
+    return spec

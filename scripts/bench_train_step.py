@@ -14,7 +14,9 @@ loss compiled on its own: `TransformerLM.compile_loss`), ours-tensorwise (compil
 regional compile, with the loss compiled on its own as well), ours-tensorwise-model
 (`compile="model"`: one whole-model compile), ours-rowwise, ours-static (calibrated on one batch; weight scales
 refreshed after every optimizer step, whose cost is also timed alone), ours-staticgrads (the same
-with `static_grads=True`: calibrated grad_output scales too), ours-delayed,
+with `static_grads=True`: calibrated grad_output scales too), ours-delayed, ours-tensorwise-fastaccum,
+ours-rowwise-fastaccum and ours-staticgrads-fastaccum (`fast_accum="all"`: fast accumulation in
+the gradient GEMMs too),
 ours-triton (tensorwise, `cast_kernels="triton"`), ours-tensorwise-auto and ours-rowwise-auto
 (`layer_filter="auto"`: only the layer shapes measured faster in FP8), torchao-tensorwise,
 torchao-rowwise (skipped with a note when torchao is missing). Any variant can take one
@@ -61,6 +63,9 @@ VARIANTS = (
     "ours-static",
     "ours-staticgrads",
     "ours-delayed",
+    "ours-tensorwise-fastaccum",
+    "ours-rowwise-fastaccum",
+    "ours-staticgrads-fastaccum",
     "ours-triton",
     "ours-tensorwise-auto",
     "ours-rowwise-auto",
@@ -115,16 +120,17 @@ def convert(name: str, model, batch, emulate):
         return torch.compile(convert_to_float8_training(model, config=config, module_filter_fn=not_head))
     from compile_fp8 import Float8Config, calibrate, compile_fp8
 
+    fast_accum = "all" if "fastaccum" in flags else "forward"
     if what in ("static", "delayed"):
-        config = Float8Config(scaling=what, emulate=emulate)
+        config = Float8Config(scaling=what, emulate=emulate, fast_accum=fast_accum)
     elif what == "staticgrads":  # static scales for grad_output too: no amax pass at all
-        config = Float8Config(scaling="static", static_grads=True, emulate=emulate)
+        config = Float8Config(scaling="static", static_grads=True, emulate=emulate, fast_accum=fast_accum)
     elif what == "triton":  # tensorwise with the Triton amax / dual-layout cast kernels
         config = Float8Config(cast_kernels="triton", emulate=emulate)
     else:
-        layer_filter = "auto" if flags == ["auto"] else "all"
-        config = Float8Config(recipe=what, emulate=emulate, layer_filter=layer_filter)
-    how = "model" if flags == ["model"] else True  # default: regional (each block in place)
+        layer_filter = "auto" if "auto" in flags else "all"
+        config = Float8Config(recipe=what, emulate=emulate, layer_filter=layer_filter, fast_accum=fast_accum)
+    how = "model" if "model" in flags else True  # default: regional (each block in place)
     compiled = compile_fp8(model, config, module_filter_fn=not_head, compile=how)
     if how is True:  # the blocks compiled one by one: the loss too, on its own (torchtitan does so)
         compiled.compile_loss()
@@ -185,7 +191,7 @@ def bench_variant(name, base, batch, args, device) -> dict:
         torch.cuda.reset_peak_memory_stats()
     emulate = True if device.type == "cpu" else None  # CPU _scaled_mm is a slow reference kernel
     refresh = None
-    if name in ("ours-static", "ours-staticgrads"):
+    if name.startswith(("ours-static-", "ours-staticgrads-")) or name in ("ours-static", "ours-staticgrads"):
         from compile_fp8 import refresh_weight_scales as refresh
     model = convert(name, copy.deepcopy(base), batch, emulate)
     if device.type == "cuda":  # the step's peak, not calibrate's eager high-precision passes

@@ -111,7 +111,8 @@ def test_compiled_model_is_rejected():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("recipe", "blockwise"), ("scaling", "lazy"), ("mode", "serving"), ("emulate", "yes"), ("layer_filter", "fast")],
+    [("recipe", "blockwise"), ("scaling", "lazy"), ("mode", "serving"), ("emulate", "yes"), ("layer_filter", "fast"),
+     ("fast_accum", "backward")],
 )
 def test_bad_config_value_names_field_value_and_choices(field, value):
     with pytest.raises(ValueError, match=rf"Float8Config\.{field}='{value}'.*allowed values: \["):
@@ -200,6 +201,37 @@ def test_emulation_matches_scaled_mm_on_cpu(recipe):
     for name, a, b in pairs:
         s = sqnr(a, b)
         assert s >= 40, f"{recipe} {name}: emulated vs _scaled_mm sqnr {s:.1f} dB"
+
+
+@pytest.mark.parametrize(
+    "recipe, fast_accum, expected",
+    [
+        ("tensorwise", "forward", [True, False, False]),  # torchao's recipe
+        ("tensorwise", "all", [True, True, True]),
+        ("rowwise", "all", [True, True, True]),
+        ("rowwise_with_gw_hp", "all", [True, True]),  # grad_weight: a high-precision mm
+    ],
+)
+def test_fast_accum_reaches_the_gemms(monkeypatch, recipe, fast_accum, expected):
+    """Which of output / grad_input / grad_weight ask cuBLAS for fast accumulation."""
+    calls, scaled_mm = [], torch._scaled_mm
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["use_fast_accum"])
+        return scaled_mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    config = Float8Config(recipe=recipe, emulate=False, fast_accum=fast_accum)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # CPU _scaled_mm's warning
+        model = _convert(nn.Sequential(nn.Linear(32, 16)).to(torch.bfloat16), config=config)
+    model(torch.randn(8, 32, dtype=torch.bfloat16, requires_grad=True)).float().sum().backward()
+    assert calls == expected
+
+
+def test_fast_accum_is_training_only():
+    with pytest.raises(ValueError, match="fast_accum='all' applies to mode='training' only"):
+        Float8Config(mode="inference", fast_accum="all")
 
 
 def test_path_is_logged_once(caplog):

@@ -49,7 +49,7 @@ logger = logging.getLogger("compile_fp8")
 
 
 def convert_for_training(model: nn.Module, config: Float8Config, filter_fn: Optional[FilterFn]) -> None:
-    recipe = recipe_spec(config.recipe, dual_cast=config.cast_kernels == "triton")
+    recipe = recipe_spec(config.recipe, dual_cast=config.cast_kernels == "triton", fast_accum=config.fast_accum)
     if config.cast_kernels == "triton":
         launch_statically()
     layers = linears_to_convert(
