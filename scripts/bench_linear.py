@@ -90,6 +90,8 @@ VARIANTS = (
     "ours-static",
     "ours-delayed",
     "ours-triton",
+    "ours-tensorwise-fastaccum",
+    "ours-rowwise-fastaccum",
 )
 DEFAULT_M = 16384
 DEFAULT_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192))
@@ -197,12 +199,12 @@ def build_variant(name: str, base: nn.Module, x: torch.Tensor) -> nn.Module:
 
     ours-static is calibrated on ``x`` (tensorwise, static input and weight scales, dynamic
     grads); ours-delayed is tensorwise with a 16-step amax history; ours-triton is tensorwise
-    with ``Float8Config(cast_kernels="triton")``.
+    with ``Float8Config(cast_kernels="triton")``; ``-fastaccum``: ``Float8Config(fast_accum="all")``.
     """
     model = copy.deepcopy(base)
     if name == "bf16":
         return torch.compile(model, dynamic=False)
-    kind, recipe = name.split("-")
+    kind, recipe, *flags = name.split("-")
     if kind == "ours":
         from compile_fp8 import Float8Config, calibrate, compile_fp8  # lazy on purpose
 
@@ -213,7 +215,8 @@ def build_variant(name: str, base: nn.Module, x: torch.Tensor) -> nn.Module:
             if recipe == "static":
                 calibrate(model, [x.detach()])
             return model
-        return compile_fp8(model, Float8Config(recipe=recipe), dynamic=False)
+        fast_accum = "all" if flags == ["fastaccum"] else "forward"
+        return compile_fp8(model, Float8Config(recipe=recipe, fast_accum=fast_accum), dynamic=False)
     config_cls, convert = import_torchao_float8()
     model = convert(model, config=config_cls.from_recipe_name(recipe))
     return torch.compile(model, dynamic=False)

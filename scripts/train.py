@@ -21,7 +21,7 @@ import functools
 import sys
 import traceback
 
-from compile_fp8.config import LAYER_FILTERS, SCALINGS
+from compile_fp8.config import FAST_ACCUMS, LAYER_FILTERS, SCALINGS
 from compile_fp8.lm.hardware import EMULATE_CHOICES
 from compile_fp8.lm.model import PRESETS
 from compile_fp8.lm.progress import MODES
@@ -39,6 +39,9 @@ def parse_args(argv=None) -> TrainConfig:
     add("--scaling", choices=SCALINGS, default="dynamic",
         help="FP8 scales (tensorwise): dynamic (each step's amax), static (calibrated on one "
              "batch, gradients included; weight scales refreshed each step), delayed (amax history)")
+    add("--fast-accum", choices=FAST_ACCUMS, default="forward",
+        help="FP8 GEMMs with fast accumulation: forward (the output GEMM, as torchao) or all "
+             "(the gradient GEMMs too: faster, coarser sums)")
     add("--layer-filter", choices=LAYER_FILTERS, default="all",
         help="FP8 for all eligible layers, or auto: only shapes measured faster than bf16 (H200)")
     add("--steps", type=int, default=200, help="optimizer steps of the whole run")
@@ -76,10 +79,13 @@ def parse_args(argv=None) -> TrainConfig:
         args.fp8 = "tensorwise"
     if args.scaling != "dynamic" and args.fp8 != "tensorwise":
         p.error(f"--scaling {args.scaling} needs --fp8 tensorwise")
+    if args.fast_accum != "forward" and args.fp8 == "none":
+        p.error(f"--fast-accum {args.fast_accum} needs an --fp8 recipe")
     name = TrainConfig(fp8=args.fp8, device=args.device, dtype=args.dtype,
-                       scaling=args.scaling).name  # bf16, fp32, fp8-*
+                       scaling=args.scaling, fast_accum=args.fast_accum).name  # bf16, fp32, fp8-*
     return TrainConfig(
-        preset=args.preset, fp8=args.fp8, scaling=args.scaling, layer_filter=args.layer_filter, steps=args.steps, batch_size=args.batch_size,
+        preset=args.preset, fp8=args.fp8, scaling=args.scaling, fast_accum=args.fast_accum,
+        layer_filter=args.layer_filter, steps=args.steps, batch_size=args.batch_size,
         seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps, compile=args.compile,
         emulate=args.emulate, device=args.device, dtype=args.dtype, seed=args.seed,
         vocab_size=args.vocab_size, data_dir=args.data,

@@ -281,6 +281,8 @@ def test_bad_train_config_values_name_the_choices():
         TrainConfig(fp8="tensorwise", scaling="sometimes")
     with pytest.raises(ValueError, match="scaling='static' needs fp8='tensorwise' without fsdp"):
         TrainConfig(fp8="rowwise", scaling="static")
+    with pytest.raises(ValueError, match="fast_accum='some' is not supported; allowed values"):
+        TrainConfig(fp8="tensorwise", fast_accum="some")
 
 
 def test_cpu_probe_defaults_to_emulation_and_says_why():
@@ -402,3 +404,7 @@ def test_train_cli_flags(monkeypatch):
     assert (static.scaling, static.out_dir) == ("static", "runs/tiny-fp8-tensorwise-static")
     with pytest.raises(SystemExit):
         cli.parse_args(["--scaling", "delayed"])  # needs --fp8 tensorwise
+    fast = cli.parse_args(["--fp8", "tensorwise", "--scaling", "static", "--fast-accum", "all"])
+    assert (fast.fast_accum, fast.out_dir) == ("all", "runs/tiny-fp8-tensorwise-static-fastaccum")
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--fast-accum", "all"])  # needs an --fp8 recipe

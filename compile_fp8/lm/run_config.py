@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compile_fp8.config import RECIPES, SCALINGS
+from compile_fp8.config import FAST_ACCUMS, RECIPES, SCALINGS
 
 from .model import ModelConfig, get_preset
 
@@ -36,6 +36,9 @@ class TrainConfig:
     """`Float8Config.scaling` of an FP8 run (tensorwise only). "static": calibrated on one
     training batch before the first step, gradient scales included (`static_grads=True`), weight
     scales refreshed after every optimizer step. "delayed": its histories seeded on that batch."""
+    fast_accum: str = "forward"
+    """`Float8Config.fast_accum` of an FP8 run: "forward" (torchao's recipes) or "all" (fast
+    accumulation in the gradient GEMMs too)."""
     layer_filter: str = "all"
     """`Float8Config.layer_filter`: "all" eligible layers in FP8, or "auto" (only the shapes
     measured faster than bf16 on an H200)."""
@@ -92,6 +95,9 @@ class TrainConfig:
         if self.scaling not in SCALINGS:
             raise ValueError(f"scaling={self.scaling!r} is not supported; allowed values: "
                              f"{list(SCALINGS)}")
+        if self.fast_accum not in FAST_ACCUMS:
+            raise ValueError(f"fast_accum={self.fast_accum!r} is not supported; allowed values: "
+                             f"{list(FAST_ACCUMS)}")
         if self.scaling != "dynamic" and (self.fp8 != "tensorwise" or self.fsdp):
             raise ValueError(f"scaling={self.scaling!r} needs fp8='tensorwise' without fsdp "
                              f"(got fp8={self.fp8!r}, fsdp={self.fsdp})")
@@ -114,10 +120,11 @@ class TrainConfig:
     @property
     def name(self) -> str:
         """The run's label: "bf16" or "fp32" (the baseline, by its dtype), or "fp8-<recipe>"
-        (with "-static" / "-delayed" for those scalings)."""
+        (with "-static" / "-delayed" for those scalings, "-fastaccum" for fast_accum="all")."""
         if self.fp8 == "none":
             return SHORT_DTYPE[self.param_dtype]
-        return f"fp8-{self.fp8}" + ("" if self.scaling == "dynamic" else f"-{self.scaling}")
+        scaling = "" if self.scaling == "dynamic" else f"-{self.scaling}"
+        return f"fp8-{self.fp8}{scaling}" + ("-fastaccum" if self.fast_accum == "all" else "")
 
     def model_config(self) -> ModelConfig:
         cfg = get_preset(self.preset)

@@ -81,7 +81,8 @@ def build_model(cfg: TrainConfig, model_cfg: ModelConfig, support, device, state
         model.load_state_dict(state["model"])  # plain keys and tensors, also from an FP8 run
     if cfg.fp8 != "none":
         config = Float8Config(recipe=cfg.fp8, emulate=support.emulate, layer_filter=cfg.layer_filter,
-                              scaling=cfg.scaling, static_grads=cfg.scaling == "static")  # fmt: skip
+                              scaling=cfg.scaling, static_grads=cfg.scaling == "static",
+                              fast_accum=cfg.fast_accum)  # fmt: skip
         compile_fp8(model, config, module_filter_fn=lambda mod, fqn: fqn != "head", compile=False)
     if cfg.fsdp:
         distributed.shard(model)  # after compile_fp8, before torch.compile
@@ -244,7 +245,8 @@ def _describe_model(cfg, model_cfg, eval_model, seq_len, say, ranks) -> None:
 
 
 def _start_record(cfg, model_cfg, support, seq_len, start_step) -> dict:
-    return {"name": cfg.name, "preset": cfg.preset, "fp8": cfg.fp8, "dtype": cfg.param_dtype,
+    return {"name": cfg.name, "preset": cfg.preset, "fp8": cfg.fp8, "fast_accum": cfg.fast_accum,
+            "dtype": cfg.param_dtype,
             "device": support.device, "device_name": support.device_name,
             "fp8_path": f"none ({cfg.name})" if cfg.fp8 == "none" else support.path,
             "torch": support.torch_version, "num_params": num_params(model_cfg),
