@@ -14,7 +14,8 @@ loss compiled on its own: `TransformerLM.compile_loss`), ours-tensorwise (compil
 regional compile, with the loss compiled on its own as well), ours-tensorwise-model
 (`compile="model"`: one whole-model compile), ours-rowwise, ours-static (calibrated on one batch; weight scales
 refreshed after every optimizer step, whose cost is also timed alone), ours-staticgrads (the same
-with `static_grads=True`: calibrated grad_output scales too), ours-delayed, ours-tensorwise-fastaccum,
+with `static_grads=True`: calibrated grad_output scales too), ours-delayed (its histories seeded
+by `calibrate` on one batch, gradients too), ours-tensorwise-fastaccum,
 ours-rowwise-fastaccum and ours-staticgrads-fastaccum (`fast_accum="all"`: fast accumulation in
 the gradient GEMMs too),
 ours-triton (tensorwise, `cast_kernels="triton"`), ours-tensorwise-auto and ours-rowwise-auto
@@ -136,7 +137,7 @@ def convert(name: str, model, batch, emulate):
         compiled.compile_loss()
     if what == "static":
         calibrate(compiled, [batch[0]])
-    elif what == "staticgrads":  # the model returns the loss given targets: backward it
+    elif what in ("staticgrads", "delayed"):  # the model returns the loss given targets: backward it
         calibrate(compiled, [batch], loss_fn=lambda loss, _: loss)
     return compiled
 

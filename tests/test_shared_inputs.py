@@ -155,3 +155,80 @@ def test_no_tie_to_a_layer_of_an_earlier_calibration():
         calibrate(model, batches)
     assert _leader(second.embed) is None and _leader(first.embed) is None
     assert _leader(second.blocks[0].up) is second.blocks[0].gate
+
+
+# ---- delayed scaling: the tied layers read the leader's history, the last one pushes it ----
+
+
+def _delayed(model, compile=False, backend="inductor", **config):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compile_fp8(model, Float8Config(scaling="delayed", **config), compile=compile, backend=backend)
+    dtype = next(model.parameters()).dtype
+    calibrate(model, _batches(dtype=dtype), loss_fn=lambda out, _: out.float().pow(2).mean())
+    return model
+
+
+class _QKV(nn.Module):
+    """Three layers read one tensor, called in another order than they were defined."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(d, d, bias=False) for _ in range(3))
+
+    def forward(self, x):
+        return self.k(x) * self.v(x) + self.q(x)
+
+
+def _pusher(module):
+    return layer_state(module).input_pushed_by
+
+
+def test_delayed_ties_and_the_last_reader_pushes():
+    model = _delayed(_Blocks())
+    for block in model.blocks:
+        assert _leader(block.up) is block.gate and _pusher(block.gate) is block.up
+        assert _leader(block.down) is None and _pusher(block.down) is None
+    assert "input scale and cast shared" in fp8_layers(model)["blocks.0.up"]
+    torch.manual_seed(0)
+    qkv = _delayed(_QKV())
+    assert _leader(qkv.v) is qkv.k and _leader(qkv.q) is qkv.k and _pusher(qkv.k) is qkv.q
+
+
+def test_tied_delayed_histories_move_as_untied_ones():
+    """Training steps: every history (the leader's, pushed by its last reader, and each
+    follower's own) holds what an untied copy's holds, and the results are the same bits."""
+    tied = _delayed(_QKV())
+    untied = copy.deepcopy(tied)
+    for layer in (untied.q, untied.k, untied.v):
+        layer_state(layer).input_scale_from = layer_state(layer).input_pushed_by = None
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (tied, untied)]
+    gen = torch.Generator().manual_seed(2)
+    for step in range(3):
+        x = torch.randn(64, 32, generator=gen) * (step + 1)  # growing amaxes: the histories move
+        results = []
+        for model, opt in zip((tied, untied), opts):
+            out = model(x)
+            out.float().pow(2).mean().backward()
+            results.append([out.detach()] + [p.grad.clone() for p in model.parameters()])
+            opt.step()
+            opt.zero_grad()
+        for a, b in zip(*results):
+            assert bits_equal(a, b)
+    for name in ("q", "k", "v"):
+        for buffer in ("fp8_amax_history_input", "fp8_amax_history_weight"):
+            got, want = (getattr(getattr(m, name), buffer) for m in (tied, untied))
+            assert torch.equal(got, want), (name, buffer, got, want)
+    assert tied.k.fp8_amax_history_input[2] > 0  # seeded + 3 steps pushed
+
+
+def test_compiled_delayed_keeps_no_more_float8_than_dynamic():
+    """As for static: the tied delayed step saves the dynamic step's float8 tensors."""
+    delayed = _delayed(_Blocks().bfloat16(), compile=True, emulate=False)
+    dynamic = _Blocks().bfloat16()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compile_fp8(dynamic, Float8Config(emulate=False), compile=True)
+    for _ in range(2):
+        delayed_saved, dynamic_saved = _saved_float8(delayed), _saved_float8(dynamic)
+    assert delayed_saved == dynamic_saved, (delayed_saved, dynamic_saved)

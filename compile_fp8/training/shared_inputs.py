@@ -1,4 +1,4 @@
-"""Static layers that read the same tensor share one input scale, so they share one float8 copy.
+"""Layers that read the same tensor share one input scale, so they share one float8 copy.
 
 A SwiGLU block feeds one tensor, the normalized hidden state, to two linears (`gate` and `up`);
 attention with separate q/k/v projections feeds one tensor to three. With dynamic scaling each
@@ -7,20 +7,30 @@ input, merges it (CSE), and the cast `x -> float8` happens once. With static sca
 reads its *own* calibrated amax buffer: the values are equal (the same tensor was measured), but
 the compiler cannot know that, so it casts `x` once per layer, and keeps one float8 copy per
 layer for the weight gradients (on the 956M LM: one more [16384, 2048] float8 tensor per
-block, +0.5 GiB at peak, and one more cast kernel each way).
+block, +0.5 GiB at peak, and one more cast kernel each way). Delayed scaling is alike: each
+layer's own history holds the same numbers, in another buffer.
 
-So `calibrate` watches which static layers receive the very same tensor object (`is`, not equal
-values) in every calibration forward. The first layer to receive it leads; each later one is
+So `calibrate` watches which static or delayed layers receive the very same tensor object (`is`,
+not equal values) in every calibration forward. The first layer to receive it leads; each later one is
 tied to it (`TrainingState.input_scale_from`) when their recorded input amaxes are equal, and
 its static forward then reads the leader's buffer. Both buffers keep their (equal) values, so
 a checkpoint holds every layer's scale as before; ties are not stored: after loading a
 checkpoint without calibrating again, each layer reads its own buffer (the same scales, one
 float8 copy per layer).
 
-A tie changes no value: static input amaxes stay fixed after calibration, so the leader's
-buffer holds exactly the follower's number whatever the training forward later feeds them
-(tests/test_shared_inputs.py checks the same bits). Delayed scaling is not tied: a history
-moves with what its own layer reads in training, which need not be what calibration saw.
+A static tie changes no value: static input amaxes stay fixed after calibration, so the
+leader's buffer holds exactly the follower's number whatever the training forward later feeds
+them (tests/test_shared_inputs.py checks the same bits).
+
+A delayed history moves: each training forward pushes the amax of what its layer read. Tied
+delayed layers read the leader's history, so it must not move between their reads: the leader
+does not push its own input history; the tied layer called last in the calibration forwards
+(`TrainingState.input_pushed_by`) pushes it, after every reader, with the amax of the shared
+tensor. Each follower still pushes its own history (nobody reads it while tied; it keeps the
+same numbers as the leader's, for a checkpoint). So a delayed tie assumes what calibration saw
+holds in training too: the layers read one tensor in every forward (a model's structure, as in
+a SwiGLU or a q/k/v projection). A model that feeds a tied layer another tensor later would cast
+it with the leader's scale: calibrate such a model with static or dynamic scaling instead.
 """
 
 from __future__ import annotations
@@ -41,6 +51,8 @@ class InputTies:
     def __init__(self):
         self._recent: list[tuple[weakref.ref, weakref.ref]] = []  # (layer, its input), in call order
         self._leader: "weakref.WeakKeyDictionary[nn.Module, Optional[nn.Module]]" = weakref.WeakKeyDictionary()
+        self._order: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+        self._calls = 0
 
     def record(self, module: nn.Module, input: torch.Tensor) -> None:
         """`module` is about to read `input` (a calibration forward)."""
@@ -49,6 +61,12 @@ class InputTies:
         before = self._leader.get(module, _UNSEEN)
         self._leader[module] = leader if before is _UNSEEN or before is leader else None
         self._recent.append((weakref.ref(module), weakref.ref(input)))
+        self._order[module] = self._calls  # its latest read, in call order
+        self._calls += 1
+
+    def called_later(self, first: nn.Module, second: nn.Module) -> bool:
+        """`second` read its input after `first` did (in the latest forward that both ran)."""
+        return self._order.get(second, -1) > self._order.get(first, -1)
 
     def pop_leader(self, module: nn.Module) -> Optional[nn.Module]:
         """The layer `module` received its input from in every forward, if any; forgets it."""
@@ -67,6 +85,10 @@ def begin() -> None:
 
 def record_input(module: nn.Module, input: torch.Tensor) -> None:
     _ties.record(module, input)
+
+
+def called_later(first: nn.Module, second: nn.Module) -> bool:
+    return _ties.called_later(first, second)
 
 
 def tied_leader(module: nn.Module, amax_name: str) -> Optional[nn.Module]:

@@ -10,6 +10,8 @@ amaxes between steps in module buffers (`stateful_scaling.py`), named here:
                         fp8_amax_input: `input_scale_from`, `shared_inputs.py`)
     scaling="delayed"   fp8_amax_history_input, fp8_amax_history_weight,
                         fp8_amax_history_grad_output              float32 [history_len], newest first
+                        (tied layers read the leader's fp8_amax_history_input, which the last
+                        of them pushes: `input_pushed_by`, `shared_inputs.py`)
 """
 
 from __future__ import annotations
@@ -49,9 +51,12 @@ class TrainingState(ConvertedLayer):
     config: Float8Config
     recipe: RecipeSpec
     input_scale_from: Optional[nn.Module] = field(default=None, repr=False, compare=False)
-    """Static: a layer that reads the same input tensor and whose input amax buffer this layer's
-    forward reads instead of its own (equal values), so both share one float8 cast
-    (`shared_inputs.py`; set by `calibrate`)."""
+    """A layer that reads the same input tensor and whose input amax buffer (static) or history
+    (delayed) this layer's forward reads instead of its own (equal values), so both share one
+    float8 cast (`shared_inputs.py`; set by `calibrate`)."""
+    input_pushed_by: Optional[nn.Module] = field(default=None, repr=False, compare=False)
+    """Delayed, a tie's leader: the tied layer that pushes this layer's input history, after every
+    tied layer has read it in the step (this layer then does not push it itself)."""
 
     @property
     def is_static(self) -> bool:
@@ -74,13 +79,17 @@ class TrainingState(ConvertedLayer):
 
     def begin_calibration(self, module: nn.Module) -> None:
         super().begin_calibration(module)
-        self.input_scale_from = None
+        self.input_scale_from = self.input_pushed_by = None
         shared_inputs.begin()  # every layer's begin comes before the first forward
 
     def end_calibration(self, module: nn.Module) -> bool:
         ready = super().end_calibration(module)
-        if self.is_static:
-            self.input_scale_from = self._input_leader(module)
+        self.input_scale_from = leader = self._input_leader(module)
+        if leader is not None and self.config.scaling == "delayed":
+            leader_state = layer_state(leader)
+            pusher = leader_state.input_pushed_by
+            if pusher is None or shared_inputs.called_later(pusher, module):
+                leader_state.input_pushed_by = module  # the tied layer that reads last
         return ready
 
     def _input_leader(self, module: nn.Module) -> Optional[nn.Module]:
@@ -117,11 +126,11 @@ class TrainingState(ConvertedLayer):
         config = self.config
         if config.scaling == "dynamic":
             return "dynamic"
+        shared = ", input scale and cast shared with a layer reading the same tensor"
+        shared = shared if self.input_scale_from is not None else ""
         if config.scaling == "delayed":
             warm = "" if self.refresh(module) else ", dynamic until the first optimizer step or calibrate()"
-            return f"delayed (history {config.history_len}, {config.amax_from}{warm})"
-        grads = "static grads" if config.static_grads else "dynamic grads"
-        if self.input_scale_from is not None:
-            grads += ", input scale and cast shared with a layer reading the same tensor"
+            return f"delayed (history {config.history_len}, {config.amax_from}{warm}{shared})"
+        grads = ("static grads" if config.static_grads else "dynamic grads") + shared
         state = grads if self.ready else "uncalibrated: dynamic until calibrate()"
         return f"static ({state})"

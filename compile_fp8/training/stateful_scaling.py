@@ -16,8 +16,8 @@ instance: one graph per block there.
 
 A static layer is uncalibrated (`state.ready` False) until `calibrate`: it then runs dynamic
 scaling (never a NaN from an unset scale), and calibrating flips that flag: one recompile.
-Calibration also ties static layers that read the same tensor (gate and up of a SwiGLU) to one
-input amax buffer, so the compiled step casts that tensor once (`shared_inputs.py`).
+Calibration also ties layers that read the same tensor (gate and up of a SwiGLU) to one input
+amax buffer or history, so the compiled step casts that tensor once (`shared_inputs.py`).
 
 A delayed layer is *seeded* (`state.ready`) once each of its three histories holds an amax. A
 seeded layer takes every scale from its history alone: no cast waits for a reduction of the
@@ -105,7 +105,7 @@ def stateful_forward(module: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     _refuse_checkpoint_recompute(module)
     # evaluation (no_grad, inference_mode) records nothing, so an evaluation pass never changes
     # what the training run does next
-    return _delayed_forward(module, input, config, torch.is_grad_enabled(), state.ready)
+    return _delayed_forward(module, input, state, torch.is_grad_enabled())
 
 
 class StatefulScalingLinear(nn.Linear):
@@ -149,22 +149,36 @@ def _static_forward(module, input, config: Float8Config, input_amax_owner: nn.Mo
     return _fp8_linear(module, input, input_scale, weight_scale, None, DYNAMIC_GRADS)
 
 
-def _delayed_forward(module, input, config: Float8Config, record: bool, seeded: bool):
-    """`record`: push this step's amaxes (training); `seeded`: scales from the histories alone."""
+def _delayed_forward(module, input, state: TrainingState, record: bool):
+    """`record`: push this step's amaxes (training); `state.ready`: scales from the histories
+    alone. The input's history is the tie leader's where `calibrate` tied this layer."""
+    config, seeded = state.config, state.ready
     margin, how = config.amax_margin, config.amax_from
-    weight, histories = module.weight, (module.fp8_amax_history_input, module.fp8_amax_history_weight)
-    amaxes = (amax(input), amax(weight)) if record or not seeded else (None, None)
+    input_history = (state.input_scale_from or module).fp8_amax_history_input
+    histories = (input_history, module.fp8_amax_history_weight)
+    amaxes = (amax(input), amax(module.weight)) if record or not seeded else (None, None)
     input_scale, weight_scale = (
         delayed_scale(history, amax_now, E4M3, how, margin, seeded)
         for history, amax_now in zip(histories, amaxes)
     )
     if record:
-        for history, amax_now in zip(histories, amaxes):
-            push_amax(history, amax_now)
+        for history in _input_histories_to_push(module, state):
+            push_amax(history, amaxes[0])
+        push_amax(module.fp8_amax_history_weight, amaxes[1])
     grading = GradScaling("delayed", how, margin, seeded)
     return _fp8_linear(
         module, input, input_scale, weight_scale, module.fp8_amax_history_grad_output, grading
     )
+
+
+def _input_histories_to_push(module, state: TrainingState) -> list:
+    """Its own input history, unless tied layers read it later in the step (a tie's leader);
+    and the leader's, for the tied layer that reads last (`shared_inputs.py`)."""
+    histories = [] if state.input_pushed_by is not None else [module.fp8_amax_history_input]
+    leader = state.input_scale_from
+    if leader is not None and layer_state(leader).input_pushed_by is module:
+        histories.append(leader.fp8_amax_history_input)
+    return histories
 
 
 # ---- calibration (eager, high precision) --------------------------------------------------
@@ -187,8 +201,7 @@ class _RecordGradAmax(torch.autograd.Function):
 def _calibrating_forward(module, input, state: TrainingState):
     """High-precision forward that records the running max of |input| and |weight|."""
     weight_hp = module.weight * 1  # a plain, autograd-connected high-precision copy
-    if state.is_static:
-        record_input(module, input)
+    record_input(module, input)  # which layers read one tensor (shared_inputs.py)
     record_amax(state.amax_slot(module, "input"), input)
     record_amax(state.amax_slot(module, "weight"), weight_hp)
     output = F.linear(input, weight_hp, module.bias)
