@@ -6,6 +6,7 @@ import io
 import warnings
 from collections import Counter
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -126,19 +127,21 @@ def _saved_float8(model):
     return Counter(saved)
 
 
-def test_compiled_static_keeps_no_more_float8_than_dynamic():
-    """The peak-memory property, on CPU: per block, the compiled static step saves the same
-    float8 tensors as the dynamic one (before the ties it kept a second copy of the SwiGLU
+@pytest.mark.parametrize("scaling", ["static", "delayed"])
+def test_compiled_step_keeps_no_more_float8_than_dynamic(scaling):
+    """The peak-memory property, on CPU: per block, the compiled static (delayed) step saves the
+    same float8 tensors as the dynamic one (before the ties it kept a second copy of the SwiGLU
     input, [96, 32] here), and the blocks still share one graph."""
     counter = CompileCounterWithBackend("inductor")
-    static = _static(_Blocks().bfloat16(), compile=True, backend=counter, emulate=False)
+    convert = _static if scaling == "static" else _delayed
+    stateful = convert(_Blocks().bfloat16(), compile=True, backend=counter, emulate=False)
     dynamic = _Blocks().bfloat16()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         compile_fp8(dynamic, Float8Config(emulate=False), compile=True)
     for _ in range(2):
-        static_saved, dynamic_saved = _saved_float8(static), _saved_float8(dynamic)
-    assert static_saved == dynamic_saved, (static_saved, dynamic_saved)
+        stateful_saved, dynamic_saved = _saved_float8(stateful), _saved_float8(dynamic)
+    assert stateful_saved == dynamic_saved, (stateful_saved, dynamic_saved)
     assert counter.frame_count == 1, f"{counter.frame_count} frames for 3 blocks, want 1"
 
 
@@ -220,15 +223,3 @@ def test_tied_delayed_histories_move_as_untied_ones():
             got, want = (getattr(getattr(m, name), buffer) for m in (tied, untied))
             assert torch.equal(got, want), (name, buffer, got, want)
     assert tied.k.fp8_amax_history_input[2] > 0  # seeded + 3 steps pushed
-
-
-def test_compiled_delayed_keeps_no_more_float8_than_dynamic():
-    """As for static: the tied delayed step saves the dynamic step's float8 tensors."""
-    delayed = _delayed(_Blocks().bfloat16(), compile=True, emulate=False)
-    dynamic = _Blocks().bfloat16()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        compile_fp8(dynamic, Float8Config(emulate=False), compile=True)
-    for _ in range(2):
-        delayed_saved, dynamic_saved = _saved_float8(delayed), _saved_float8(dynamic)
-    assert delayed_saved == dynamic_saved, (delayed_saved, dynamic_saved)
