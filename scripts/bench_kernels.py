@@ -16,9 +16,13 @@ outputs are bitwise equal. Two timers: ``graph`` (``do_bench_cudagraph``: GPU ti
 for a 0.1 ms kernel). ``--sweep`` also times a few block configs of each kernel (passed to
 the launchers as arguments; the measurements behind ``cast.AMAX_CONFIG`` / ``CAST_CONFIG``).
 
+``--accum`` also times cuBLAS's FP8 GEMMs (``torch._scaled_mm``) at the three GEMMs of each
+linear of the 956M LM (M = 16384 tokens; output e4m3 x e4m3, grad_input and grad_weight e5m2 x
+e4m3), with and without fast accumulation (``Float8Config(fast_accum=...)``), and bf16 ``mm``.
+
 On a CUDA GPU with FP8 (sm89+) and triton::
 
-    python scripts/bench_kernels.py [--sweep] --out runs/bench_kernels
+    python scripts/bench_kernels.py [--sweep] [--accum] --out runs/bench_kernels
 
 ``--out DIR`` (default ``runs/bench_kernels``) gets ``bench_kernels.md`` (what is printed) and
 ``bench_kernels.json`` (one row per op, float8 type and timer; the sweep's rows with ``--sweep``).
@@ -152,6 +156,38 @@ def sweep_shape(m, k, device, timer, emit) -> list[dict]:
     return rows
 
 
+ACCUM_TOKENS = 16384
+ACCUM_LAYERS = ((2048, 6144), (2048, 2048), (2048, 5632), (5632, 2048))  # (K, N): qkv, out, gate/up, down
+ACCUM_COLUMNS = ("layer K x N", "GEMM", "fast accum ms", "full accum ms", "full / fast", "bf16 ms")
+
+
+def _accum_gemms(k, n, tokens):
+    """(GEMM, [M, K'] A dims, [K', N'] B dims, A's float8) of a linear's three GEMMs."""
+    e4m3, e5m2 = FP8_DTYPES["e4m3"], FP8_DTYPES["e5m2"]
+    return (("output", (tokens, k), (k, n), e4m3), ("grad_input", (tokens, n), (n, k), e5m2),
+            ("grad_weight", (n, tokens), (tokens, k), e5m2))  # fmt: skip
+
+
+def bench_accum(device, timer, small, emit) -> list[dict]:
+    """_scaled_mm with and without fast accumulation (and bf16 mm) per GEMM; rows for the json."""
+    tokens, layers = (64, ((32, 48),)) if small else (ACCUM_TOKENS, ACCUM_LAYERS)
+    one, rows = torch.ones((), device=device), []
+    emit(f"\n### FP8 GEMMs, fast vs full accumulation (M = {tokens} tokens)\n")
+    emit(f"| {' | '.join(ACCUM_COLUMNS)} |\n|{'---|' * len(ACCUM_COLUMNS)}")
+    for k, n in layers:
+        for gemm, (m, kk), (_, cols), a_dtype in _accum_gemms(k, n, tokens):
+            a = torch.randn(m, kk, device=device).to(a_dtype)
+            b = torch.randn(cols, kk, device=device).to(FP8_DTYPES["e4m3"]).t()  # column-major
+            a_hp, b_hp = a.to(torch.bfloat16), b.to(torch.bfloat16)
+            ms = {fast: timer(partial(torch._scaled_mm, a, b, one, one, out_dtype=torch.bfloat16,
+                                      use_fast_accum=fast)) for fast in (True, False)}  # fmt: skip
+            bf16 = timer(partial(torch.mm, a_hp, b_hp))
+            emit(f"| {k} x {n} | {gemm} | {ms[True]:.4f} | {ms[False]:.4f} | "
+                 f"{ms[False] / ms[True]:.3f} | {bf16:.4f} |")  # fmt: skip
+            rows.append({"k": k, "n": n, "gemm": gemm, "fast_ms": ms[True], "full_ms": ms[False], "bf16_ms": bf16})
+    return rows
+
+
 def _fmt(ms, nbytes):
     return ("-", "-") if ms is None else (f"{ms:.4f}", f"{nbytes / ms / 1e6:.0f}")
 
@@ -176,6 +212,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--small", action="store_true", help="tiny shapes on CPU, perf_counter timer")
     p.add_argument("--sweep", action="store_true", help="also time block configs (CUDA)")
+    p.add_argument("--accum", action="store_true", help="also time FP8 GEMMs, fast vs full accumulation")
     add_out_argument(p, "bench_kernels")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
@@ -196,6 +233,9 @@ def main(argv=None) -> int:
         rows += bench_shape(m, k, device, timers, args.small, emit)
         if args.sweep and device.type == "cuda":
             rows += sweep_shape(m, k, device, timers["graph"], emit)
+        write_results(args.out, "bench_kernels", "\n".join(lines) + "\n", {"rows": rows})
+    if args.accum:
+        rows += bench_accum(device, timers["graph" if device.type == "cuda" else "perf_counter"], args.small, emit)
         write_results(args.out, "bench_kernels", "\n".join(lines) + "\n", {"rows": rows})
     return 0 if all(r["bitwise"] for r in rows if "bitwise" in r) else 1
 

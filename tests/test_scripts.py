@@ -65,6 +65,25 @@ def test_bench_train_step_auto_variant_filters_layers():
     assert body and all(how.startswith("skipped: layer_filter='auto'") for how in body.values()), report
 
 
+def test_bench_train_step_fastaccum_variant_sets_the_recipe():
+    from compile_fp8 import Float8TrainingWeight
+
+    bench = _load("bench_train_step")
+    args = bench.parse_args(["--small", "--variants", "ours-tensorwise-fastaccum"])
+    model, _ = bench.build_model(args, torch.device("cpu"))
+    compiled = bench.convert("ours-tensorwise-fastaccum", model, None, emulate=True)
+    recipes = {p._recipe for p in compiled.parameters() if isinstance(p, Float8TrainingWeight)}
+    assert recipes and all(r.grad_input.use_fast_accum and r.grad_weight.use_fast_accum for r in recipes)
+
+
+def test_bench_kernels_accum_small(tmp_path, capsys):
+    bench = _load("bench_kernels")
+    rc = bench.main(["--small", "--accum", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "| 32 x 48 | grad_weight |" in out, out
+
+
 def test_bench_train_step_experiment_suffix():
     """VARIANT+EXPERIMENT: parsed and checked; "cdt" turns inductor's coordinate-descent tuning on
     while the variant runs, then restores it."""
