@@ -10,10 +10,10 @@ layer for the weight gradients (on the 956M LM: one more [16384, 2048] float8 te
 block, +0.5 GiB at peak, and one more cast kernel each way). Delayed scaling is alike: each
 layer's own history holds the same numbers, in another buffer.
 
-So `calibrate` watches which static or delayed layers receive the very same tensor object (`is`,
-not equal values) in every calibration forward. The first layer to receive it leads; each later one is
-tied to it (`TrainingState.input_scale_from`) when their recorded input amaxes are equal, and
-its static forward then reads the leader's buffer. Both buffers keep their (equal) values, so
+So `calibrate` watches which static or delayed layers receive the very same tensor object
+(`is`, not equal values) in every calibration forward. The first layer to receive it leads;
+each later one is tied to it (`TrainingState.input_scale_from`) when their recorded input
+amaxes are equal, and its forward then reads the leader's buffer. Both buffers keep their (equal) values, so
 a checkpoint holds every layer's scale as before; ties are not stored: after loading a
 checkpoint without calibrating again, each layer reads its own buffer (the same scales, one
 float8 copy per layer).
