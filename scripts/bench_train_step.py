@@ -192,7 +192,7 @@ def bench_variant(name, base, batch, args, device) -> dict:
         torch.cuda.reset_peak_memory_stats()
     emulate = True if device.type == "cpu" else None  # CPU _scaled_mm is a slow reference kernel
     refresh = None
-    if name.startswith(("ours-static-", "ours-staticgrads-")) or name in ("ours-static", "ours-staticgrads"):
+    if name.split("-")[:2] in (["ours", "static"], ["ours", "staticgrads"]):  # and their -flags
         from compile_fp8 import refresh_weight_scales as refresh
     model = convert(name, copy.deepcopy(base), batch, emulate)
     if device.type == "cuda":  # the step's peak, not calibrate's eager high-precision passes

@@ -48,14 +48,18 @@ def _batches(n=3, dtype=torch.float32):
     return [torch.randn(64, 32, generator=gen).to(dtype) for _ in range(n)]
 
 
-def _static(model, compile=False, backend="inductor", **config):
+def _calibrated(model, config: Float8Config, compile=False, backend="inductor"):
+    """`model` converted with `config` and calibrated on `_batches`, gradients included."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compile_fp8(model, Float8Config(scaling="static", static_grads=True, **config),
-                    compile=compile, backend=backend)  # fmt: skip
+        compile_fp8(model, config, compile=compile, backend=backend)
     dtype = next(model.parameters()).dtype
     calibrate(model, _batches(dtype=dtype), loss_fn=lambda out, _: out.float().pow(2).mean())
     return model
+
+
+def _static(model, compile=False, backend="inductor", **config):
+    return _calibrated(model, Float8Config(scaling="static", static_grads=True, **config), compile, backend)
 
 
 def _leader(module):
@@ -164,12 +168,7 @@ def test_no_tie_to_a_layer_of_an_earlier_calibration():
 
 
 def _delayed(model, compile=False, backend="inductor", **config):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        compile_fp8(model, Float8Config(scaling="delayed", **config), compile=compile, backend=backend)
-    dtype = next(model.parameters()).dtype
-    calibrate(model, _batches(dtype=dtype), loss_fn=lambda out, _: out.float().pow(2).mean())
-    return model
+    return _calibrated(model, Float8Config(scaling="delayed", **config), compile, backend)
 
 
 class _QKV(nn.Module):
