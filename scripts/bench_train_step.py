@@ -17,7 +17,7 @@ refreshed after every optimizer step, whose cost is also timed alone), ours-stat
 with `static_grads=True`: calibrated grad_output scales too), ours-delayed (its histories seeded
 by `calibrate` on one batch, gradients too), ours-tensorwise-fastaccum,
 ours-rowwise-fastaccum and ours-staticgrads-fastaccum (`fast_accum="all"`: fast accumulation in
-the gradient GEMMs too),
+the gradient GEMMs too), ours-staticgrads-fastaccum-model (the same in one whole-model compile),
 ours-triton (tensorwise, `cast_kernels="triton"`), ours-tensorwise-auto and ours-rowwise-auto
 (`layer_filter="auto"`: only the layer shapes measured faster in FP8), torchao-tensorwise,
 torchao-rowwise (skipped with a note when torchao is missing). Any variant can take one
@@ -67,6 +67,7 @@ VARIANTS = (
     "ours-tensorwise-fastaccum",
     "ours-rowwise-fastaccum",
     "ours-staticgrads-fastaccum",
+    "ours-staticgrads-fastaccum-model",
     "ours-triton",
     "ours-tensorwise-auto",
     "ours-rowwise-auto",
