@@ -82,6 +82,13 @@ class Float8Config:
     """scaling="static": calibrate grad_output's scale too (`calibrate` then needs `loss_fn`).
     Default False: gradients stay dynamic, since their range drifts as training goes on."""
 
+    static_weights: bool = True
+    """scaling="static": True (default): each weight's scale comes from its stored amax
+    (`calibrate`; `refresh_weight_scales` after each optimizer step keeps it exact). False: each
+    forward measures the weight's amax inside the compiled step, so the scale is always this
+    weight's: the same bits as refreshing after every optimizer step, with no hook to register
+    (the amax pass runs inside the step instead of after the optimizer). Training only."""
+
     history_len: int = 16
     """scaling="delayed": how many past amaxes each operand remembers."""
 
@@ -135,6 +142,7 @@ class Float8Config:
         check_choice("Float8Config.mode", self.mode, MODES)
         check_choice("Float8Config.emulate", self.emulate, (None, True, False))
         check_choice("Float8Config.static_grads", self.static_grads, (False, True))
+        check_choice("Float8Config.static_weights", self.static_weights, (True, False))
         check_choice("Float8Config.amax_from", self.amax_from, AMAX_FROM)
         check_choice("Float8Config.fast_accum", self.fast_accum, FAST_ACCUMS)
         check_choice("Float8Config.cast_kernels", self.cast_kernels, CAST_KERNELS)
@@ -170,6 +178,11 @@ class Float8Config:
             )
         if self.static_grads:
             raise ValueError("Float8Config.static_grads=True applies to mode='training' only")
+        if not self.static_weights:
+            raise ValueError(
+                "Float8Config.static_weights=False applies to mode='training' only (inference "
+                "weights are cast once, with their own amax)"
+            )
         if self.fast_accum != "forward":
             raise ValueError(
                 f"Float8Config.fast_accum={self.fast_accum!r} applies to mode='training' only "

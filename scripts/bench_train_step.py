@@ -18,6 +18,8 @@ with `static_grads=True`: calibrated grad_output scales too), ours-delayed (its 
 by `calibrate` on one batch, gradients too), ours-tensorwise-fastaccum,
 ours-rowwise-fastaccum and ours-staticgrads-fastaccum (`fast_accum="all"`: fast accumulation in
 the gradient GEMMs too), ours-staticgrads-fastaccum-model (the same in one whole-model compile),
+ours-staticgrads-fastaccum-stepweights[-model] (`static_weights=False`: each weight's amax measured
+inside the step, no `refresh_weight_scales`),
 ours-triton (tensorwise, `cast_kernels="triton"`), ours-tensorwise-auto and ours-rowwise-auto
 (`layer_filter="auto"`: only the layer shapes measured faster in FP8), torchao-tensorwise,
 torchao-rowwise (skipped with a note when torchao is missing). Any variant can take one
@@ -68,6 +70,8 @@ VARIANTS = (
     "ours-rowwise-fastaccum",
     "ours-staticgrads-fastaccum",
     "ours-staticgrads-fastaccum-model",
+    "ours-staticgrads-fastaccum-stepweights",
+    "ours-staticgrads-fastaccum-stepweights-model",
     "ours-triton",
     "ours-tensorwise-auto",
     "ours-rowwise-auto",
@@ -123,10 +127,14 @@ def convert(name: str, model, batch, emulate):
     from compile_fp8 import Float8Config, calibrate, compile_fp8
 
     fast_accum = "all" if "fastaccum" in flags else "forward"
-    if what in ("static", "delayed"):
+    static_weights = "stepweights" not in flags  # the weight amax measured in the step instead
+    if what == "static":
+        config = Float8Config(scaling=what, emulate=emulate, fast_accum=fast_accum, static_weights=static_weights)
+    elif what == "delayed":
         config = Float8Config(scaling=what, emulate=emulate, fast_accum=fast_accum)
     elif what == "staticgrads":  # static scales for grad_output too: no amax pass at all
-        config = Float8Config(scaling="static", static_grads=True, emulate=emulate, fast_accum=fast_accum)
+        config = Float8Config(scaling="static", static_grads=True, emulate=emulate, fast_accum=fast_accum,
+                              static_weights=static_weights)  # fmt: skip
     elif what == "triton":  # tensorwise with the Triton amax / dual-layout cast kernels
         config = Float8Config(cast_kernels="triton", emulate=emulate)
     else:
@@ -193,7 +201,8 @@ def bench_variant(name, base, batch, args, device) -> dict:
         torch.cuda.reset_peak_memory_stats()
     emulate = True if device.type == "cpu" else None  # CPU _scaled_mm is a slow reference kernel
     refresh = None
-    if name.split("-")[:2] in (["ours", "static"], ["ours", "staticgrads"]):  # and their -flags
+    static = name.split("-")[:2] in (["ours", "static"], ["ours", "staticgrads"])  # and their -flags
+    if static and "stepweights" not in name.split("-"):
         from compile_fp8 import refresh_weight_scales as refresh
     model = convert(name, copy.deepcopy(base), batch, emulate)
     if device.type == "cuda":  # the step's peak, not calibrate's eager high-precision passes

@@ -117,6 +117,58 @@ def test_refresh_weight_scales_tracks_the_optimizer():
     assert bits_equal(model[0].fp8_amax_weight, expected), (model[0].fp8_amax_weight, expected)
 
 
+def _train_static(static_weights, refresh, compile, steps=3):
+    """Outputs, weight grads and fp8_amax_weight of a calibrated static MLP over `steps` SGD
+    steps whose large learning rate moves every weight's amax."""
+    config = Float8Config(scaling="static", static_weights=static_weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = compile_fp8(_mlp(), config, compile=compile, **({"fullgraph": True} if compile else {}))
+    calibrate(model, _batches())
+    opt = torch.optim.SGD(model.parameters(), lr=5.0)
+    gen = torch.Generator().manual_seed(2)
+    seen = []
+    for _ in range(steps):
+        out = model(torch.randn(64, 32, generator=gen))
+        out.square().mean().backward()
+        seen += [out.detach(), model[0].weight.grad.clone(), model[2].fp8_amax_weight.clone()]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if refresh:
+            refresh_weight_scales(model)
+    return seen
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_static_weights_false_is_refreshing_after_every_step(compile):
+    """static_weights=False measures the weight amax in the step: the same bits as a model whose
+    weight scales `refresh_weight_scales` re-measures after every optimizer step, and not those
+    of a model left with its calibrated weight scales."""
+    in_step = _train_static(static_weights=False, refresh=False, compile=compile)
+    refreshed = _train_static(static_weights=True, refresh=True, compile=compile)
+    for step, (a, b) in enumerate(zip(in_step, refreshed)):
+        assert bits_equal(a, b), f"tensor {step}: in-step weight amax differs from refreshed"
+    fixed = _train_static(static_weights=True, refresh=False, compile=compile)
+    assert not bits_equal(in_step[-3], fixed[-3]), "the weights did not move their amax"
+
+
+def test_static_weights_false_records_the_amax_in_training_forwards_only():
+    model = _convert(_mlp(), scaling="static", static_weights=False)
+    calibrate(model, _batches())
+    with torch.no_grad():
+        model[0].weight.hp.mul_(3)
+        model(torch.randn(4, 32))
+    assert model[0].fp8_amax_weight < model[0].weight.hp.abs().max()  # evaluation: not stored
+    model(torch.randn(4, 32)).sum().backward()
+    assert bits_equal(model[0].fp8_amax_weight, model[0].weight.hp.abs().max().float())
+    before = model[0].fp8_amax_weight.clone()
+    with torch.no_grad():
+        model[0].weight.hp.mul_(2)
+    refresh_weight_scales(model)  # nothing to refresh: the step measures the weights itself
+    assert bits_equal(model[0].fp8_amax_weight, before)
+    assert fp8_layers(model)["0"] == "fp8 tensorwise static (dynamic grads, weight amax in step) (emulated)"
+
+
 @pytest.mark.parametrize(
     "batches, kwargs, match",
     [([], {}, "no batches"), (_batches(), {"num_batches": 0}, "num_batches=0")],
@@ -262,6 +314,8 @@ def test_plain_checkpoint_loads_into_static_model_with_a_warning():
         ({"amax_from": "mean"}, r"amax_from='mean'.*allowed values"),
         ({"cast_kernels": "cuda"}, r"cast_kernels='cuda'.*allowed values"),
         ({"cast_kernels": "triton", "recipe": "rowwise"}, "supports recipe='tensorwise' only"),
+        ({"static_weights": "no"}, r"static_weights='no'.*allowed values"),
+        ({"static_weights": False, "mode": "inference"}, "static_weights=False applies to mode='training' only"),
     ],
 )
 def test_bad_scaling_config(kwargs, match):
@@ -330,14 +384,15 @@ def test_delayed_blocks_share_one_graph_and_pickle():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("scaling", ["static", "delayed"])
-def test_compiled_training_on_cuda(scaling):
+@pytest.mark.parametrize("scaling, extra", [("static", {}), ("static", {"static_weights": False}), ("delayed", {})])
+def test_compiled_training_on_cuda(scaling, extra):
     """torch 2.11 on the H200: buffer updates in forward and backward inside inductor's graph."""
     model = _mlp().cuda()
     counter = CompileCounterWithBackend("inductor")
+    config = Float8Config(scaling=scaling, **extra)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compiled = compile_fp8(model, Float8Config(scaling=scaling), backend=counter, fullgraph=True)
+        compiled = compile_fp8(model, config, backend=counter, fullgraph=True)
     if scaling == "static":
         calibrate(compiled, [b.cuda() for b in _batches()])
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -131,6 +131,7 @@ class TrainingState(ConvertedLayer):
         if config.scaling == "delayed":
             warm = "" if self.refresh(module) else ", dynamic until the first optimizer step or calibrate()"
             return f"delayed (history {config.history_len}, {config.amax_from}{warm}{shared})"
-        grads = ("static grads" if config.static_grads else "dynamic grads") + shared
+        grads = "static grads" if config.static_grads else "dynamic grads"
+        grads += ("" if config.static_weights else ", weight amax in step") + shared
         state = grads if self.ready else "uncalibrated: dynamic until calibrate()"
         return f"static ({state})"

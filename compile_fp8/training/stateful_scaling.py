@@ -142,11 +142,22 @@ def _static_forward(module, input, config: Float8Config, input_amax_owner: nn.Mo
     """`input_amax_owner`: `module`, or a layer that reads the same input (`shared_inputs.py`)."""
     margin = config.amax_margin
     input_scale = stored_amax_to_scale(input_amax_owner.fp8_amax_input, E4M3, margin)
-    weight_scale = stored_amax_to_scale(module.fp8_amax_weight, E4M3, margin)
+    weight_scale = stored_amax_to_scale(_static_weight_amax(module, config), E4M3, margin)
     if config.static_grads:
         grading = GradScaling("static", margin=margin)
         return _fp8_linear(module, input, input_scale, weight_scale, module.fp8_amax_grad_output, grading)
     return _fp8_linear(module, input, input_scale, weight_scale, None, DYNAMIC_GRADS)
+
+
+def _static_weight_amax(module, config: Float8Config) -> torch.Tensor:
+    """The stored weight amax, or (`static_weights=False`) this forward's, which a training
+    forward also stores (checkpoints then hold the weight's current amax)."""
+    if config.static_weights:
+        return module.fp8_amax_weight
+    weight_amax = amax(module.weight).to(torch.float32)
+    if torch.is_grad_enabled():
+        module.fp8_amax_weight.copy_(weight_amax.detach())
+    return weight_amax
 
 
 def _delayed_forward(module, input, state: TrainingState, record: bool):
