@@ -158,6 +158,11 @@ class Float8Config:
                 f"Float8Config.scaling={self.scaling!r} supports recipe='tensorwise' only "
                 f"(got recipe={self.recipe!r}): a row's scale depends on that step's tokens"
             )
+        if not self.static_weights and self.scaling != "static":
+            raise ValueError(
+                f"Float8Config.static_weights=False applies to scaling='static' only (got "
+                f"scaling={self.scaling!r}, whose weight scales never come from a stored amax alone)"
+            )
         if not isinstance(self.history_len, int) or self.history_len < 1:
             raise ValueError(f"Float8Config.history_len={self.history_len!r} must be an int >= 1")
         if not self.amax_margin > 0:

@@ -315,7 +315,10 @@ def test_plain_checkpoint_loads_into_static_model_with_a_warning():
         ({"cast_kernels": "cuda"}, r"cast_kernels='cuda'.*allowed values"),
         ({"cast_kernels": "triton", "recipe": "rowwise"}, "supports recipe='tensorwise' only"),
         ({"static_weights": "no"}, r"static_weights='no'.*allowed values"),
-        ({"static_weights": False, "mode": "inference"}, "static_weights=False applies to mode='training' only"),
+        ({"static_weights": False, "scaling": "static", "mode": "inference"},
+         "static_weights=False applies to mode='training' only"),
+        ({"static_weights": False, "scaling": "delayed"}, "static_weights=False applies to scaling='static' only"),
+        ({"static_weights": False}, "static_weights=False applies to scaling='static' only"),
     ],
 )
 def test_bad_scaling_config(kwargs, match):
