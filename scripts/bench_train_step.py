@@ -90,6 +90,15 @@ EXPERIMENTS = {
 }
 
 
+def check_variants(parser: argparse.ArgumentParser, names: list[str]) -> None:
+    """parser.error (exit 2) naming the variants that are not VARIANT[+EXPERIMENT]."""
+    unknown = [v for v in names
+               if split_variant(v)[0] not in VARIANTS or split_variant(v)[1] not in (None, *EXPERIMENTS)]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choices: {','.join(VARIANTS)}, "
+                     f"each optionally +EXPERIMENT from {','.join(EXPERIMENTS)}")
+
+
 def split_variant(name: str, sep: str = "+") -> tuple[str, str | None]:
     """"ours-tensorwise+cdt" -> ("ours-tensorwise", "cdt"); no suffix -> (name, None)."""
     base, found, suffix = name.partition(sep)
@@ -151,6 +160,17 @@ def convert(name: str, model, batch, emulate):
     return compiled
 
 
+def weight_refresh(name: str):
+    """`refresh_weight_scales` for the variants whose static weight scales are read from their
+    buffers (static, staticgrads and their -flags, but -stepweights), else None."""
+    kind_what, flags = name.split("-")[:2], name.split("-")[2:]
+    if kind_what in (["ours", "static"], ["ours", "staticgrads"]) and "stepweights" not in flags:
+        from compile_fp8 import refresh_weight_scales
+
+        return refresh_weight_scales
+    return None
+
+
 def make_step(model, batch, device, refresh=None):
     """One training step; `refresh` (static scaling: `refresh_weight_scales`) runs after
     `opt.step()`, as a user keeps static weight scales exact."""
@@ -200,10 +220,7 @@ def bench_variant(name, base, batch, args, device) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     emulate = True if device.type == "cpu" else None  # CPU _scaled_mm is a slow reference kernel
-    refresh = None
-    static = name.split("-")[:2] in (["ours", "static"], ["ours", "staticgrads"])  # and their -flags
-    if static and "stepweights" not in name.split("-"):
-        from compile_fp8 import refresh_weight_scales as refresh
+    refresh = weight_refresh(name)
     model = convert(name, copy.deepcopy(base), batch, emulate)
     if device.type == "cuda":  # the step's peak, not calibrate's eager high-precision passes
         torch.cuda.reset_peak_memory_stats()
@@ -280,11 +297,7 @@ def parse_args(argv):
     add_out_argument(p, "bench_train_step")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in args.variants
-               if split_variant(v)[0] not in VARIANTS or split_variant(v)[1] not in (None, *EXPERIMENTS)]
-    if unknown:
-        p.error(f"unknown variant(s) {unknown}; choices: {','.join(VARIANTS)}, "
-                f"each optionally +EXPERIMENT from {','.join(EXPERIMENTS)}")
+    check_variants(p, args.variants)
     if args.small:
         args.batch, args.seq, args.warmup, args.steps = 2, 32, 1, 2
     return args

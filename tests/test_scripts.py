@@ -228,3 +228,46 @@ def test_weight_only_kernel_dequantizes_without_f2f(x):
 def test_sass_tools_rejects_an_unknown_x():
     with pytest.raises(ValueError, match="allowed"):
         sass_tools.compile_weight_only("int8")
+
+
+def _alloc(addr, size, filename="model.py", line=0):
+    return {"action": "alloc", "addr": addr, "size": size, "frames": [{"filename": filename, "line": line, "name": "f"}]}
+
+
+def test_profile_memory_finds_what_is_alive_at_the_peak():
+    prof = _load("profile_memory")
+    events = [
+        _alloc(1, 100, "a.py"),
+        _alloc(2, 50, "b.py"),
+        {"action": "free_requested", "addr": 1},
+        {"action": "free_completed", "addr": 1},  # freed once, counted once
+        _alloc(3, 80, "c.py"),  # 130 alive: below the peak of 150
+        {"action": "free_completed", "addr": 99},  # allocated before the trace: ignored
+        _alloc(4, 40, "b.py"),  # 170 alive: the peak, b.py twice
+    ]
+    result = prof.peak_breakdown(events, top=2)
+    assert result["peak_bytes"] == 170 and result["alive_at_peak"] == 3
+    assert [(s["site"], s["bytes"], s["count"]) for s in result["sites"]] == [
+        ("b.py:0 (f)", 90, 2), ("c.py:0 (f)", 80, 1)]  # fmt: skip
+    assert result["other_sites_bytes"] == 0
+
+
+def test_profile_memory_names_the_site_outside_torch_with_its_source_line():
+    prof = _load("profile_memory")
+    torch_file = str(pathlib.Path(prof.TORCH_DIR) / "nn" / "functional.py")
+    here = str(pathlib.Path(__file__).resolve())
+    frames = [{"filename": torch_file, "line": 1, "name": "linear"},
+              {"filename": here, "line": 1, "name": "forward"}]  # fmt: skip
+    site = prof.allocation_site(frames)
+    assert site.startswith("test_scripts.py:1 (forward)") and '"""' in site, site
+    assert prof.allocation_site([]) == "(no Python frame)"
+
+
+def test_profile_memory_refuses_unknown_variants_and_needs_a_gpu(capsys):
+    prof = _load("profile_memory")
+    with pytest.raises(SystemExit):
+        prof.main(["--variants", "bf16,ours-nothing"])
+    assert "ours-nothing" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert prof.main(["--variants", "bf16"]) == 2
+        assert "no GPU" in capsys.readouterr().err
