@@ -28,7 +28,8 @@
 #   GPU_CHECK_PYTEST_ARGS         more pytest arguments, e.g. "tests/test_small_m_gemm.py -x"
 #   GPU_CHECK_LINEAR_VARIANTS     bench_linear --variants (default: all of its variants)
 #   GPU_CHECK_TRAIN_VARIANTS      bench_train_step --variants
-#                                 (default: bf16,ours-tensorwise,torchao-tensorwise,ours-rowwise,torchao-rowwise)
+#                                 (default: bf16,ours-tensorwise,ours-staticgrads-fastaccum,torchao-tensorwise,
+#                                 ours-rowwise,torchao-rowwise)
 #   GPU_CHECK_INFERENCE_VARIANTS  bench_inference --variants
 #                                 (default: bf16,ours-tensorwise,ours-rowwise,ours-static,torchao-tensorwise)
 #   PYTHON                        the interpreter (default: python, else python3)
@@ -42,7 +43,7 @@ cd "$ROOT" || exit 2
 PYTHON=${PYTHON:-$(command -v python || echo python3)}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHON
 STAGES=${GPU_CHECK_STAGES:-env tests linear train_step inference}
-TRAIN_VARIANTS=${GPU_CHECK_TRAIN_VARIANTS:-bf16,ours-tensorwise,torchao-tensorwise,ours-rowwise,torchao-rowwise}
+TRAIN_VARIANTS=${GPU_CHECK_TRAIN_VARIANTS:-bf16,ours-tensorwise,ours-staticgrads-fastaccum,torchao-tensorwise,ours-rowwise,torchao-rowwise}
 INFERENCE_VARIANTS=${GPU_CHECK_INFERENCE_VARIANTS:-bf16,ours-tensorwise,ours-rowwise,ours-static,torchao-tensorwise}
 SUMMARY=()
 FAILED=0
