@@ -109,14 +109,24 @@ def not_head(module, fqn: str) -> bool:
     return fqn != "head"  # the LM head stays bf16
 
 
-def build_model(args, device):
+def build_model(args, device, n_layers: int = 0):
+    """The `--preset` LM in bf16 (cut to `n_layers` layers when given) and its config."""
     from compile_fp8.lm.model import TransformerLM, get_preset
 
     cfg = get_preset(args.preset).replace(seq_len=args.seq)
+    if n_layers:
+        cfg = cfg.replace(n_layers=n_layers)
     if args.small:
         cfg = cfg.replace(vocab_size=256, d_model=64, n_layers=1, n_heads=4, d_ff=176, seq_len=args.seq)
     torch.manual_seed(0)
     return TransformerLM(cfg).to(device, torch.bfloat16), cfg
+
+
+def random_batch(vocab_size: int, batch: int, seq: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, targets), each [batch, seq]: random tokens, the same ones in every run (seed 1)."""
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    tokens = torch.randint(0, vocab_size, (batch, seq + 1), generator=gen).to(device)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
 def convert(name: str, model, batch, emulate):
@@ -241,9 +251,7 @@ def bench_variant(name, base, batch, args, device) -> dict:
 def run(args) -> tuple[list[dict], list[str]]:
     device = torch.device(args.device)
     base, cfg = build_model(args, device)
-    gen = torch.Generator(device="cpu").manual_seed(1)
-    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen).to(device)
-    batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+    batch = random_batch(cfg.vocab_size, args.batch, args.seq, device)
     rows, notes = [], []
     for name in args.variants:
         result = try_variant(lambda: bench_variant(name, base, batch, args, device), name, notes)

@@ -136,20 +136,6 @@ def render(results: dict, args, batch, device) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build(args, device):
-    """bench_train_step's model (optionally cut to `--layers`) and one batch of random tokens."""
-    from compile_fp8.lm.model import TransformerLM, get_preset
-
-    cfg = get_preset(args.preset).replace(seq_len=args.seq)
-    if args.layers:
-        cfg = cfg.replace(n_layers=args.layers)
-    torch.manual_seed(0)
-    base = TransformerLM(cfg).to(device, torch.bfloat16)
-    gen = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen).to(device)
-    return base, (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default="bf16,ours-tensorwise,ours-tensorwise-model,torchao-tensorwise")
@@ -159,6 +145,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=0, help="cut the model to this many layers (0: all)")
     p.add_argument("--top", type=int, default=20, help="allocation sites listed per variant")
     add_out_argument(p, "profile_memory")
+    p.set_defaults(small=False)  # bench_train_step.build_model's toy model: not here
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     bench_train_step.check_variants(p, args.variants)
@@ -166,7 +153,8 @@ def main(argv=None) -> int:
         print("profile_memory.py traces CUDA memory; no GPU here", file=sys.stderr)
         return 2
     device = torch.device("cuda", torch.cuda.current_device())
-    base, batch = build(args, device)
+    base, cfg = bench_train_step.build_model(args, device, n_layers=args.layers)
+    batch = bench_train_step.random_batch(cfg.vocab_size, args.batch, args.seq, device)
     results = {}
     for name in args.variants:
         results[name] = profile_variant(name, base, batch, args, device)

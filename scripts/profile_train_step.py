@@ -91,9 +91,7 @@ def build_batch(args, device):
         cfg = cfg.replace(vocab_size=256, d_model=64, n_heads=4, d_ff=176)
     torch.manual_seed(0)
     base = TransformerLM(cfg).to(device, torch.bfloat16)
-    gen = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, cfg.vocab_size, (targs.batch, targs.seq + 1), generator=gen).to(device)
-    return base, (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+    return base, bench_train_step.random_batch(cfg.vocab_size, targs.batch, targs.seq, device)
 
 
 def render(cats: dict, tops: dict, args, batch) -> str:
