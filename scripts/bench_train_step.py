@@ -9,9 +9,10 @@ same model from the same seed, compiles it, and reports:
   `--warmup`), tokens/s, speed-up over bf16, peak memory of the steps (torch.cuda.max_memory_allocated
   from the first step on: `calibrate`'s eager high-precision passes are not counted).
 
-Variants: bf16 (whole-model torch.compile), bf16-regional (each block compiled in place, the
-loss compiled on its own: `TransformerLM.compile_loss`), ours-tensorwise (compile_fp8's default,
-regional compile, with the loss compiled on its own as well), ours-tensorwise-model
+Variants: bf16 (whole-model torch.compile), bf16-regional (each block compiled in place; the
+final norm, head and loss compiled as one more region: `TransformerLM.compile_loss`),
+ours-tensorwise (compile_fp8's default, regional compile, with that region compiled as well),
+ours-tensorwise-model
 (`compile="model"`: one whole-model compile), ours-rowwise, ours-static (calibrated on one batch; weight scales
 refreshed after every optimizer step, whose cost is also timed alone), ours-staticgrads (the same
 with `static_grads=True`: calibrated grad_output scales too), ours-delayed (its histories seeded
@@ -161,7 +162,7 @@ def convert(name: str, model, batch, emulate):
         config = Float8Config(recipe=what, emulate=emulate, layer_filter=layer_filter, fast_accum=fast_accum)
     how = "model" if "model" in flags else True  # default: regional (each block in place)
     compiled = compile_fp8(model, config, module_filter_fn=not_head, compile=how)
-    if how is True:  # the blocks compiled one by one: the loss too, on its own (torchtitan does so)
+    if how is True:  # the blocks compiled one by one: norm, head and loss as one more region
         compiled.compile_loss()
     if what == "static":
         calibrate(compiled, [batch[0]])

@@ -63,7 +63,7 @@ def profile_variant(name, base, batch, args, device) -> tuple[dict, list]:
     torch._dynamo.reset()
     emulate = True if device.type == "cpu" else None
     model = bench_train_step.convert(name, copy.deepcopy(base), batch, emulate)
-    step = bench_train_step.make_step(model, batch, device)
+    step = bench_train_step.make_step(model, batch, device, bench_train_step.weight_refresh(name))
     for _ in range(3):
         step()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -107,8 +107,9 @@ def test_hf_llama_blocks_share_one_graph():
 
 
 def test_lm_compile_loss_runs_alone_and_inlines_into_a_whole_model_compile():
-    """`TransformerLM.compile_loss`: the per-block compile's model gets its loss compiled on its
-    own (same value as eager); a whole-model compile traces it inline (still one frame)."""
+    """`TransformerLM.compile_loss`: the per-block compile's model gets its final norm, head and
+    loss compiled as one region (the value of eager, the head's gradient too); a whole-model
+    compile traces it inline (still one frame)."""
     from torch._dynamo.testing import CompileCounter
 
     cfg = get_preset("tiny").replace(n_layers=2, seq_len=16, vocab_size=64)
@@ -117,9 +118,23 @@ def test_lm_compile_loss_runs_alone_and_inlines_into_a_whole_model_compile():
     tokens = torch.randint(0, 64, (2, 17))
     x, y = tokens[:, :-1], tokens[:, 1:]
     eager_loss = model(x, y)
+    eager_loss.backward()
+    eager_head_grad = model.head.weight.grad
+    model.zero_grad(set_to_none=True)
     loss_counter, model_counter = CompileCounter(), CompileCounter()
-    model.compile_loss(backend=loss_counter)
-    assert torch.equal(model(x, y), eager_loss) and loss_counter.frame_count == 1
+    traced = []
+
+    def loss_backend(gm, example_inputs):
+        traced.extend(str(node.target) for node in gm.graph.nodes)
+        return loss_counter(gm, example_inputs)
+
+    model.compile_loss(backend=loss_backend)
+    loss = model(x, y)
+    loss.backward()
+    assert loss_counter.frame_count == 1
+    assert any("linear" in t for t in traced) and any("rms_norm" in t for t in traced), traced
+    torch.testing.assert_close(loss, eager_loss)
+    torch.testing.assert_close(model.head.weight.grad, eager_head_grad)
     model.compile(backend=model_counter)
     model(x, y).backward()
     assert model_counter.frame_count == 1 and loss_counter.frame_count == 1

@@ -191,10 +191,17 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
+def output_loss(norm: nn.Module, head: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The last blocks' output [B, T, D] -> final norm -> head -> `next_token_loss`: the part of
+    the model after the blocks, as one function of its modules so that `compile_loss` can
+    compile it as one region (a free function: a copy of the model passes its own modules)."""
+    return next_token_loss(head(norm(x)), targets)
+
+
 class TransformerLM(nn.Module):
     """tokens [B, T] -> logits [B, T, vocab], or the mean next-token loss given targets."""
 
-    loss_fn = staticmethod(next_token_loss)  # `compile_loss` replaces it on the instance
+    loss_fn = staticmethod(output_loss)  # `compile_loss` replaces it on the instance
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -246,15 +253,17 @@ class TransformerLM(nn.Module):
         x = self.embed(tokens)  # [B, T] -> [B, T, D]
         for block in self.blocks:
             x = block(x, cos, sin)
-        logits = self.head(self.norm(x))  # [B, T, D] @ [D, V] -> [B, T, V]
         if targets is None:
-            return logits
-        return self.loss_fn(logits, targets)
+            return self.head(self.norm(x))  # [B, T, D] @ [D, V] -> [B, T, V]
+        return self.loss_fn(self.norm, self.head, x, targets)
 
     def compile_loss(self, **compile_kwargs) -> "TransformerLM":
-        """Compile the loss on its own (in place; returns self). A model whose blocks are
-        compiled one by one (`compile_fp8`'s default) otherwise runs the cross-entropy eagerly:
-        a float32 copy of the [B*T, vocab] logits, a log-softmax and its backward as separate
-        kernels. Inside a whole-model compile the compiled loss is traced inline like any code."""
-        self.loss_fn = torch.compile(next_token_loss, **compile_kwargs)
+        """Compile what follows the blocks - final norm, head and loss - as one region (in place;
+        returns self), for a model whose blocks are compiled one by one (`compile_fp8`'s default).
+        Eager, the norm, the float32 copy of the [B*T, vocab] logits, the log-softmax and their
+        backwards are separate kernels. Compiling the loss alone is not enough: logits made
+        outside it are an input of its graph, which autograd keeps alive beside the loss's own
+        buffers (3 GiB more peak memory than one whole-model compile at 375M, batch 16 x 2048;
+        `scripts/profile_memory.py`). Inside a whole-model compile the region is traced inline."""
+        self.loss_fn = torch.compile(output_loss, **compile_kwargs)
         return self
