@@ -3,8 +3,10 @@
 Compiling the whole model of a transformer traces every block: the first step of a 16-block
 LM spends most of a minute in the compiler. Its blocks are the same code on parameters of the
 same shapes, so compiling each block in place (`nn.Module.compile`) lets dynamo trace the
-block's class once and reuse that graph for every other block; the embedding, the final norm
-and the head run eagerly (a few kernels). The step runs the same kernels either way.
+block's class once and reuse that graph for every other block. The embedding, the final norm,
+the head and a loss computed in the model's forward run eagerly unless the user compiles them:
+as one function from the last hidden state to the loss, so that the logits stay inside one graph
+(compiled apart from the head, a loss keeps the eager logits alive as its graph's input).
 
 `compile_regions(model, how, kwargs)`:
     how=True      each repeated block (a child of an nn.ModuleList / nn.Sequential whose class
