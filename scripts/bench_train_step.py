@@ -117,10 +117,10 @@ def build_model(args, device, n_layers: int = 0):
     from compile_fp8.lm.model import TransformerLM, get_preset
 
     cfg = get_preset(args.preset).replace(seq_len=args.seq)
+    if args.small:
+        cfg = cfg.replace(vocab_size=256, d_model=64, n_layers=1, n_heads=4, d_ff=176)
     if n_layers:
         cfg = cfg.replace(n_layers=n_layers)
-    if args.small:
-        cfg = cfg.replace(vocab_size=256, d_model=64, n_layers=1, n_heads=4, d_ff=176, seq_len=args.seq)
     torch.manual_seed(0)
     return TransformerLM(cfg).to(device, torch.bfloat16), cfg
 

@@ -84,13 +84,7 @@ def profile_variant(name, base, batch, args, device) -> tuple[dict, list]:
 def build_batch(args, device):
     """bench_train_step's model cut to `--layers` layers, and one batch of random tokens."""
     targs = bench_train_step.parse_args(["--small"] if args.small else [])
-    from compile_fp8.lm.model import TransformerLM, get_preset
-
-    cfg = get_preset("anchor").replace(seq_len=targs.seq, n_layers=args.layers)
-    if args.small:
-        cfg = cfg.replace(vocab_size=256, d_model=64, n_heads=4, d_ff=176)
-    torch.manual_seed(0)
-    base = TransformerLM(cfg).to(device, torch.bfloat16)
+    base, cfg = bench_train_step.build_model(targs, device, n_layers=args.layers)
     return base, bench_train_step.random_batch(cfg.vocab_size, targs.batch, targs.seq, device)
 
 

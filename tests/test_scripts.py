@@ -54,6 +54,19 @@ def test_bench_train_step_small(tmp_path, capsys):
     assert all(r["back_to_back_ms"] > 0 for r in rows), rows  # the unsynchronized steps ran and were timed
 
 
+def test_profile_train_step_small_profiles_the_refresh_and_no_eager_head(tmp_path):
+    """The profiled steps are bench_train_step's: a static variant's include its
+    `refresh_weight_scales` (one `_foreach_norm`), and per-block compile leaves no eager final
+    norm or head (`TransformerLM.compile_loss` compiles them with the loss)."""
+    profile = _load("profile_train_step")
+    variant = "ours-staticgrads-fastaccum"
+    rc = profile.main(["--small", "--layers", "2", "--variants", variant, "--top", "100", "--out", str(tmp_path)])
+    assert rc == 0
+    ops = {name for name, _ in json.loads((tmp_path / "profile_train_step.json").read_text())["top_kernels_ms"][variant]}
+    assert "aten::_foreach_norm" in ops, ops
+    assert not {"aten::linear", "aten::rms_norm"} & ops, ops
+
+
 def test_bench_train_step_auto_variant_filters_layers():
     """ours-<recipe>-auto converts with layer_filter="auto": the toy model's 64-wide layers stay bf16."""
     from compile_fp8 import fp8_layers
