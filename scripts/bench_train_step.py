@@ -30,7 +30,9 @@ experiment as a suffix, `VARIANT+EXPERIMENT` (e.g. bf16+cdt, ours-staticgrads+nd
 inductor's own settings: "cdt" coordinate-descent tuning of its generated kernels (slower
 compile), "nd" N-d tiling of pointwise kernels (triton.prefer_nd_tiling), "tr" the same plus tiled
 reductions, "mapw" autotuned pointwise kernels (max_autotune_pointwise), "nomix" no mixed-order
-reductions (triton.mix_order_reduction off).
+reductions (triton.mix_order_reduction off), "aq" / "aq5" the large activations saved for
+backward stored in float8 (inductor's activation-quantization pass: e4m3 with a per-tensor scale,
+or e5m2 unscaled; less memory, rounded activations in backward).
 
 On a CUDA GPU with FP8 (sm89+), torch and torchao installed:
 
@@ -90,7 +92,20 @@ EXPERIMENTS = {
     "tr": lambda: torch._inductor.config.patch({"triton.prefer_nd_tiling": True, "triton.tile_reductions": True}),
     "mapw": lambda: torch._inductor.config.patch(max_autotune_pointwise=True),
     "nomix": lambda: torch._inductor.config.patch({"triton.mix_order_reduction": False}),
+    "aq": lambda: _saved_activations_in_float8("torch.float8_e4m3fn", scaled=True),
+    "aq5": lambda: _saved_activations_in_float8("torch.float8_e5m2", scaled=False),
 }
+AQ_MIN_MIB = 100  # "aq", "aq5": the saved tensors this large (at 956M: SwiGLU's gate and up, the qkv output)
+
+
+def _saved_activations_in_float8(dtype: str, scaled: bool):
+    """Inductor's activation-quantization pass (torch._functorch.partitioners): each bf16 tensor
+    of at least AQ_MIN_MIB that the forward graph saves for backward is stored as `dtype` (with a
+    per-tensor scale from its amax when `scaled`) and cast back in the backward graph. Not the
+    parameters themselves. A numerics change: backward reads rounded activations."""
+    options = {"quant_type": dtype, "use_scaling": scaled, "size_in_mb": AQ_MIN_MIB,
+               "exclude_primals": True, "allowed_dtypes": "torch.bfloat16"}
+    return torch._inductor.config.patch(post_grad_fusion_options={"activation_quantization_aten_pass": options})
 
 
 def check_variants(parser: argparse.ArgumentParser, names: list[str]) -> None:
