@@ -74,6 +74,36 @@ def test_rope_scores_depend_on_relative_position_only():
     assert torch.allclose(score_a, score_b, atol=1e-5), (score_a, score_b)
 
 
+def test_attention_splits_qkv_so_its_backward_is_one_cat():
+    """q, k, v come from `split` of the qkv output (the first d_model outputs are q): the traced
+    backward concatenates dq, dk, dv instead of summing select_backwards (which inductor loaded
+    three times over), and q, k, v are the same rows of the qkv weight as a [3, H, Dh] view's."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from compile_fp8.lm.model import CausalSelfAttention
+
+    cfg = PRESETS["tiny"].replace(n_layers=1, seq_len=8)
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(cfg)
+    x = torch.randn(2, 8, cfg.d_model, requires_grad=True)
+    cos, sin = rope_tables(8, cfg.head_dim, cfg.rope_base, "cpu")
+    backward_ops = []
+
+    def record_backward(gm, _):
+        backward_ops.extend(str(node.target) for node in gm.graph.nodes)
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=record_backward)
+    torch.compile(attn, backend=backend, fullgraph=True)(x, cos, sin).sum().backward()
+    assert any("cat" in op for op in backward_ops), backward_ops
+    assert not any("select_backward" in op for op in backward_ops), backward_ops
+    b, t, d = x.shape
+    qkv = attn.qkv(x).view(b, t, 3, cfg.n_heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
+    q_rows = attn.qkv(x).split(d, dim=-1)[0].view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+    assert torch.equal(q_rows, qkv[0])
+
+
 def test_model_config_errors():
     with pytest.raises(ValueError, match="d_ff=100 must be a multiple of 16"):
         ModelConfig(d_ff=100)

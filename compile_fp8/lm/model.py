@@ -154,8 +154,11 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin):
         b, t, d = x.shape
-        qkv = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim)  # [B, T, 3, H, Dh]
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, T, Dh]
+        # split, not a [B, T, 3, H, Dh] view unpacked with select: split's backward is one cat of
+        # dq, dk, dv. Three select_backwards summed instead gave (H100, torch 2.11) one kernel
+        # that loads every source unmasked for every third of d(qkv): three reads of each.
+        q, k, v = (part.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # each [B, H, T, Dh]
+                   for part in self.qkv(x).split(d, dim=-1))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, Dh]
         return self.out(y.transpose(1, 2).reshape(b, t, d))  # [B, T, D] @ [D, D] -> [B, T, D]
