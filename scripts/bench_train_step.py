@@ -6,33 +6,34 @@ bf16 parameters, fused AdamW, SDPA attention, torch.compile. For every variant i
 same model from the same seed, compiles it, and reports:
 
 * first step seconds (compilation + one step), step ms (median of `--steps` timed steps after
-  `--warmup`, each synchronized), tokens/s, speed-up over bf16, back-to-back ms (the mean step of
-  `--steps` steps launched one after another with one synchronization at the end, as a training
-  loop runs them: the host launches a step while the GPU still runs the one before), peak memory of the steps (torch.cuda.max_memory_allocated
-  from the first step on: `calibrate`'s eager high-precision passes are not counted).
+  `--warmup`, each synchronized), tokens/s, speed-up over bf16, back-to-back ms (the mean step
+  of `--steps` steps launched one after another with one synchronization at the end, as a
+  training loop runs them: the host launches a step while the GPU still runs the one before),
+  peak memory of the steps (torch.cuda.max_memory_allocated from the first step on:
+  `calibrate`'s eager high-precision passes are not counted).
 
-Variants: bf16 (whole-model torch.compile), bf16-regional (each block compiled in place; the
-final norm, head and loss compiled as one more region: `TransformerLM.compile_loss`),
-ours-tensorwise (compile_fp8's default, regional compile, with that region compiled as well),
-ours-tensorwise-model
-(`compile="model"`: one whole-model compile), ours-rowwise, ours-static (calibrated on one batch; weight scales
-refreshed after every optimizer step, whose cost is also timed alone), ours-staticgrads (the same
-with `static_grads=True`: calibrated grad_output scales too), ours-delayed (its histories seeded
-by `calibrate` on one batch, gradients too), ours-tensorwise-fastaccum,
-ours-rowwise-fastaccum and ours-staticgrads-fastaccum (`fast_accum="all"`: fast accumulation in
-the gradient GEMMs too), ours-staticgrads-fastaccum-model (the same in one whole-model compile),
-ours-staticgrads-fastaccum-stepweights[-model] (`static_weights=False`: each weight's amax measured
-inside the step, no `refresh_weight_scales`),
-ours-triton (tensorwise, `cast_kernels="triton"`), ours-tensorwise-auto and ours-rowwise-auto
-(`layer_filter="auto"`: only the layer shapes measured faster in FP8), torchao-tensorwise,
-torchao-rowwise (skipped with a note when torchao is missing). Any variant can take one
-experiment as a suffix, `VARIANT+EXPERIMENT` (e.g. bf16+cdt, ours-staticgrads+nd), each one of
-inductor's own settings: "cdt" coordinate-descent tuning of its generated kernels (slower
-compile), "nd" N-d tiling of pointwise kernels (triton.prefer_nd_tiling), "tr" the same plus tiled
-reductions, "mapw" autotuned pointwise kernels (max_autotune_pointwise), "nomix" no mixed-order
-reductions (triton.mix_order_reduction off), "aq" / "aq5" the large activations saved for
-backward stored in float8 (inductor's activation-quantization pass: e4m3 with a per-tensor scale,
-or e5m2 unscaled; less memory, rounded activations in backward).
+Variants: bf16 (whole-model torch.compile), bf16-regional (each block compiled in place; the final
+norm, head and loss compiled as one more region: `TransformerLM.compile_loss`), ours-tensorwise
+(compile_fp8's default, regional compile, with that region compiled as well),
+ours-tensorwise-model (`compile="model"`: one whole-model compile), ours-rowwise, ours-static
+(calibrated on one batch; weight scales refreshed after every optimizer step, whose cost is also
+timed alone), ours-staticgrads (the same with `static_grads=True`: calibrated grad_output scales
+too), ours-delayed (its histories seeded by `calibrate` on one batch, gradients too),
+ours-tensorwise-fastaccum, ours-rowwise-fastaccum and ours-staticgrads-fastaccum
+(`fast_accum="all"`: fast accumulation in the gradient GEMMs too),
+ours-staticgrads-fastaccum-model (the same in one whole-model compile),
+ours-staticgrads-fastaccum-stepweights[-model] (`static_weights=False`: each weight's amax
+measured inside the step, no `refresh_weight_scales`), ours-triton (tensorwise,
+`cast_kernels="triton"`), ours-tensorwise-auto and ours-rowwise-auto (`layer_filter="auto"`: only
+the layer shapes measured faster in FP8), torchao-tensorwise, torchao-rowwise (skipped with a note
+when torchao is missing). Any variant can take one experiment as a suffix, `VARIANT+EXPERIMENT`
+(e.g. bf16+cdt, ours-staticgrads+nd), each one of inductor's own settings: "cdt"
+coordinate-descent tuning of its generated kernels (slower compile), "nd" N-d tiling of pointwise
+kernels (triton.prefer_nd_tiling), "tr" the same plus tiled reductions, "mapw" autotuned pointwise
+kernels (max_autotune_pointwise), "nomix" no mixed-order reductions (triton.mix_order_reduction
+off), "aq" / "aq5" the large activations saved for backward stored in float8 (inductor's
+activation-quantization pass: e4m3 with a per-tensor scale, or e5m2 unscaled; less memory, rounded
+activations in backward).
 
 On a CUDA GPU with FP8 (sm89+), torch and torchao installed:
 
