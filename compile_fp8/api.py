@@ -16,7 +16,8 @@ from torch import nn
 
 from .config import Float8Config
 from .layers import FilterFn, is_linear_like, layer_state, unwrap_compiled
-from .regions import CompileChoice, check_compile_choice, compile_regions
+from . import saved_activations
+from .regions import CompileChoice, check_compile_choice, compile_regions, repeated_blocks
 from .inference.convert import check_not_inference_model, convert_for_inference
 from .training.convert import convert_for_training, release_for_inference
 from .training.distributed import fsdp_param_dtypes
@@ -43,12 +44,18 @@ def compile_fp8(
     """
     config = _check_args(model, config, module_filter_fn)
     check_compile_choice(compile)
+    block_kwargs = None
+    if config.saved_activations == "fp8":  # checked before the model is changed
+        saved_activations.check_compile_choice(compile, bool(repeated_blocks(model, holds_layers=True)), model)
+        block_kwargs = saved_activations.block_compile_kwargs(compile_kwargs)
     if config.mode == "inference":
         release_for_inference(model)  # a model trained with compile_fp8: plain weights first
         convert_for_inference(model, config, module_filter_fn)
     else:
         convert_for_training(model, config, module_filter_fn)
-    compile_regions(model, compile, compile_kwargs)
+        if block_kwargs is not None:  # module_filter_fn may have left the blocks unconverted
+            saved_activations.check_compile_choice(compile, bool(repeated_blocks(model)), model)
+    compile_regions(model, compile, compile_kwargs, block_kwargs)
     return model
 
 

@@ -36,6 +36,7 @@ CastKernels = Literal["inductor", "triton"]
 LayerFilter = Literal["all", "auto"]
 SmallMActivation = Literal["auto", "hp", "fp8"]
 FastAccum = Literal["forward", "all"]
+SavedActivations = Literal["hp", "fp8"]
 
 RECIPES: tuple[str, ...] = get_args(Recipe)
 SCALINGS: tuple[str, ...] = get_args(Scaling)
@@ -46,6 +47,7 @@ CAST_KERNELS: tuple[str, ...] = get_args(CastKernels)
 LAYER_FILTERS: tuple[str, ...] = get_args(LayerFilter)
 SMALL_M_ACTIVATIONS: tuple[str, ...] = get_args(SmallMActivation)
 FAST_ACCUMS: tuple[str, ...] = get_args(FastAccum)
+SAVED_ACTIVATIONS: tuple[str, ...] = get_args(SavedActivations)
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
@@ -109,6 +111,14 @@ class Float8Config:
     measured GEMMs, step and loss. Training only. Emulation (`emulate`) accumulates in float32
     either way."""
 
+    saved_activations: SavedActivations = "hp"
+    """What the compiled blocks keep for backward. "hp" (default): activations in the dtype the
+    forward made them. "fp8": each saved activation of at least 1 MiB (a transformer block's
+    SwiGLU gate and up, its qkv output, the residual stream) stored as float8 e4m3 with a scale
+    of its own and cast back in the backward: about half their memory, one amax pass each, and
+    a backward that reads rounded activations (`saved_activations.py`). Training, `compile=True`
+    (the repeated blocks compile_fp8 compiles) only."""
+
     cast_kernels: CastKernels = "inductor"
     """Experimental, tensorwise only. "inductor" (default): torch.compile generates the amax and
     cast kernels. "triton": hand-written Triton kernels (`kernels/cast.py`) compute each amax and
@@ -145,6 +155,7 @@ class Float8Config:
         check_choice("Float8Config.static_weights", self.static_weights, (True, False))
         check_choice("Float8Config.amax_from", self.amax_from, AMAX_FROM)
         check_choice("Float8Config.fast_accum", self.fast_accum, FAST_ACCUMS)
+        check_choice("Float8Config.saved_activations", self.saved_activations, SAVED_ACTIVATIONS)
         check_choice("Float8Config.cast_kernels", self.cast_kernels, CAST_KERNELS)
         check_choice("Float8Config.layer_filter", self.layer_filter, LAYER_FILTERS)
         check_choice("Float8Config.small_m_activation", self.small_m_activation, SMALL_M_ACTIVATIONS)
@@ -192,6 +203,11 @@ class Float8Config:
             raise ValueError(
                 f"Float8Config.fast_accum={self.fast_accum!r} applies to mode='training' only "
                 "(inference runs the forward GEMM alone, with fast accumulation)"
+            )
+        if self.saved_activations != "hp":
+            raise ValueError(
+                f"Float8Config.saved_activations={self.saved_activations!r} applies to "
+                "mode='training' only (inference keeps nothing for a backward)"
             )
         if self.cast_kernels != "inductor":
             raise ValueError(

@@ -44,8 +44,9 @@ def check_compile_choice(how) -> None:
         raise ValueError(f"compile={how!r} is not supported; allowed values: {list(COMPILE_CHOICES)}")
 
 
-def compile_regions(model: nn.Module, how: CompileChoice, kwargs: dict) -> list[str]:
-    """Compile `model` in place as `how` says; returns the fqns compiled ("" is the model)."""
+def compile_regions(model: nn.Module, how: CompileChoice, kwargs: dict, block_kwargs: dict | None = None) -> list[str]:
+    """Compile `model` in place as `how` says; returns the fqns compiled ("" is the model).
+    `block_kwargs`: the repeated blocks' compile kwargs where they differ from `kwargs`."""
     if how is False:
         return []
     blocks = repeated_blocks(model) if how is True else []
@@ -54,7 +55,7 @@ def compile_regions(model: nn.Module, how: CompileChoice, kwargs: dict) -> list[
         logger.info("compile_fp8: compiled the whole model (%s)", type(model).__name__)
         return [""]
     for _, block in blocks:
-        compile_in_place(block, kwargs)
+        compile_in_place(block, kwargs if block_kwargs is None else block_kwargs)
     _allow_a_graph_per_block(len(blocks))
     names = [fqn for fqn, _ in blocks]
     classes = sorted({type(block).__name__ for _, block in blocks})
@@ -98,15 +99,17 @@ def _allow_a_graph_per_block(blocks: int) -> None:
         config.recompile_limit = needed
 
 
-def repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(fqn, block) of the outermost repeated blocks that hold converted layers."""
+def repeated_blocks(model: nn.Module, holds_layers=None) -> list[tuple[str, nn.Module]]:
+    """(fqn, block) of the outermost repeated blocks that hold converted layers (or, with
+    `holds_layers=True`, linear-like layers: the blocks conversion would make, before it)."""
+    holds = _holds_linear if holds_layers else _holds_converted
     found: list[tuple[str, nn.Module]] = []
     for fqn, container in model.named_modules():
         if not isinstance(container, (nn.ModuleList, nn.Sequential)) or _inside(fqn, found):
             continue
         counts = Counter(type(child) for child in container.children())
         for name, child in container.named_children():
-            if counts[type(child)] > 1 and not is_linear_like(child) and _holds_converted(child):
+            if counts[type(child)] > 1 and not is_linear_like(child) and holds(child):
                 found.append((f"{fqn}.{name}".lstrip("."), child))
     return found
 
@@ -117,6 +120,10 @@ def _inside(fqn: str, blocks: list[tuple[str, nn.Module]]) -> bool:
 
 def _holds_converted(module: nn.Module) -> bool:
     return any(isinstance(layer_state(m), ConvertedLayer) for m in module.modules())
+
+
+def _holds_linear(module: nn.Module) -> bool:
+    return any(is_linear_like(m) for m in module.modules())
 
 
 def _span(names: list[str]) -> str:

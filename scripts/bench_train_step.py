@@ -23,7 +23,9 @@ ours-tensorwise-fastaccum, ours-rowwise-fastaccum and ours-staticgrads-fastaccum
 (`fast_accum="all"`: fast accumulation in the gradient GEMMs too),
 ours-staticgrads-fastaccum-model (the same in one whole-model compile),
 ours-staticgrads-fastaccum-stepweights[-model] (`static_weights=False`: each weight's amax
-measured inside the step, no `refresh_weight_scales`), ours-triton (tensorwise,
+measured inside the step, no `refresh_weight_scales`), ours-tensorwise-fp8saved and
+ours-staticgrads-fastaccum-fp8saved (`saved_activations="fp8"`: float8 activations kept for
+backward), ours-triton (tensorwise,
 `cast_kernels="triton"`), ours-tensorwise-auto and ours-rowwise-auto (`layer_filter="auto"`: only
 the layer shapes measured faster in FP8), torchao-tensorwise, torchao-rowwise (skipped with a note
 when torchao is missing). Any variant can take one experiment as a suffix, `VARIANT+EXPERIMENT`
@@ -31,9 +33,7 @@ when torchao is missing). Any variant can take one experiment as a suffix, `VARI
 coordinate-descent tuning of its generated kernels (slower compile), "nd" N-d tiling of pointwise
 kernels (triton.prefer_nd_tiling), "tr" the same plus tiled reductions, "mapw" autotuned pointwise
 kernels (max_autotune_pointwise), "nomix" no mixed-order reductions (triton.mix_order_reduction
-off), "aq" / "aq5" the large activations saved for backward stored in float8 (inductor's
-activation-quantization pass: e4m3 with a per-tensor scale, or e5m2 unscaled; less memory, rounded
-activations in backward).
+off).
 
 On a CUDA GPU with FP8 (sm89+), torch and torchao installed:
 
@@ -78,6 +78,8 @@ VARIANTS = (
     "ours-staticgrads-fastaccum-model",
     "ours-staticgrads-fastaccum-stepweights",
     "ours-staticgrads-fastaccum-stepweights-model",
+    "ours-tensorwise-fp8saved",
+    "ours-staticgrads-fastaccum-fp8saved",
     "ours-triton",
     "ours-tensorwise-auto",
     "ours-rowwise-auto",
@@ -93,20 +95,7 @@ EXPERIMENTS = {
     "tr": lambda: torch._inductor.config.patch({"triton.prefer_nd_tiling": True, "triton.tile_reductions": True}),
     "mapw": lambda: torch._inductor.config.patch(max_autotune_pointwise=True),
     "nomix": lambda: torch._inductor.config.patch({"triton.mix_order_reduction": False}),
-    "aq": lambda: _saved_activations_in_float8("torch.float8_e4m3fn", scaled=True),
-    "aq5": lambda: _saved_activations_in_float8("torch.float8_e5m2", scaled=False),
 }
-AQ_MIN_MIB = 100  # "aq", "aq5": the saved tensors this large (at 956M: SwiGLU's gate and up, the qkv output)
-
-
-def _saved_activations_in_float8(dtype: str, scaled: bool):
-    """Inductor's activation-quantization pass (torch._functorch.partitioners): each bf16 tensor
-    of at least AQ_MIN_MIB that the forward graph saves for backward is stored as `dtype` (with a
-    per-tensor scale from its amax when `scaled`) and cast back in the backward graph. Not the
-    parameters themselves. A numerics change: backward reads rounded activations."""
-    options = {"quant_type": dtype, "use_scaling": scaled, "size_in_mb": AQ_MIN_MIB,
-               "exclude_primals": True, "allowed_dtypes": "torch.bfloat16"}
-    return torch._inductor.config.patch(post_grad_fusion_options={"activation_quantization_aten_pass": options})
 
 
 def check_variants(parser: argparse.ArgumentParser, names: list[str]) -> None:
@@ -166,18 +155,19 @@ def convert(name: str, model, batch, emulate):
 
     fast_accum = "all" if "fastaccum" in flags else "forward"
     static_weights = "stepweights" not in flags  # the weight amax measured in the step instead
+    saved = "fp8" if "fp8saved" in flags else "hp"  # float8 activations kept for backward
+    common = dict(emulate=emulate, fast_accum=fast_accum, saved_activations=saved)
     if what == "static":
-        config = Float8Config(scaling=what, emulate=emulate, fast_accum=fast_accum, static_weights=static_weights)
+        config = Float8Config(scaling=what, static_weights=static_weights, **common)
     elif what == "delayed":
-        config = Float8Config(scaling=what, emulate=emulate, fast_accum=fast_accum)
+        config = Float8Config(scaling=what, **common)
     elif what == "staticgrads":  # static scales for grad_output too: no amax pass at all
-        config = Float8Config(scaling="static", static_grads=True, emulate=emulate, fast_accum=fast_accum,
-                              static_weights=static_weights)  # fmt: skip
+        config = Float8Config(scaling="static", static_grads=True, static_weights=static_weights, **common)
     elif what == "triton":  # tensorwise with the Triton amax / dual-layout cast kernels
         config = Float8Config(cast_kernels="triton", emulate=emulate)
     else:
         layer_filter = "auto" if "auto" in flags else "all"
-        config = Float8Config(recipe=what, emulate=emulate, layer_filter=layer_filter, fast_accum=fast_accum)
+        config = Float8Config(recipe=what, layer_filter=layer_filter, **common)
     how = "model" if "model" in flags else True  # default: regional (each block in place)
     compiled = compile_fp8(model, config, module_filter_fn=not_head, compile=how)
     if how is True:  # the blocks compiled one by one: norm, head and loss as one more region

@@ -21,7 +21,7 @@ import functools
 import sys
 import traceback
 
-from compile_fp8.config import FAST_ACCUMS, LAYER_FILTERS, SCALINGS
+from compile_fp8.config import FAST_ACCUMS, LAYER_FILTERS, SAVED_ACTIVATIONS, SCALINGS
 from compile_fp8.lm.hardware import EMULATE_CHOICES
 from compile_fp8.lm.model import PRESETS
 from compile_fp8.lm.progress import MODES
@@ -44,6 +44,9 @@ def parse_args(argv=None) -> TrainConfig:
              "(the gradient GEMMs too: faster, coarser sums)")
     add("--layer-filter", choices=LAYER_FILTERS, default="all",
         help="FP8 for all eligible layers, or auto: only shapes measured faster than bf16 (H200)")
+    add("--saved-activations", choices=SAVED_ACTIVATIONS, default="hp",
+        help="what the blocks keep for backward: hp (as computed) or fp8 (float8 e4m3, about "
+             "half the activation memory; the blocks compiled one by one)")
     add("--steps", type=int, default=200, help="optimizer steps of the whole run")
     add("--batch-size", type=int, default=16)
     add("--seq-len", type=int, default=None, help="default: the preset's")
@@ -81,11 +84,14 @@ def parse_args(argv=None) -> TrainConfig:
         p.error(f"--scaling {args.scaling} needs --fp8 tensorwise")
     if args.fast_accum != "forward" and args.fp8 == "none":
         p.error(f"--fast-accum {args.fast_accum} needs an --fp8 recipe")
-    name = TrainConfig(fp8=args.fp8, device=args.device, dtype=args.dtype,
-                       scaling=args.scaling, fast_accum=args.fast_accum).name  # bf16, fp32, fp8-*
+    if args.saved_activations != "hp" and (args.fp8 == "none" or not args.compile or args.fsdp):
+        p.error(f"--saved-activations {args.saved_activations} needs an --fp8 recipe, --compile, no --fsdp")
+    name = TrainConfig(fp8=args.fp8, device=args.device, dtype=args.dtype, scaling=args.scaling,
+                       fast_accum=args.fast_accum, saved_activations=args.saved_activations).name
     return TrainConfig(
         preset=args.preset, fp8=args.fp8, scaling=args.scaling, fast_accum=args.fast_accum,
-        layer_filter=args.layer_filter, steps=args.steps, batch_size=args.batch_size,
+        layer_filter=args.layer_filter, saved_activations=args.saved_activations, steps=args.steps,
+        batch_size=args.batch_size,
         seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps, compile=args.compile,
         emulate=args.emulate, device=args.device, dtype=args.dtype, seed=args.seed,
         vocab_size=args.vocab_size, data_dir=args.data,

@@ -227,6 +227,28 @@ def test_a_few_steps_of_tiny_lower_the_loss(tmp_path, fp8):
     assert start["dtype"] == "float32", start
 
 
+def test_a_run_with_float8_saved_activations_trains(tmp_path, monkeypatch):
+    """--saved-activations fp8: the blocks compiled by compile_fp8 with the pass on (the tiny
+    model's activations are below its size floor, lowered here), the loss falls as fp8's does."""
+    from torch._dynamo.utils import counters
+
+    from compile_fp8 import saved_activations
+
+    monkeypatch.setattr(saved_activations, "MIN_MIB", 0.0)
+    write_corpus(tmp_path / "data")
+    counters.clear()
+    cfg = small_run(tmp_path, fp8="tensorwise", compile=True, saved_activations="fp8")
+    assert cfg.name == "fp8-tensorwise-fp8saved"
+    summary = run(cfg, say=lambda *a: None)
+    losses = train_losses(tmp_path / "run")
+    assert losses[12] < losses[1] - 1.0, f"loss {losses[1]:.3f} -> {losses[12]:.3f}"
+    assert math.isfinite(summary["val_loss"]), summary
+    assert counters["inductor"]["activation_quantization_fwd_aten_pass"] >= 1
+    for bad in (dict(fp8="none"), dict(compile=False), dict(fsdp=True)):
+        with pytest.raises(ValueError, match="saved_activations='fp8' needs"):
+            dataclasses.replace(cfg, **bad)
+
+
 @pytest.mark.parametrize("scaling", ["static", "delayed"])
 def test_static_and_delayed_runs_calibrate_on_one_batch_and_train(tmp_path, scaling):
     write_corpus(tmp_path / "data")
@@ -436,5 +458,10 @@ def test_train_cli_flags(monkeypatch):
         cli.parse_args(["--scaling", "delayed"])  # needs --fp8 tensorwise
     fast = cli.parse_args(["--fp8", "tensorwise", "--scaling", "static", "--fast-accum", "all"])
     assert (fast.fast_accum, fast.out_dir) == ("all", "runs/tiny-fp8-tensorwise-static-fastaccum")
+    saved = cli.parse_args(["--fp8", "tensorwise", "--saved-activations", "fp8"])
+    assert (saved.saved_activations, saved.out_dir) == ("fp8", "runs/tiny-fp8-tensorwise-fp8saved")
+    for bad in (["--saved-activations", "fp8"], ["--fp8", "tensorwise", "--saved-activations", "fp8", "--no-compile"]):
+        with pytest.raises(SystemExit):
+            cli.parse_args(bad)
     with pytest.raises(SystemExit):
         cli.parse_args(["--fast-accum", "all"])  # needs an --fp8 recipe

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compile_fp8.config import FAST_ACCUMS, RECIPES, SCALINGS
+from compile_fp8.config import FAST_ACCUMS, RECIPES, SAVED_ACTIVATIONS, SCALINGS
 
 from .model import ModelConfig, get_preset
 
@@ -42,6 +42,10 @@ class TrainConfig:
     layer_filter: str = "all"
     """`Float8Config.layer_filter`: "all" eligible layers in FP8, or "auto" (only the shapes
     measured faster than bf16 on an H200)."""
+    saved_activations: str = "hp"
+    """`Float8Config.saved_activations` of an FP8 run: "hp", or "fp8" (the blocks keep float8
+    activations for backward; the blocks are then compiled one by one, the loss region on its
+    own, instead of one whole-model compile)."""
     steps: int = 200
     """Optimizer steps of the whole run (the LR schedule spans them)."""
     batch_size: int = 16
@@ -101,6 +105,12 @@ class TrainConfig:
         if self.scaling != "dynamic" and (self.fp8 != "tensorwise" or self.fsdp):
             raise ValueError(f"scaling={self.scaling!r} needs fp8='tensorwise' without fsdp "
                              f"(got fp8={self.fp8!r}, fsdp={self.fsdp})")
+        if self.saved_activations not in SAVED_ACTIVATIONS:
+            raise ValueError(f"saved_activations={self.saved_activations!r} is not supported; "
+                             f"allowed values: {list(SAVED_ACTIVATIONS)}")
+        if self.saved_activations == "fp8" and (self.fp8 == "none" or self.fsdp or not self.compile):
+            raise ValueError("saved_activations='fp8' needs an FP8 run (--fp8), compiled, without "
+                             f"fsdp (got fp8={self.fp8!r}, compile={self.compile}, fsdp={self.fsdp})")
         for name in ("steps", "batch_size", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -120,11 +130,13 @@ class TrainConfig:
     @property
     def name(self) -> str:
         """The run's label: "bf16" or "fp32" (the baseline, by its dtype), or "fp8-<recipe>"
-        (with "-static" / "-delayed" for those scalings, "-fastaccum" for fast_accum="all")."""
+        (with "-static" / "-delayed" for those scalings, "-fastaccum" for fast_accum="all",
+        "-fp8saved" for saved_activations="fp8")."""
         if self.fp8 == "none":
             return SHORT_DTYPE[self.param_dtype]
         scaling = "" if self.scaling == "dynamic" else f"-{self.scaling}"
-        return f"fp8-{self.fp8}{scaling}" + ("-fastaccum" if self.fast_accum == "all" else "")
+        return (f"fp8-{self.fp8}{scaling}" + ("-fastaccum" if self.fast_accum == "all" else "")
+                + ("-fp8saved" if self.saved_activations == "fp8" else ""))
 
     def model_config(self) -> ModelConfig:
         cfg = get_preset(self.preset)

@@ -82,7 +82,10 @@ def build_model(cfg: TrainConfig, model_cfg: ModelConfig, support, device, state
     if cfg.fp8 != "none":
         config = Float8Config(recipe=cfg.fp8, emulate=support.emulate, layer_filter=cfg.layer_filter,
                               scaling=cfg.scaling, static_grads=cfg.scaling == "static",
-                              fast_accum=cfg.fast_accum)  # fmt: skip
+                              fast_accum=cfg.fast_accum, saved_activations=cfg.saved_activations)  # fmt: skip
+        if cfg.saved_activations == "fp8":  # applies to the blocks compile_fp8 compiles itself
+            compile_fp8(model, config, module_filter_fn=lambda mod, fqn: fqn != "head")
+            return model.compile_loss(), model
         compile_fp8(model, config, module_filter_fn=lambda mod, fqn: fqn != "head", compile=False)
     if cfg.fsdp:
         distributed.shard(model)  # after compile_fp8, before torch.compile

@@ -1,0 +1,75 @@
+"""Float8 storage for the activations that compiled blocks keep for their backward.
+
+Between a training step's forward and its backward, autograd keeps what the backward formulas
+read: in a transformer block the SwiGLU's gate and up outputs, attention's q, k, v (here the
+fused qkv output) and output, the residual stream for the norms. Under torch.compile,
+AOTAutograd's partitioner chooses that set (it re-computes what is cheap instead, e.g. our
+float8 casts of a linear's input), and these tensors make most of a step's peak memory: at the
+956M benchmark LM, batch 8 x 2048, about 0.75 GB a layer in bf16.
+
+`Float8Config(saved_activations="fp8")` stores them in float8. compile_fp8 turns on inductor's
+activation-quantization pass (`torch._functorch.partitioners`) for the repeated blocks it
+compiles: each saved activation of at least `MIN_MIB` MiB in bf16, fp16 or fp32 (not the
+parameters, not the block's own input) is stored as float8 e4m3 with one scale of its own
+(448 / its amax: one more reduction over it in the forward) and cast back to its dtype in the
+backward, inside the kernels that read it::
+
+    forward:   h = silu(gate) * up   ...   saved: gate_fp8 = e4m3(gate * s), s   (1 byte a value)
+    backward:  gate = gate_fp8 / s   ->   dgate = dh * up * silu'(gate)
+
+Numerics: the backward reads activations rounded to e4m3 (3 mantissa bits); the forward is
+unchanged. On a small LM (`tests/test_saved_activations.py`) the weight gradients' SQNR against
+float32 drops by under 1 dB from FP8 tensorwise's own (which its e5m2 gradients set). Only the
+repeated blocks get it, hence regional compile only (`compile=True`): a whole-model graph would
+also round what the loss keeps (the logits behind the softmax's gradient).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+MIN_MIB = 1.0  # smaller saved tensors stay as they are: their amax pass would cost more than they hold
+PASS = "activation_quantization_aten_pass"
+
+
+def inductor_options() -> dict:
+    """The `torch.compile(options=...)` that turns the pass on, as compile_fp8 uses it."""
+    settings = {
+        "quant_type": "torch.float8_e4m3fn",
+        "use_scaling": True,
+        "size_in_mb": MIN_MIB,
+        "exclude_primals": True,  # parameters and the block's input: graph inputs, kept anyway
+        "allowed_dtypes": "torch.bfloat16;torch.float16;torch.float32",
+    }
+    return {"post_grad_fusion_options": {PASS: settings}}
+
+
+def block_compile_kwargs(kwargs: dict) -> dict:
+    """`kwargs` of the blocks' compile calls with the pass added to the user's `options`."""
+    if kwargs.get("mode") not in (None, "default"):
+        raise ValueError(
+            f"Float8Config(saved_activations='fp8') passes torch.compile `options`, and torch.compile "
+            f"takes `mode` or `options`, not both (got mode={kwargs['mode']!r}); leave mode out"
+        )
+    kwargs = {k: v for k, v in kwargs.items() if k != "mode"}
+    options = dict(kwargs.get("options") or {})
+    fusion = dict(options.get("post_grad_fusion_options") or {})
+    fusion.update(inductor_options()["post_grad_fusion_options"])
+    options["post_grad_fusion_options"] = fusion
+    return {**kwargs, "options": options}
+
+
+def check_compile_choice(how, has_blocks: bool, model: nn.Module) -> None:
+    """saved_activations="fp8" needs compile_fp8's regional compile of repeated blocks."""
+    if how is not True:
+        raise ValueError(
+            f"Float8Config(saved_activations='fp8') applies to the repeated blocks compile_fp8 "
+            f"compiles regionally; it needs compile=True (got compile={how!r})"
+        )
+    if not has_blocks:
+        raise ValueError(
+            f"Float8Config(saved_activations='fp8') applies to repeated blocks (children of an "
+            f"nn.ModuleList / nn.Sequential of one class that hold linear layers); "
+            f"{type(model).__name__} has none, and a whole-model graph would round what its loss "
+            "keeps too"
+        )
