@@ -96,3 +96,30 @@ def test_refused_for_a_model_without_repeated_blocks():
     with pytest.raises(ValueError, match="has none"):  # the filter leaves no block converted
         compile_fp8(blocks_left_bf16, Float8Config(saved_activations="fp8"),
                     module_filter_fn=lambda m, fqn: not fqn.startswith("blocks"))  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_the_step_keeps_less_activation_memory():
+    """CUDA, `_scaled_mm`, bf16: the same 2-layer LM step with "fp8" allocates under 0.8x the
+    memory above its starting point that "hp" does (the activations kept for backward are most
+    of it), and its gradients stay close to "hp"'s."""
+    base, _ = _lm(d_model=1024, d_ff=2816, seq=1024, vocab=256)
+    tokens = torch.randint(0, 256, (8, 1025), device="cuda")
+    batch = (tokens[:, :-1], tokens[:, 1:])
+    growth, grads = {}, {}
+    for saved in ("hp", "fp8"):
+        torch._dynamo.reset()
+        model = copy.deepcopy(base).to("cuda", torch.bfloat16)
+        compile_fp8(model, Float8Config(saved_activations=saved), module_filter_fn=lambda m, fqn: fqn != "head")
+        model.compile_loss()
+        grads[saved] = _grads(model, batch)  # compiles; the grads stay allocated below
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        model(*batch).backward()
+        torch.cuda.synchronize()
+        growth[saved] = torch.cuda.max_memory_allocated() - start
+        del model
+    assert growth["fp8"] < 0.8 * growth["hp"], growth
+    for name, hp in grads["hp"].items():
+        assert _sqnr_db(grads["fp8"][name], hp) > 15, name
