@@ -46,7 +46,7 @@ def compile_fp8(
     check_compile_choice(compile)
     block_kwargs = None
     if config.saved_activations == "fp8":  # checked before the model is changed
-        saved_activations.check_compile_choice(compile, bool(repeated_blocks(model, holds_layers=True)), model)
+        saved_activations.check_compile_choice(compile, bool(repeated_blocks(model, before_conversion=True)), model)
         block_kwargs = saved_activations.block_compile_kwargs(compile_kwargs)
     if config.mode == "inference":
         release_for_inference(model)  # a model trained with compile_fp8: plain weights first

@@ -99,10 +99,10 @@ def _allow_a_graph_per_block(blocks: int) -> None:
         config.recompile_limit = needed
 
 
-def repeated_blocks(model: nn.Module, holds_layers=None) -> list[tuple[str, nn.Module]]:
+def repeated_blocks(model: nn.Module, before_conversion: bool = False) -> list[tuple[str, nn.Module]]:
     """(fqn, block) of the outermost repeated blocks that hold converted layers (or, with
-    `holds_layers=True`, linear-like layers: the blocks conversion would make, before it)."""
-    holds = _holds_linear if holds_layers else _holds_converted
+    `before_conversion`, linear-like layers: the blocks conversion would make)."""
+    holds = _holds_linear if before_conversion else _holds_converted
     found: list[tuple[str, nn.Module]] = []
     for fqn, container in model.named_modules():
         if not isinstance(container, (nn.ModuleList, nn.Sequential)) or _inside(fqn, found):
