@@ -4,8 +4,8 @@ Between a training step's forward and its backward, autograd keeps what the back
 read: in a transformer block the SwiGLU's gate and up outputs, attention's q, k, v (here the
 fused qkv output) and output, the residual stream for the norms. Under torch.compile,
 AOTAutograd's partitioner chooses that set (it re-computes what is cheap instead, e.g. our
-float8 casts of a linear's input), and these tensors make most of a step's peak memory: at the
-956M benchmark LM, batch 8 x 2048, about 0.75 GB a layer in bf16.
+float8 casts of a linear's input), and these tensors make most of a step's peak memory: 0.85
+GiB a layer in bf16 at the 375M LM, batch 16 x 2048 (`scripts/profile_memory.py` on an H100).
 
 `Float8Config(saved_activations="fp8")` stores them in float8. compile_fp8 turns on inductor's
 activation-quantization pass (`torch._functorch.partitioners`) for the repeated blocks it
