@@ -235,6 +235,7 @@ def test_a_run_with_float8_saved_activations_trains(tmp_path, monkeypatch):
     from compile_fp8 import saved_activations
 
     monkeypatch.setattr(saved_activations, "MIN_MIB", 0.0)
+    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)  # a cache hit skips the pass
     write_corpus(tmp_path / "data")
     counters.clear()
     cfg = small_run(tmp_path, fp8="tensorwise", compile=True, saved_activations="fp8")

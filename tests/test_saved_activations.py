@@ -13,6 +13,14 @@ from compile_fp8.lm.model import TransformerLM, get_preset
 FWD_PASS = "activation_quantization_fwd_aten_pass"
 
 
+@pytest.fixture(autouse=True)
+def _no_compile_caches():
+    """The pass runs when AOTAutograd partitions a graph: a cache hit would skip it (and its
+    counter), so every graph here is compiled afresh."""
+    with torch._inductor.config.patch(force_disable_caches=True):
+        yield
+
+
 def _lm(d_model=64, d_ff=176, seq=32, vocab=128):
     cfg = get_preset("tiny").replace(d_model=d_model, n_heads=4, d_ff=d_ff, n_layers=2, seq_len=seq,
                                      vocab_size=vocab)  # fmt: skip
