@@ -157,10 +157,11 @@ def test_compiled_inference_graph_holds_no_tensor_subclass_input():
         assert bits_equal(compiled(x), layer(x))
 
 
-def test_conversion_lets_inductor_launch_our_kernels_statically(monkeypatch):
-    monkeypatch.setattr(torch._inductor.config, "static_launch_user_defined_triton_kernels", False)
-    _inference(nn.Linear(64, 48).to(BF16))
-    assert torch._inductor.config.static_launch_user_defined_triton_kernels
+def test_conversion_lets_inductor_launch_our_kernels_statically():
+    # config.patch, not monkeypatch: monkeypatch's undo deletes a torch config entry
+    with torch._inductor.config.patch(static_launch_user_defined_triton_kernels=False):
+        _inference(nn.Linear(64, 48).to(BF16))
+        assert torch._inductor.config.static_launch_user_defined_triton_kernels
 
 
 # ---- GPU ------------------------------------------------------------------------------------

@@ -235,12 +235,12 @@ def test_a_run_with_float8_saved_activations_trains(tmp_path, monkeypatch):
     from compile_fp8 import saved_activations
 
     monkeypatch.setattr(saved_activations, "MIN_MIB", 0.0)
-    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)  # a cache hit skips the pass
     write_corpus(tmp_path / "data")
     counters.clear()
     cfg = small_run(tmp_path, fp8="tensorwise", compile=True, saved_activations="fp8")
     assert cfg.name == "fp8-tensorwise-fp8saved"
-    summary = run(cfg, say=lambda *a: None)
+    with torch._inductor.config.patch(force_disable_caches=True):  # a cache hit skips the pass
+        summary = run(cfg, say=lambda *a: None)
     losses = train_losses(tmp_path / "run")
     assert losses[12] < losses[1] - 1.0, f"loss {losses[1]:.3f} -> {losses[12]:.3f}"
     assert math.isfinite(summary["val_loss"]), summary
