@@ -17,6 +17,7 @@ compile_fp8/lm/train.py; docs/training.md walks through it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 import traceback
@@ -84,20 +85,18 @@ def parse_args(argv=None) -> TrainConfig:
         p.error(f"--scaling {args.scaling} needs --fp8 tensorwise")
     if args.fast_accum != "forward" and args.fp8 == "none":
         p.error(f"--fast-accum {args.fast_accum} needs an --fp8 recipe")
-    if args.saved_activations != "hp" and (args.fp8 == "none" or not args.compile or args.fsdp):
-        p.error(f"--saved-activations {args.saved_activations} needs an --fp8 recipe, --compile, no --fsdp")
-    name = TrainConfig(fp8=args.fp8, device=args.device, dtype=args.dtype, scaling=args.scaling,
-                       fast_accum=args.fast_accum, saved_activations=args.saved_activations).name
-    return TrainConfig(
-        preset=args.preset, fp8=args.fp8, scaling=args.scaling, fast_accum=args.fast_accum,
-        layer_filter=args.layer_filter, saved_activations=args.saved_activations, steps=args.steps,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps, compile=args.compile,
-        emulate=args.emulate, device=args.device, dtype=args.dtype, seed=args.seed,
-        vocab_size=args.vocab_size, data_dir=args.data,
-        out_dir=args.out or f"runs/{args.preset}-{name}",
-        eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
-        stop_after=args.stop_after, resume=args.resume, progress=args.progress, fsdp=args.fsdp)
+    try:  # TrainConfig checks the combinations (e.g. --saved-activations fp8 needs --fp8, --compile)
+        cfg = TrainConfig(
+            preset=args.preset, fp8=args.fp8, scaling=args.scaling, fast_accum=args.fast_accum,
+            layer_filter=args.layer_filter, saved_activations=args.saved_activations, steps=args.steps,
+            batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps,
+            compile=args.compile, emulate=args.emulate, device=args.device, dtype=args.dtype,
+            seed=args.seed, vocab_size=args.vocab_size, data_dir=args.data,
+            eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
+            stop_after=args.stop_after, resume=args.resume, progress=args.progress, fsdp=args.fsdp)
+    except ValueError as exc:
+        p.error(str(exc))
+    return dataclasses.replace(cfg, out_dir=args.out or f"runs/{args.preset}-{cfg.name}")  # bf16, fp32, fp8-*
 
 
 def main(argv=None) -> int:
