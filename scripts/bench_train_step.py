@@ -25,15 +25,14 @@ ours-staticgrads-fastaccum-model (the same in one whole-model compile),
 ours-staticgrads-fastaccum-stepweights[-model] (`static_weights=False`: each weight's amax
 measured inside the step, no `refresh_weight_scales`), ours-tensorwise-fp8saved and
 ours-staticgrads-fastaccum-fp8saved (`saved_activations="fp8"`: float8 activations kept for
-backward), ours-triton (tensorwise,
-`cast_kernels="triton"`), ours-tensorwise-auto and ours-rowwise-auto (`layer_filter="auto"`: only
-the layer shapes measured faster in FP8), torchao-tensorwise, torchao-rowwise (skipped with a note
-when torchao is missing). Any variant can take one experiment as a suffix, `VARIANT+EXPERIMENT`
-(e.g. bf16+cdt, ours-staticgrads+nd), each one of inductor's own settings: "cdt"
-coordinate-descent tuning of its generated kernels (slower compile), "nd" N-d tiling of pointwise
-kernels (triton.prefer_nd_tiling), "tr" the same plus tiled reductions, "mapw" autotuned pointwise
-kernels (max_autotune_pointwise), "nomix" no mixed-order reductions (triton.mix_order_reduction
-off).
+backward), ours-triton (tensorwise, `cast_kernels="triton"`), ours-tensorwise-auto and
+ours-rowwise-auto (`layer_filter="auto"`: only the layer shapes measured faster in FP8),
+torchao-tensorwise, torchao-rowwise (skipped with a note when torchao is missing). Any variant can
+take one experiment as a suffix, `VARIANT+EXPERIMENT` (e.g. bf16+cdt, ours-staticgrads+nd), each
+one of inductor's own settings: "cdt" coordinate-descent tuning of its generated kernels (slower
+compile), "nd" N-d tiling of pointwise kernels (triton.prefer_nd_tiling), "tr" the same plus tiled
+reductions, "mapw" autotuned pointwise kernels (max_autotune_pointwise), "nomix" no mixed-order
+reductions (triton.mix_order_reduction off).
 
 On a CUDA GPU with FP8 (sm89+), torch and torchao installed:
 
