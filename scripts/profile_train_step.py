@@ -5,7 +5,9 @@
 Builds bench_train_step's model (the 956M `anchor` preset's shapes; `--layers` cuts its depth so
 it compiles fast: every layer runs the same kernels), profiles `--steps` steps after warm-up and
 sums CUDA kernel time into categories: GEMMs (cuBLAS), attention, amax reductions, float8 casts,
-other inductor kernels, optimizer, other. Per step, in ms, plus each variant's top kernels.
+other inductor kernels, optimizer, other. Per step, in ms, plus each variant's top kernels, and
+the GPU's idle time: the stretches between the profiled steps' first and last kernel when no
+kernel ran, with the kernels on either side of the largest ones (where the host fell behind).
 Variants are bench_train_step's (with its `+EXPERIMENT` suffixes). Needs a CUDA GPU with FP8
 (sm89+); `--small` is a CPU smoke run of a toy model (top-level CPU ops instead of kernels).
 
@@ -58,8 +60,32 @@ def kernel_times(prof, device) -> dict[str, float]:
     return times
 
 
+def idle_gaps(prof, steps: int, top: int = 12) -> dict:
+    """GPU idle time per step: the span from the first kernel to the last, less the time some
+    kernel ran. Each gap is named by the kernels before and after it; the `top` largest pairs."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+        if str(getattr(e, "device_type", "")).endswith("CUDA") and e.time_range.end > e.time_range.start
+    )
+    if not spans:
+        return {"span_ms": 0.0, "idle_ms": 0.0, "gaps": []}
+    by_pair: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
+    end, last = spans[0][1], spans[0][2]
+    for start, stop, name in spans[1:]:
+        if start > end:
+            pair = by_pair[(last[:60], name[:60])]
+            pair[0] += (start - end) / steps / 1e3
+            pair[1] += 1
+        if stop >= end:
+            end, last = stop, name
+    span = (end - spans[0][0]) / steps / 1e3
+    idle = sum(ms for ms, _ in by_pair.values())
+    gaps = sorted(((ms, n / steps, a, b) for (a, b), (ms, n) in by_pair.items()), reverse=True)[:top]
+    return {"span_ms": span, "idle_ms": idle, "gaps": gaps}
+
+
 @bench_train_step.in_experiment  # a variant may carry +EXPERIMENT (bench_train_step.py)
-def profile_variant(name, base, batch, args, device) -> tuple[dict, list]:
+def profile_variant(name, base, batch, args, device) -> tuple[dict, list, dict]:
     torch._dynamo.reset()
     emulate = True if device.type == "cpu" else None
     model = bench_train_step.convert(name, copy.deepcopy(base), batch, emulate)
@@ -78,7 +104,8 @@ def profile_variant(name, base, batch, args, device) -> tuple[dict, list]:
     for kernel, us in times.items():
         per_cat[category(kernel)] += us / args.steps / 1e3
     top = sorted(times.items(), key=lambda kv: -kv[1])[: args.top]
-    return per_cat, [(k, us / args.steps / 1e3) for k, us in top]
+    idle = idle_gaps(prof, args.steps) if device.type == "cuda" else {}
+    return per_cat, [(k, us / args.steps / 1e3) for k, us in top], idle
 
 
 def build_batch(args, device):
@@ -88,7 +115,17 @@ def build_batch(args, device):
     return base, bench_train_step.random_batch(cfg.vocab_size, targs.batch, targs.seq, device)
 
 
-def render(cats: dict, tops: dict, args, batch) -> str:
+def render_idle(idle: dict) -> list[str]:
+    """A variant's idle-time lines: span and idle ms per step, then the largest gaps."""
+    if not idle:
+        return []
+    lines = [f"GPU span {idle['span_ms']:.2f} ms per step, idle {idle['idle_ms']:.2f} ms; largest gaps "
+             "(ms per step, gaps per step, kernel before -> kernel after):", ""]
+    lines += [f"- {ms:7.3f} {n:5.1f}  {a} -> {b}" for ms, n, a, b in idle["gaps"]]
+    return lines + [""]
+
+
+def render(cats: dict, tops: dict, args, batch, idles: dict) -> str:
     """The category table (ms per step, one column per variant), then each variant's top kernels."""
     head = [f"# profile_train_step: anchor shape, {args.layers} layers, batch {batch[0].shape[0]} x "
             f"{batch[0].shape[1]}, CUDA kernel ms per step", "",
@@ -100,6 +137,7 @@ def render(cats: dict, tops: dict, args, batch) -> str:
     for name, top in tops.items():
         lines += [f"## {name}: top kernels (ms per step)", ""]
         lines += [f"- {ms:8.3f}  {category(k):14s} {k[:110]}" for k, ms in top] + [""]
+        lines += render_idle(idles.get(name, {}))
     return "\n".join(head + [""] + lines) + "\n"
 
 
@@ -118,11 +156,12 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     base, batch = build_batch(args, device)
-    cats, tops = {}, {}
+    cats, tops, idles = {}, {}, {}
     for name in args.variants.split(","):
-        cats[name], tops[name] = profile_variant(name, base, batch, args, device)
-        text = render(cats, tops, args, batch)
-        write_results(args.out, "profile_train_step", text, {"categories_ms": cats, "top_kernels_ms": tops})
+        cats[name], tops[name], idles[name] = profile_variant(name, base, batch, args, device)
+        text = render(cats, tops, args, batch, idles)
+        write_results(args.out, "profile_train_step", text,
+                      {"categories_ms": cats, "top_kernels_ms": tops, "gpu_idle": idles})
     print(text)
     return 0
 

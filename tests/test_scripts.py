@@ -67,6 +67,24 @@ def test_profile_train_step_small_profiles_the_refresh_and_no_eager_head(tmp_pat
     assert not {"aten::linear", "aten::rms_norm"} & ops, ops
 
 
+def test_profile_train_step_idle_gaps_names_the_kernels_around_each_gap():
+    """Idle time is the span less the union of kernel intervals (overlaps count once), per step,
+    and each gap is charged to the pair of kernels around it."""
+    from types import SimpleNamespace as NS
+
+    profile = _load("profile_train_step")
+
+    def kernel(name, start, end):
+        return NS(name=name, device_type="DeviceType.CUDA", time_range=NS(start=start, end=end))
+
+    events = [kernel("a", 0, 100), kernel("b", 50, 120), kernel("c", 1120, 1200),  # b overlaps a
+              kernel("a", 1200, 1300), kernel("c", 3300, 3400), NS(name="cpu op", device_type="CPU",
+                                                                     time_range=NS(start=0, end=9000))]
+    idle = profile.idle_gaps(NS(events=lambda: events), steps=2)
+    assert idle["span_ms"] == 1.7 and idle["idle_ms"] == 1.5, idle  # 3400 us over 2 steps; 1000 + 2000 us idle
+    assert [(ms, a, b) for ms, _, a, b in idle["gaps"]] == [(1.0, "a", "c"), (0.5, "b", "c")], idle
+
+
 def test_bench_train_step_auto_variant_filters_layers():
     """ours-<recipe>-auto converts with layer_filter="auto": the toy model's 64-wide layers stay bf16."""
     from compile_fp8 import fp8_layers
