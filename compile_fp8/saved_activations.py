@@ -26,6 +26,7 @@ also round what the loss keeps (the logits behind the softmax's gradient).
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 MIN_MIB = 1.0  # smaller saved tensors stay as they are: their amax pass would cost more than they hold
@@ -59,8 +60,21 @@ def block_compile_kwargs(kwargs: dict) -> dict:
     return {**kwargs, "options": options}
 
 
+def pass_available() -> bool:
+    """Whether this torch's partitioner has the pass (inductor would ignore an option it lacks)."""
+    from torch._functorch import partitioners
+
+    return hasattr(partitioners, "perform_fp8_activation_quantization")
+
+
 def check_compile_choice(how, has_blocks: bool, model: nn.Module) -> None:
-    """saved_activations="fp8" needs compile_fp8's regional compile of repeated blocks."""
+    """saved_activations="fp8" needs the pass in torch, and compile_fp8's regional compile of
+    repeated blocks."""
+    if not pass_available():
+        raise RuntimeError(
+            f"Float8Config(saved_activations='fp8') uses inductor's activation-quantization pass, "
+            f"which torch {torch.__version__} does not have; use saved_activations='hp'"
+        )
     if how is not True:
         raise ValueError(
             f"Float8Config(saved_activations='fp8') applies to the repeated blocks compile_fp8 "

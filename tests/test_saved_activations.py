@@ -106,6 +106,15 @@ def test_refused_for_a_model_without_repeated_blocks():
                     module_filter_fn=lambda m, fqn: not fqn.startswith("blocks"))  # fmt: skip
 
 
+def test_refused_where_torch_lacks_the_pass(monkeypatch):
+    assert saved_activations.pass_available()  # the torch this suite runs on has it
+    monkeypatch.setattr(saved_activations, "pass_available", lambda: False)  # our module, not torch's config
+    model, _ = _lm()
+    with pytest.raises(RuntimeError, match="does not have; use saved_activations='hp'"):
+        compile_fp8(model, Float8Config(saved_activations="fp8"))
+    assert all(report.startswith("skipped: not converted") for report in fp8_layers(model).values())
+
+
 @pytest.mark.gpu
 def test_on_the_gpu_the_step_keeps_less_activation_memory():
     """CUDA, `_scaled_mm`, bf16: the same 2-layer LM step with "fp8" allocates under 0.8x the
