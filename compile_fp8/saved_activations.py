@@ -61,7 +61,7 @@ def block_compile_kwargs(kwargs: dict) -> dict:
 
 
 def pass_available() -> bool:
-    """Whether this torch's partitioner has the pass (inductor would ignore an option it lacks)."""
+    """Whether this torch's partitioner has the pass (inductor may ignore an option key it does not know)."""
     from torch._functorch import partitioners
 
     return hasattr(partitioners, "perform_fp8_activation_quantization")
