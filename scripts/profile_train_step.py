@@ -7,7 +7,8 @@ it compiles fast: every layer runs the same kernels), profiles `--steps` steps a
 sums CUDA kernel time into categories: GEMMs (cuBLAS), attention, amax reductions, float8 casts,
 other inductor kernels, optimizer, other. Per step, in ms, plus each variant's top kernels, and
 the GPU's idle time: the stretches between the profiled steps' first and last kernel when no
-kernel ran, with the kernels on either side of the largest ones (where the host fell behind).
+kernel ran, with the kernels on either side of the largest ones (where the GPU waited: for the
+host, a sync, or the profiler's own per-launch overhead, which adds a little to every gap).
 Variants are bench_train_step's (with its `+EXPERIMENT` suffixes). Needs a CUDA GPU with FP8
 (sm89+); `--small` is a CPU smoke run of a toy model (top-level CPU ops instead of kernels).
 
