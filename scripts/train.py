@@ -40,6 +40,9 @@ def parse_args(argv=None) -> TrainConfig:
     add("--scaling", choices=SCALINGS, default="dynamic",
         help="FP8 scales (tensorwise): dynamic (each step's amax), static (calibrated on one "
              "batch, gradients included; weight scales refreshed each step), delayed (amax history)")
+    add("--recalibrate-every", type=int, default=0,
+        help="--scaling static: calibrate again after every N steps (0: once, before the first "
+             "step); activations grow as the model trains, and a stale static scale saturates them")
     add("--fast-accum", choices=FAST_ACCUMS, default="forward",
         help="FP8 GEMMs with fast accumulation: forward (the output GEMM, as torchao) or all "
              "(the gradient GEMMs too: faster, coarser sums)")
@@ -87,7 +90,8 @@ def parse_args(argv=None) -> TrainConfig:
         p.error(f"--fast-accum {args.fast_accum} needs an --fp8 recipe")
     try:  # TrainConfig checks the combinations (e.g. --saved-activations fp8 needs --fp8, --compile)
         cfg = TrainConfig(
-            preset=args.preset, fp8=args.fp8, scaling=args.scaling, fast_accum=args.fast_accum,
+            preset=args.preset, fp8=args.fp8, scaling=args.scaling, recalibrate_every=args.recalibrate_every,
+            fast_accum=args.fast_accum,
             layer_filter=args.layer_filter, saved_activations=args.saved_activations, steps=args.steps,
             batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps,
             compile=args.compile, emulate=args.emulate, device=args.device, dtype=args.dtype,

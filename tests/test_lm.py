@@ -265,6 +265,32 @@ def test_static_and_delayed_runs_calibrate_on_one_batch_and_train(tmp_path, scal
     assert layers and scaling in layers[0], layers
 
 
+def test_a_static_run_recalibrates_every_n_steps_on_fresh_batches(tmp_path):
+    """--recalibrate-every 2 over 6 steps: calibrated before step 1 and after steps 2 and 4 (not
+    after the last), each time on the next calibration batch, so the stored scales move."""
+    from compile_fp8.lm import train as train_module
+
+    write_corpus(tmp_path / "data")
+    said, stored = [], []
+    real = train_module.calibrate
+
+    def recording(model, batches, **kwargs):
+        real(model, batches, **kwargs)
+        stored.append(model.blocks[0].attn.qkv.fp8_amax_input.item())
+
+    cfg = small_run(tmp_path, fp8="tensorwise", scaling="static", steps=6, recalibrate_every=2)
+    assert cfg.name == "fp8-tensorwise-static-recal2"
+    with pytest.MonkeyPatch.context() as mp:  # our module's name for calibrate, not torch's config
+        mp.setattr(train_module, "calibrate", recording)
+        summary = run(cfg, say=said.append)
+    assert sum("calibrated static scaling" in line for line in said) == 3, said
+    assert len(stored) == 3 and len(set(stored)) == 3, stored  # three different batches
+    assert math.isfinite(summary["val_loss"]), summary
+    for bad in (dict(recalibrate_every=-1), dict(scaling="dynamic"), dict(scaling="delayed")):
+        with pytest.raises(ValueError, match="recalibrate_every=.* only with scaling='static'"):
+            dataclasses.replace(cfg, **bad)
+
+
 @pytest.mark.parametrize("fp8", ["none", "tensorwise"])
 @pytest.mark.parametrize("dtype, expected", [("auto", torch.float32), ("bfloat16", torch.bfloat16),
                                              ("float32", torch.float32)])

@@ -151,6 +151,9 @@ class Run:
     peak_flops: float | None
     ranks: distributed.Ranks | None = None
     """Set under `--fsdp`."""
+    calibration: BatchSampler | None = None
+    """Static and delayed scaling: the batches calibration reads (a sampler of its own, so the
+    training batches stay those of every other run with this seed)."""
 
 
 def setup(cfg: TrainConfig, say=print, ranks: distributed.Ranks | None = None) -> Run:
@@ -191,13 +194,16 @@ def setup(cfg: TrainConfig, say=print, ranks: distributed.Ranks | None = None) -
         start_step = state["step"]
         fp8_note = "" if state["fp8"] == cfg.fp8 else f" (it trained with --fp8 {state['fp8']})"
         say(f"resumed {ckpt} at step {start_step}{fp8_note}")
+    calibration = None
     if cfg.fp8 != "none" and cfg.scaling != "dynamic":
-        _calibrate(cfg, eval_model, train_tokens, seq_len, device, say)
+        calibration = BatchSampler(train_tokens, cfg.batch_size, seq_len, seed=cfg.seed + 1)
+        _calibrate(cfg, eval_model, calibration, device, say, first=True)
     _describe_model(cfg, model_cfg, eval_model, seq_len, say, ranks)
     log = (MetricsLog(out / METRICS_NAME, resume_step=start_step if state else None)
            if ranks is None or ranks.is_main else _NoLog())
     run = Run(cfg, device, seq_len, model, eval_model, optimizer, sampler, val_tokens, log,
-              start_step, flops_per_token(model_cfg, seq_len), _peak_flops(cfg, device), ranks)
+              start_step, flops_per_token(model_cfg, seq_len), _peak_flops(cfg, device), ranks,
+              calibration)
     log.write(event="start", **_start_record(cfg, model_cfg, support, seq_len, start_step))
     return run
 
@@ -298,17 +304,17 @@ def _one_step(run: Run, step: int, lr: float) -> dict:
             "step_ms": 1e3 * seconds, "grad_norm": grad_norm}
 
 
-def _calibrate(cfg: TrainConfig, model, train_tokens, seq_len: int, device, say) -> None:
-    """Static scales (or delayed histories' seeds) from one training batch, drawn by a sampler of
-    its own so the run's batch order stays that of every other run with this seed (also on
-    resume: the checkpoint holds the plain weights only)."""
-    inputs, targets = BatchSampler(train_tokens, cfg.batch_size, seq_len, seed=cfg.seed + 1).next_batch()
+def _calibrate(cfg: TrainConfig, model, sampler: BatchSampler, device, say, first: bool) -> None:
+    """Static scales (or delayed histories' seeds) from the next batch of `sampler`, the run's
+    calibration sampler (on resume it starts again: the checkpoint holds the plain weights only).
+    `first`: before the first step, whose eager pass's peak the run does not count."""
+    inputs, targets = sampler.next_batch()
     calibrate(model, [(inputs.to(device), targets.to(device))], loss_fn=lambda loss, _: loss)
     note = ""
-    if torch.device(device).type == "cuda":  # the run reports its steps' peak, not this eager pass's
+    if first and torch.device(device).type == "cuda":  # the run reports its steps' peak
         note = f" (peak {hardware.peak_memory_gib(device)[0]:.2f} GiB, not counted in the run's peak)"
         torch.cuda.reset_peak_memory_stats(device)
-    say(f"calibrated {cfg.scaling} scaling on one batch of {cfg.batch_size} x {seq_len} tokens{note}")
+    say(f"calibrated {cfg.scaling} scaling on one batch of {cfg.batch_size} x {inputs.shape[1]} tokens{note}")
 
 
 def _after_step(run: Run):
@@ -353,6 +359,8 @@ def _run(cfg: TrainConfig, say, ranks) -> dict:
         if not math.isfinite(record["loss"]):
             progress.write(f"step {step}: loss is {record['loss']}; stopping")
             break
+        if cfg.recalibrate_every and step % cfg.recalibrate_every == 0 and step < last:
+            _calibrate(cfg, run_.eval_model, run_.calibration, run_.device, progress.write, first=False)
         if step == last or (cfg.eval_every and step % cfg.eval_every == 0):
             val_loss = evaluate(run_.eval_model, run_.val_tokens, cfg, run_.seq_len, run_.device)
             run_.log.write(step=step, val_loss=val_loss)
