@@ -267,7 +267,10 @@ def test_static_and_delayed_runs_calibrate_on_one_batch_and_train(tmp_path, scal
 
 def test_a_static_run_recalibrates_every_n_steps_on_fresh_batches(tmp_path):
     """--recalibrate-every 2 over 6 steps: calibrated before step 1 and after steps 2 and 4 (not
-    after the last), each time on the next calibration batch, so the stored scales move."""
+    after the last), each time on the next calibration batch, so the stored scales move; the
+    compiled model reads the new buffers without compiling again."""
+    from torch._dynamo.utils import counters
+
     from compile_fp8.lm import train as train_module
 
     write_corpus(tmp_path / "data")
@@ -278,11 +281,14 @@ def test_a_static_run_recalibrates_every_n_steps_on_fresh_batches(tmp_path):
         real(model, batches, **kwargs)
         stored.append(model.blocks[0].attn.qkv.fp8_amax_input.item())
 
-    cfg = small_run(tmp_path, fp8="tensorwise", scaling="static", steps=6, recalibrate_every=2)
+    cfg = small_run(tmp_path, fp8="tensorwise", scaling="static", steps=6, recalibrate_every=2, compile=True)
     assert cfg.name == "fp8-tensorwise-static-recal2"
+    torch._dynamo.reset()
+    counters.clear()
     with pytest.MonkeyPatch.context() as mp:  # our module's name for calibrate, not torch's config
         mp.setattr(train_module, "calibrate", recording)
         summary = run(cfg, say=said.append)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert sum("calibrated static scaling" in line for line in said) == 3, said
     assert len(stored) == 3 and len(set(stored)) == 3, stored  # three different batches
     assert math.isfinite(summary["val_loss"]), summary
