@@ -83,10 +83,11 @@ def build_model(cfg: TrainConfig, model_cfg: ModelConfig, support, device, state
         config = Float8Config(recipe=cfg.fp8, emulate=support.emulate, layer_filter=cfg.layer_filter,
                               scaling=cfg.scaling, static_grads=cfg.scaling == "static",
                               fast_accum=cfg.fast_accum, saved_activations=cfg.saved_activations)  # fmt: skip
-        if cfg.saved_activations == "fp8":  # applies to the blocks compile_fp8 compiles itself
-            compile_fp8(model, config, module_filter_fn=lambda mod, fqn: fqn != "head")
+        # float8 saved activations apply to the blocks compile_fp8 compiles itself (compile=True)
+        regional = cfg.saved_activations == "fp8"
+        compile_fp8(model, config, module_filter_fn=lambda mod, fqn: fqn != "head", compile=regional)
+        if regional:
             return model.compile_loss(), model
-        compile_fp8(model, config, module_filter_fn=lambda mod, fqn: fqn != "head", compile=False)
     if cfg.fsdp:
         distributed.shard(model)  # after compile_fp8, before torch.compile
     return (torch.compile(model) if cfg.compile else model), model
