@@ -124,8 +124,8 @@ def refresh_weight_scales(model: nn.Module) -> None:
     model = unwrap_compiled(model)
     layers = [
         m for _, m, state in converted_layers(model, TrainingState)
-        if state.is_static and state.config.static_weights
-    ]  # static_weights=False: the step measures its weights itself
+        if state.is_static and state.config.static_weights is True
+    ]  # static_weights=False / "previous": the step measures its weights itself
     if not layers:
         return
     # All weights in one multi-tensor kernel (max |w| is the inf-norm; exact, NaN propagates):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal, Optional, get_args
+from typing import Literal, Optional, Union, get_args
 
 import torch
 
@@ -84,12 +84,16 @@ class Float8Config:
     """scaling="static": calibrate grad_output's scale too (`calibrate` then needs `loss_fn`).
     Default False: gradients stay dynamic, since their range drifts as training goes on."""
 
-    static_weights: bool = True
+    static_weights: Union[bool, Literal["previous"]] = True
     """scaling="static": True (default): each weight's scale comes from its stored amax
     (`calibrate`; `refresh_weight_scales` after each optimizer step keeps it exact). False: each
     forward measures the weight's amax inside the compiled step, so the scale is always this
     weight's: the same bits as refreshing after every optimizer step, with no hook to register
-    (the amax pass runs inside the step instead of after the optimizer). Training only."""
+    (the amax pass runs inside the step instead of after the optimizer). "previous": each
+    training forward casts the weight with the amax the previous training forward measured (the
+    weight one optimizer step ago; `calibrate`'s for the first step) and stores this weight's
+    amax for the next: the cast does not wait for the amax, so both read the weight in one
+    pass; a value that grew past the old amax in that one step saturates. Training only."""
 
     history_len: int = 16
     """scaling="delayed": how many past amaxes each operand remembers."""
@@ -152,7 +156,7 @@ class Float8Config:
         check_choice("Float8Config.mode", self.mode, MODES)
         check_choice("Float8Config.emulate", self.emulate, (None, True, False))
         check_choice("Float8Config.static_grads", self.static_grads, (False, True))
-        check_choice("Float8Config.static_weights", self.static_weights, (True, False))
+        check_choice("Float8Config.static_weights", self.static_weights, (True, False, "previous"))
         check_choice("Float8Config.amax_from", self.amax_from, AMAX_FROM)
         check_choice("Float8Config.fast_accum", self.fast_accum, FAST_ACCUMS)
         check_choice("Float8Config.saved_activations", self.saved_activations, SAVED_ACTIVATIONS)
@@ -169,9 +173,9 @@ class Float8Config:
                 f"Float8Config.scaling={self.scaling!r} supports recipe='tensorwise' only "
                 f"(got recipe={self.recipe!r}): a row's scale depends on that step's tokens"
             )
-        if not self.static_weights and self.scaling != "static":
+        if self.static_weights is not True and self.scaling != "static":
             raise ValueError(
-                f"Float8Config.static_weights=False applies to scaling='static' only (got "
+                f"Float8Config.static_weights={self.static_weights!r} applies to scaling='static' only (got "
                 f"scaling={self.scaling!r}, whose weight scales never come from a stored amax alone)"
             )
         if not isinstance(self.history_len, int) or self.history_len < 1:
@@ -194,9 +198,9 @@ class Float8Config:
             )
         if self.static_grads:
             raise ValueError("Float8Config.static_grads=True applies to mode='training' only")
-        if not self.static_weights:
+        if self.static_weights is not True:
             raise ValueError(
-                "Float8Config.static_weights=False applies to mode='training' only (inference "
+                f"Float8Config.static_weights={self.static_weights!r} applies to mode='training' only (inference "
                 "weights are cast once, with their own amax)"
             )
         if self.fast_accum != "forward":

@@ -76,8 +76,25 @@ def stored_amax_to_scale(amax: torch.Tensor, float8_dtype: torch.dtype, margin: 
     return amax_to_scale(amax * margin if margin != 1.0 else amax, float8_dtype)
 
 
+def read_before_update(buffer: torch.Tensor) -> torch.Tensor:
+    """The value of a scaling buffer that this forward also updates, as this forward reads it.
+
+    Under torch.compile, AOTAutograd's partitioner may re-compute a forward value in the
+    backward instead of saving it. For a value read from a buffer the forward then updates in
+    place (a delayed history, a `static_weights="previous"` amax), the backward would re-read
+    the buffer after the update: a backward scale that is not the forward's, and silently
+    wrong gradients (the partitioner's recompute allowlist is the only guard; a pending fix in
+    torch pins such reads). A flip is not on that allowlist, so what the backward needs is
+    saved from here on; flipping twice returns the values unchanged, bit for bit.
+    """
+    flat = buffer.reshape(-1)
+    return flat.flip(0).flip(0).reshape(buffer.shape)
+
+
 def history_amax(history: torch.Tensor, amax_from: str) -> torch.Tensor:
-    """The amax a delayed scale uses: the window's max, or its most recent entry (index 0)."""
+    """The amax a delayed scale uses: the window's max, or its most recent entry (index 0).
+    The history is read as this forward sees it (`read_before_update`): the forward pushes it."""
+    history = read_before_update(history)
     return history.max() if amax_from == "max" else history[0]
 
 

@@ -23,7 +23,9 @@ ours-tensorwise-fastaccum, ours-rowwise-fastaccum and ours-staticgrads-fastaccum
 (`fast_accum="all"`: fast accumulation in the gradient GEMMs too),
 ours-staticgrads-fastaccum-model (the same in one whole-model compile),
 ours-staticgrads-fastaccum-stepweights[-model] (`static_weights=False`: each weight's amax
-measured inside the step, no `refresh_weight_scales`), ours-tensorwise-fp8saved and
+measured inside the step, no `refresh_weight_scales`), ours-staticgrads-fastaccum-prevweights
+(`static_weights="previous"`: each weight cast with the amax its previous step's forward
+measured, this step's measured in the same pass), ours-tensorwise-fp8saved and
 ours-staticgrads-fastaccum-fp8saved (`saved_activations="fp8"`: float8 activations kept for
 backward), ours-triton (tensorwise, `cast_kernels="triton"`), ours-tensorwise-auto and
 ours-rowwise-auto (`layer_filter="auto"`: only the layer shapes measured faster in FP8),
@@ -77,6 +79,7 @@ VARIANTS = (
     "ours-staticgrads-fastaccum-model",
     "ours-staticgrads-fastaccum-stepweights",
     "ours-staticgrads-fastaccum-stepweights-model",
+    "ours-staticgrads-fastaccum-prevweights",
     "ours-tensorwise-fp8saved",
     "ours-staticgrads-fastaccum-fp8saved",
     "ours-triton",
@@ -154,6 +157,8 @@ def convert(name: str, model, batch, emulate):
 
     fast_accum = "all" if "fastaccum" in flags else "forward"
     static_weights = "stepweights" not in flags  # the weight amax measured in the step instead
+    if "prevweights" in flags:  # the cast uses the amax the previous step's forward measured
+        static_weights = "previous"
     saved = "fp8" if "fp8saved" in flags else "hp"  # float8 activations kept for backward
     common = dict(emulate=emulate, fast_accum=fast_accum, saved_activations=saved)
     if what == "static":
@@ -180,9 +185,10 @@ def convert(name: str, model, batch, emulate):
 
 def weight_refresh(name: str):
     """`refresh_weight_scales` for the variants whose static weight scales are read from their
-    buffers (static, staticgrads and their -flags, but -stepweights), else None."""
+    buffers (static, staticgrads and their -flags, but -stepweights and -prevweights), else None."""
     kind_what, flags = name.split("-")[:2], name.split("-")[2:]
-    if kind_what in (["ours", "static"], ["ours", "staticgrads"]) and "stepweights" not in flags:
+    in_step = "stepweights" in flags or "prevweights" in flags
+    if kind_what in (["ours", "static"], ["ours", "staticgrads"]) and not in_step:
         from compile_fp8 import refresh_weight_scales
 
         return refresh_weight_scales

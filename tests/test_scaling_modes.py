@@ -119,8 +119,10 @@ def test_refresh_weight_scales_tracks_the_optimizer():
 
 def _train_static(static_weights, refresh, compile, steps=3):
     """Outputs, weight grads and fp8_amax_weight of a calibrated static MLP over `steps` SGD
-    steps whose large learning rate moves every weight's amax."""
+    steps whose large learning rate moves every weight's amax. `refresh`: False, "after" (each
+    optimizer step) or "before" it (the weights the step's forward read)."""
     config = Float8Config(scaling="static", static_weights=static_weights)
+    torch._dynamo.reset()  # each call compiles anew: keep this module under the recompile limit
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = compile_fp8(_mlp(), config, compile=compile, **({"fullgraph": True} if compile else {}))
@@ -131,10 +133,12 @@ def _train_static(static_weights, refresh, compile, steps=3):
     for _ in range(steps):
         out = model(torch.randn(64, 32, generator=gen))
         out.square().mean().backward()
+        if refresh == "before":
+            refresh_weight_scales(model)
         seen += [out.detach(), model[0].weight.grad.clone(), model[2].fp8_amax_weight.clone()]
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if refresh:
+        if refresh == "after":
             refresh_weight_scales(model)
     return seen
 
@@ -145,11 +149,25 @@ def test_static_weights_false_is_refreshing_after_every_step(compile):
     weight scales `refresh_weight_scales` re-measures after every optimizer step, and not those
     of a model left with its calibrated weight scales."""
     in_step = _train_static(static_weights=False, refresh=False, compile=compile)
-    refreshed = _train_static(static_weights=True, refresh=True, compile=compile)
+    refreshed = _train_static(static_weights=True, refresh="after", compile=compile)
     for step, (a, b) in enumerate(zip(in_step, refreshed)):
         assert bits_equal(a, b), f"tensor {step}: in-step weight amax differs from refreshed"
     fixed = _train_static(static_weights=True, refresh=False, compile=compile)
     assert not bits_equal(in_step[-3], fixed[-3]), "the weights did not move their amax"
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_static_weights_previous_casts_with_the_amax_of_the_step_before(compile):
+    """static_weights="previous": each forward's weight scale is the amax the previous training
+    forward measured (the first step's: calibrate's). The same bits as a model whose weight
+    amaxes are refreshed after each backward, before the optimizer moves the weights; not those
+    of one refreshed after the optimizer step (this step's weights)."""
+    previous = _train_static(static_weights="previous", refresh=False, compile=compile)
+    before = _train_static(static_weights=True, refresh="before", compile=compile)
+    for step, (a, b) in enumerate(zip(previous, before)):
+        assert bits_equal(a, b), f"tensor {step}: previous-step weight amax differs"
+    after = _train_static(static_weights=True, refresh="after", compile=compile)
+    assert not bits_equal(previous[-3], after[-3]), "the scale was this step's weight amax"
 
 
 def test_static_weights_false_records_the_amax_in_training_forwards_only():
@@ -226,6 +244,39 @@ def test_delayed_calibrated_trains_in_one_graph():
     assert layer_state(model[0]).ready
     _train(compiled, 5)
     assert counter.frame_count == 1, f"{counter.frame_count} frames compiled, want 1"
+
+
+def _delayed_grads(compile, steps=3, **config):
+    """Outputs and weight grads of a calibrated delayed MLP without biases (whose grads compiled
+    code sums in another order) over `steps` SGD steps; each step's input is larger than the
+    last, so every step's amax changes its history."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()  # as in _train_static
+    model = nn.Sequential(nn.Linear(32, 64, bias=False), nn.SiLU(), nn.Linear(64, 16, bias=False))
+    model = _convert(model, compile=compile, scaling="delayed", **config)
+    gen = torch.Generator().manual_seed(1)
+    calibrate(model, [torch.randn(64, 32, generator=gen)], loss_fn=lambda out, _: out.square().mean())
+    opt = torch.optim.SGD(model.parameters(), lr=5.0)
+    seen = []
+    for step in range(steps):
+        out = model(torch.randn(64, 32, generator=gen) * (1 + step))
+        out.square().mean().backward()
+        seen += [out.detach(), model[0].weight.grad.clone(), model[2].weight.grad.clone()]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return seen
+
+
+@pytest.mark.parametrize("config", [{"history_len": 1}, {"amax_from": "most_recent"}])
+def test_compiled_delayed_backward_uses_the_forwards_scales(config):
+    """The forward pushes this step's amax into the history its scale came from. Compiled, the
+    backward must still use the forward's scale, not one re-read from the updated history (the
+    partitioner would re-compute it there: gradients off by the ratio of two steps' amaxes)."""
+    eager, compiled = _delayed_grads(False, **config), _delayed_grads(True, **config)
+    for i, (want, got) in enumerate(zip(eager, compiled)):
+        # float32 rounding may differ in places (compiled code fuses); a wrong scale moves all
+        error = ((got - want).norm() / want.norm()).item()
+        assert error < 1e-5, f"step {i // 3}, tensor {i % 3}: compiled is {error:.3g} off eager (relative)"
 
 
 def test_delayed_seeded_scale_comes_from_the_history_alone():
@@ -319,6 +370,10 @@ def test_plain_checkpoint_loads_into_static_model_with_a_warning():
          "static_weights=False applies to mode='training' only"),
         ({"static_weights": False, "scaling": "delayed"}, "static_weights=False applies to scaling='static' only"),
         ({"static_weights": False}, "static_weights=False applies to scaling='static' only"),
+        ({"static_weights": "previous", "scaling": "delayed"},
+         "static_weights=.previous. applies to scaling=.static. only"),
+        ({"static_weights": "previous", "scaling": "static", "mode": "inference"},
+         "static_weights=.previous. applies to mode=.training. only"),
     ],
 )
 def test_bad_scaling_config(kwargs, match):
@@ -387,7 +442,16 @@ def test_delayed_blocks_share_one_graph_and_pickle():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("scaling, extra", [("static", {}), ("static", {"static_weights": False}), ("delayed", {})])
+@pytest.mark.parametrize(
+    "scaling, extra",
+    [
+        ("static", {}),
+        ("static", {"static_weights": False}),
+        ("static", {"static_weights": "previous"}),
+        ("delayed", {}),
+        ("delayed", {"amax_from": "most_recent"}),
+    ],
+)
 def test_compiled_training_on_cuda(scaling, extra):
     """torch 2.11 on the H200: buffer updates in forward and backward inside inductor's graph."""
     model = _mlp().cuda()

@@ -29,6 +29,7 @@ from .weight import training_weight
 
 OPERANDS = ("input", "weight", "grad_output")
 AMAX_PREFIX = "fp8_amax_"  # every checkpointed scaling buffer's name starts so
+_WEIGHT_AMAX_TEXT = {True: "", False: ", weight amax in step", "previous": ", weight amax of the previous step"}
 
 
 def buffer_names(config: Float8Config) -> tuple[str, ...]:
@@ -132,6 +133,6 @@ class TrainingState(ConvertedLayer):
             warm = "" if self.refresh(module) else ", dynamic until the first optimizer step or calibrate()"
             return f"delayed (history {config.history_len}, {config.amax_from}{warm}{shared})"
         grads = "static grads" if config.static_grads else "dynamic grads"
-        grads += ("" if config.static_weights else ", weight amax in step") + shared
+        grads += _WEIGHT_AMAX_TEXT[config.static_weights] + shared
         state = grads if self.ready else "uncalibrated: dynamic until calibrate()"
         return f"static ({state})"

@@ -48,7 +48,7 @@ from torch import nn
 
 from ..config import E4M3, Float8Config
 from ..layers import fill_missing_buffers, layer_state, record_amax
-from ..scaling import amax, delayed_scale, push_amax, stored_amax_to_scale
+from ..scaling import amax, delayed_scale, push_amax, read_before_update, stored_amax_to_scale
 from .linear_fn import DYNAMIC_GRADS, GradScaling, float8_linear
 from .shared_inputs import record_input
 from .state import TrainingState
@@ -150,14 +150,20 @@ def _static_forward(module, input, config: Float8Config, input_amax_owner: nn.Mo
 
 
 def _static_weight_amax(module, config: Float8Config) -> torch.Tensor:
-    """The stored weight amax, or (`static_weights=False`) this forward's, which a training
-    forward also stores (checkpoints then hold the weight's current amax)."""
-    if config.static_weights:
+    """The weight amax the cast uses: the stored one (`static_weights=True`); this forward's
+    (False); the stored one, measured by the previous training forward ("previous"). With False
+    and "previous" a training forward stores this weight's amax (checkpoints then hold it)."""
+    if config.static_weights is True:
         return module.fp8_amax_weight
     weight_amax = amax(module.weight).to(torch.float32)
+    if config.static_weights == "previous":
+        # the buffer is overwritten below; the cast (and its backward) read the previous amax
+        used = read_before_update(module.fp8_amax_weight)
+    else:
+        used = weight_amax
     if torch.is_grad_enabled():
         module.fp8_amax_weight.copy_(weight_amax.detach())
-    return weight_amax
+    return used
 
 
 def _delayed_forward(module, input, state: TrainingState, record: bool):
