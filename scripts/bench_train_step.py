@@ -34,7 +34,8 @@ take one experiment as a suffix, `VARIANT+EXPERIMENT` (e.g. bf16+cdt, ours-stati
 one of inductor's own settings: "cdt" coordinate-descent tuning of its generated kernels (slower
 compile), "nd" N-d tiling of pointwise kernels (triton.prefer_nd_tiling), "tr" the same plus tiled
 reductions, "mapw" autotuned pointwise kernels (max_autotune_pointwise), "nomix" no mixed-order
-reductions (triton.mix_order_reduction off).
+reductions (triton.mix_order_reduction off), "cg" CUDA graphs (triton.cudagraphs, what
+torch.compile's mode="reduce-overhead" turns on: each compiled graph replayed as one launch).
 
 On a CUDA GPU with FP8 (sm89+), torch and torchao installed:
 
@@ -97,6 +98,7 @@ EXPERIMENTS = {
     "tr": lambda: torch._inductor.config.patch({"triton.prefer_nd_tiling": True, "triton.tile_reductions": True}),
     "mapw": lambda: torch._inductor.config.patch(max_autotune_pointwise=True),
     "nomix": lambda: torch._inductor.config.patch({"triton.mix_order_reduction": False}),
+    "cg": lambda: torch._inductor.config.patch({"triton.cudagraphs": True}),
 }
 
 
@@ -203,6 +205,7 @@ def make_step(model, batch, device, refresh=None):
     tokens, targets = batch
 
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA graphs ("+cg"); else a no-op
         loss = model(tokens, targets)
         loss.backward()
         opt.step()
