@@ -265,6 +265,43 @@ def test_static_and_delayed_runs_calibrate_on_one_batch_and_train(tmp_path, scal
     assert layers and scaling in layers[0], layers
 
 
+@pytest.mark.parametrize("scaling", ["static", "delayed"])
+def test_calibrating_in_chunks_records_the_whole_batchs_amaxes(scaling):
+    """The run calibrates a batch in whole-sequence chunks (a quarter of the eager pass's
+    memory), each chunk's loss weighted by its share: every amax, the gradients' too, is the
+    one calibrating the whole batch at once records."""
+    from compile_fp8 import Float8Config, calibrate, compile_fp8
+    from compile_fp8.lm.train import CALIBRATION_CHUNKS, _calibrate
+
+    cfg = PRESETS["tiny"].replace(vocab_size=VOCAB, n_layers=2)
+    config = Float8Config(scaling=scaling, static_grads=scaling == "static", emulate=True)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(compile_fp8(TransformerLM(cfg), config, module_filter_fn=lambda m, fqn: fqn != "head",
+                                  compile=False))
+    batch = (torch.randint(VOCAB, (8, 32)), torch.randint(VOCAB, (8, 32)))
+    calibrate(models[0], [batch], loss_fn=lambda loss, _: loss)
+    seen = []
+
+    class Sampler:
+        def next_batch(self):
+            return batch
+
+    real_forward = models[1].forward
+    models[1].forward = lambda tokens, targets: seen.append(tokens.shape[0]) or real_forward(tokens, targets)
+    _calibrate(TrainConfig(scaling=scaling, fp8="tensorwise"), models[1], Sampler(), "cpu", print, first=True)
+    assert seen == [8 // CALIBRATION_CHUNKS] * CALIBRATION_CHUNKS, seen
+    whole, chunked = (
+        {k: v for k, v in m.state_dict().items() if "fp8_amax" in k} for m in models
+    )
+    assert whole and whole.keys() == chunked.keys()
+    assert any("grad_output" in k for k in whole)
+    for key in whole:
+        assert (whole[key] > 0).any(), key
+        assert torch.allclose(chunked[key], whole[key], rtol=1e-5, atol=0), (key, chunked[key], whole[key])
+
+
 def test_a_static_run_recalibrates_every_n_steps_on_fresh_batches(tmp_path):
     """--recalibrate-every 2 over 6 steps: calibrated before step 1 and after steps 2 and 4 (not
     after the last), each time on the next calibration batch, so the stored scales move; the

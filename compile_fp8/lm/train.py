@@ -305,17 +305,36 @@ def _one_step(run: Run, step: int, lr: float) -> dict:
             "step_ms": 1e3 * seconds, "grad_norm": grad_norm}
 
 
+CALIBRATION_CHUNKS = 4  # calibration's eager pass runs on a quarter of a batch at a time
+
+
 def _calibrate(cfg: TrainConfig, model, sampler: BatchSampler, device, say, first: bool) -> None:
     """Static scales (or delayed histories' seeds) from the next batch of `sampler`, the run's
     calibration sampler (on resume it starts again: the checkpoint holds the plain weights only).
-    `first`: before the first step, whose eager pass's peak the run does not count."""
+
+    `calibrate` runs eagerly in high precision, which keeps far more activations than the
+    compiled step; one whole batch at once would set the run's peak memory
+    (docs/benchmarks.md). So the batch goes in whole-sequence chunks
+    (`calibration_chunks`), each chunk's mean loss weighted by its share of the batch: every
+    token's gradient is then the one the whole batch's mean loss gives it (sequences do not
+    mix), and the amaxes, a max over the chunks, are the whole batch's.
+    """
     inputs, targets = sampler.next_batch()
-    calibrate(model, [(inputs.to(device), targets.to(device))], loss_fn=lambda loss, _: loss)
+    chunks = calibration_chunks(inputs.to(device), targets.to(device))
+    rows = inputs.shape[0]
+    calibrate(model, chunks, loss_fn=lambda loss, chunk: loss * (chunk[0].shape[0] / rows))
     note = ""
-    if first and torch.device(device).type == "cuda":  # the run reports its steps' peak
-        note = f" (peak {hardware.peak_memory_gib(device)[0]:.2f} GiB, not counted in the run's peak)"
-        torch.cuda.reset_peak_memory_stats(device)
-    say(f"calibrated {cfg.scaling} scaling on one batch of {cfg.batch_size} x {inputs.shape[1]} tokens{note}")
+    if torch.device(device).type == "cuda":
+        note = f" (peak so far {hardware.peak_memory_gib(device)[0]:.2f} GiB)"
+    when = "" if first else " again"
+    say(f"calibrated {cfg.scaling} scaling{when} on one batch of {rows} x {inputs.shape[1]} tokens, "
+        f"in {len(chunks)} chunks{note}")
+
+
+def calibration_chunks(inputs: torch.Tensor, targets: torch.Tensor) -> list:
+    """(inputs, targets) split along the batch into up to `CALIBRATION_CHUNKS` whole-sequence chunks."""
+    pieces = min(CALIBRATION_CHUNKS, inputs.shape[0])
+    return list(zip(inputs.tensor_split(pieces), targets.tensor_split(pieces)))
 
 
 def _after_step(run: Run):
