@@ -170,6 +170,19 @@ def test_static_weights_previous_casts_with_the_amax_of_the_step_before(compile)
     assert not bits_equal(previous[-3], after[-3]), "the scale was this step's weight amax"
 
 
+def test_static_weights_previous_is_left_to_the_step_and_says_so():
+    model = _convert(_mlp(), scaling="static", static_weights="previous")
+    calibrate(model, _batches())
+    before = model[0].fp8_amax_weight.clone()
+    with torch.no_grad():
+        model[0].weight.hp.mul_(2)
+    refresh_weight_scales(model)  # nothing to refresh: the step measures the weights itself
+    assert bits_equal(model[0].fp8_amax_weight, before)
+    assert fp8_layers(model)["0"] == (
+        "fp8 tensorwise static (dynamic grads, weight amax of the previous step) (emulated)"
+    )
+
+
 def test_static_weights_false_records_the_amax_in_training_forwards_only():
     model = _convert(_mlp(), scaling="static", static_weights=False)
     calibrate(model, _batches())
