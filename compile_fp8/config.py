@@ -92,8 +92,9 @@ class Float8Config:
     (the amax pass runs inside the step instead of after the optimizer). "previous": each
     training forward casts the weight with the amax the previous training forward measured (the
     weight one optimizer step ago; `calibrate`'s for the first step) and stores this weight's
-    amax for the next: the cast does not wait for the amax, so both read the weight in one
-    pass; a value that grew past the old amax in that one step saturates. Training only."""
+    amax for the next: the cast does not wait for the amax, and no refresh runs after the
+    optimizer (inductor still reads each weight for its amax in a reduction of its own); a
+    value that grew past the old amax in that one step saturates. Training only."""
 
     history_len: int = 16
     """scaling="delayed": how many past amaxes each operand remembers."""

@@ -25,7 +25,7 @@ ours-staticgrads-fastaccum-model (the same in one whole-model compile),
 ours-staticgrads-fastaccum-stepweights[-model] (`static_weights=False`: each weight's amax
 measured inside the step, no `refresh_weight_scales`), ours-staticgrads-fastaccum-prevweights
 (`static_weights="previous"`: each weight cast with the amax its previous step's forward
-measured, this step's measured in the same pass), ours-tensorwise-fp8saved and
+measured, this step's measured in the step for the next), ours-tensorwise-fp8saved and
 ours-staticgrads-fastaccum-fp8saved (`saved_activations="fp8"`: float8 activations kept for
 backward), ours-triton (tensorwise, `cast_kernels="triton"`), ours-tensorwise-auto and
 ours-rowwise-auto (`layer_filter="auto"`: only the layer shapes measured faster in FP8),
