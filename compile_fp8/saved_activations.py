@@ -30,14 +30,16 @@ import torch
 from torch import nn
 
 MIN_MIB = 1.0  # smaller saved tensors stay as they are: their amax pass would cost more than they hold
+QUANT_TYPE = "torch.float8_e4m3fn"  # the saved copies' dtype
+USE_SCALING = True  # a scale of each tensor's own (its amax pass); False: a plain cast, no scale
 PASS = "activation_quantization_aten_pass"
 
 
 def inductor_options() -> dict:
     """The `torch.compile(options=...)` that turns the pass on, as compile_fp8 uses it."""
     settings = {
-        "quant_type": "torch.float8_e4m3fn",
-        "use_scaling": True,
+        "quant_type": QUANT_TYPE,
+        "use_scaling": USE_SCALING,
         "size_in_mb": MIN_MIB,
         "exclude_primals": True,  # parameters and the block's input: graph inputs, kept anyway
         "allowed_dtypes": "torch.bfloat16;torch.float16;torch.float32",

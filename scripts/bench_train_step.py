@@ -35,7 +35,9 @@ one of inductor's own settings: "cdt" coordinate-descent tuning of its generated
 compile), "nd" N-d tiling of pointwise kernels (triton.prefer_nd_tiling), "tr" the same plus tiled
 reductions, "mapw" autotuned pointwise kernels (max_autotune_pointwise), "nomix" no mixed-order
 reductions (triton.mix_order_reduction off), "cg" CUDA graphs (triton.cudagraphs, what
-torch.compile's mode="reduce-overhead" turns on: each compiled graph replayed as one launch).
+torch.compile's mode="reduce-overhead" turns on: each compiled graph replayed as one launch),
+"e5u" (for the -fp8saved variants) activations kept as float8 e5m2 without a scale (a plain
+cast: no amax pass; e5m2's range holds bf16 activations without one) instead of scaled e4m3.
 
 On a CUDA GPU with FP8 (sm89+), torch and torchao installed:
 
@@ -99,7 +101,17 @@ EXPERIMENTS = {
     "mapw": lambda: torch._inductor.config.patch(max_autotune_pointwise=True),
     "nomix": lambda: torch._inductor.config.patch({"triton.mix_order_reduction": False}),
     "cg": lambda: torch._inductor.config.patch({"triton.cudagraphs": True}),
+    "e5u": lambda: _saved_activations_as("torch.float8_e5m2", use_scaling=False),
 }
+
+
+def _saved_activations_as(quant_type: str, use_scaling: bool):
+    """`saved_activations="fp8"` storing `quant_type` copies, with or without a scale each."""
+    from unittest import mock
+
+    from compile_fp8 import saved_activations
+
+    return mock.patch.multiple(saved_activations, QUANT_TYPE=quant_type, USE_SCALING=use_scaling)
 
 
 def check_variants(parser: argparse.ArgumentParser, names: list[str]) -> None:

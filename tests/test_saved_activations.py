@@ -60,11 +60,18 @@ def test_the_pass_runs_in_the_blocks_graph_only(monkeypatch):
     assert (passes_fp8, passes_hp) == (1, 0)
 
 
-def test_gradients_lose_under_a_db_of_sqnr_against_float32():
+@pytest.mark.parametrize(
+    "quant_type, use_scaling, max_loss_db",
+    [("torch.float8_e4m3fn", True, 1.0), ("torch.float8_e5m2", False, 2.0)],
+)
+def test_gradients_lose_little_sqnr_against_float32(monkeypatch, quant_type, use_scaling, max_loss_db):
     """At the default MIN_MIB (1 MiB: here the [tokens, d_model] and wider tensors), every
     weight gradient's SQNR against a float32 eager run stays within 1 dB of FP8 without it (FP8
     tensorwise's own error, ~20 dB, comes from its e5m2 gradients); and the gradients do change,
-    so the activations were rounded."""
+    so the activations were rounded. Unscaled e5m2 copies (bench_train_step's "e5u": no amax
+    pass) lose up to 2 dB: two mantissa bits where e4m3 has three."""
+    monkeypatch.setattr(saved_activations, "QUANT_TYPE", quant_type)
+    monkeypatch.setattr(saved_activations, "USE_SCALING", use_scaling)
     base, batch = _lm(d_model=256, d_ff=704, seq=512, vocab=512)  # 2048 tokens: [T, 256] bf16 = 1 MiB
     reference = _grads(copy.deepcopy(base), batch)
     hp, _ = _fp8_grads(base, batch, "hp")
@@ -75,7 +82,7 @@ def test_gradients_lose_under_a_db_of_sqnr_against_float32():
             continue
         key = name.replace("_orig_mod.", "")
         loss_db = _sqnr_db(hp[key], ref) - _sqnr_db(fp8[key], ref)
-        assert loss_db < 1.0, f"{name}: {loss_db:.2f} dB below FP8 without float8 activations"
+        assert loss_db < max_loss_db, f"{name}: {loss_db:.2f} dB below FP8 without float8 activations"
     assert any(not torch.equal(hp[k], fp8[k]) for k in hp)
 
 
