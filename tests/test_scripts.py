@@ -153,6 +153,23 @@ def test_bench_train_step_experiment_suffix():
     assert inductor_config.coordinate_descent_tuning == before
 
 
+def test_bench_train_step_e5u_stores_unscaled_e5m2_while_the_variant_runs():
+    from compile_fp8 import saved_activations
+
+    bench = _load("bench_train_step")
+    seen = []
+
+    @bench.in_experiment
+    def probe(name):
+        seen.append(saved_activations.inductor_options()["post_grad_fusion_options"][saved_activations.PASS])
+
+    probe("ours-staticgrads-fastaccum-fp8saved+e5u")
+    probe("ours-staticgrads-fastaccum-fp8saved")
+    assert [(o["quant_type"], o["use_scaling"]) for o in seen] == [
+        ("torch.float8_e5m2", False), ("torch.float8_e4m3fn", True)
+    ]
+
+
 def test_bench_inference_small(tmp_path, capsys):
     bench = _load("bench_inference")
     rc = bench.main(["--small", "--variants", "bf16,ours-tensorwise", "--out", str(tmp_path)])
