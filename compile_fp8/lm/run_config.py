@@ -41,7 +41,8 @@ class TrainConfig:
     of a calibration sampler of its own (0: once, before the first step). A static scale stays
     what calibration measured while the activations it casts grow as the model trains (the
     SwiGLU output of the `tiny` preset grew 300-1300x in 300 steps), and values past it
-    saturate. On a GPU the run's peak memory then includes the eager calibration passes."""
+    saturate. Each calibration runs eagerly, in chunks of the batch (`train._calibrate`), and
+    the run's peak memory counts it."""
     fast_accum: str = "forward"
     """`Float8Config.fast_accum` of an FP8 run: "forward" (torchao's recipes) or "all" (fast
     accumulation in the gradient GEMMs too)."""

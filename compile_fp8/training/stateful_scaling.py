@@ -153,17 +153,19 @@ def _static_weight_amax(module, config: Float8Config) -> torch.Tensor:
     """The weight amax the cast uses: the stored one (`static_weights=True`); this forward's
     (False); the stored one, measured by the previous training forward ("previous"). With False
     and "previous" a training forward stores this weight's amax (checkpoints then hold it)."""
+    stored, record = module.fp8_amax_weight, torch.is_grad_enabled()
     if config.static_weights is True:
-        return module.fp8_amax_weight
-    weight_amax = amax(module.weight).to(torch.float32)
+        return stored
     if config.static_weights == "previous":
-        # the buffer is overwritten below; the cast (and its backward) read the previous amax
-        used = read_before_update(module.fp8_amax_weight)
-    else:
-        used = weight_amax
-    if torch.is_grad_enabled():
-        module.fp8_amax_weight.copy_(weight_amax.detach())
-    return used
+        # read before the update below; the cast (and its backward) use the previous amax
+        previous = read_before_update(stored)
+        if record:  # evaluation measures nothing it would not use
+            stored.copy_(amax(module.weight).to(torch.float32).detach())
+        return previous
+    weight_amax = amax(module.weight).to(torch.float32)
+    if record:
+        stored.copy_(weight_amax.detach())
+    return weight_amax
 
 
 def _delayed_forward(module, input, state: TrainingState, record: bool):
