@@ -84,11 +84,23 @@ def read_before_update(buffer: torch.Tensor) -> torch.Tensor:
     place (a delayed history, a `static_weights="previous"` amax), the backward would re-read
     the buffer after the update: a backward scale that is not the forward's, and silently
     wrong gradients (the partitioner's recompute allowlist is the only guard; a pending fix in
-    torch pins such reads). A flip is not on that allowlist, so what the backward needs is
-    saved from here on; flipping twice returns the values unchanged, bit for bit.
+    torch pins such reads). `saved_not_recomputed` takes it off that list.
     """
-    flat = buffer.reshape(-1)
-    return flat.flip(0).flip(0).reshape(buffer.shape)
+    return saved_not_recomputed(buffer)
+
+
+def saved_not_recomputed(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`'s values, which the compiled backward will read as saved rather than re-compute.
+
+    AOTAutograd's partitioner re-computes in backward only ops on its recompute allowlist (cheap
+    pointwise work, views). A flip is not on it; flipping twice returns the values unchanged,
+    bit for bit, and inductor folds the two into the producer's indexing (no kernel of its own).
+    Eagerly (nothing is re-computed) a copy.
+    """
+    if not torch.compiler.is_compiling():
+        return tensor.clone()  # eager CPU flips have no float8 kernel
+    flat = tensor.reshape(-1)
+    return flat.flip(0).flip(0).reshape(tensor.shape)
 
 
 def history_amax(history: torch.Tensor, amax_from: str) -> torch.Tensor:

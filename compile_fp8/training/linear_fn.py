@@ -44,8 +44,16 @@ from ..scaling import (
     delayed_scale,
     push_amax,
     saturated_cast,
+    saved_not_recomputed,
     stored_amax_to_scale,
 )
+
+# Where the forward cast a linear's input with a known scale (static scaling), keep that float8
+# copy for the weight-gradient GEMM (True) or let the partitioner choose (False: it usually
+# re-casts in backward from a high-precision tensor kept anyway, e.g. a norm's input, and so
+# saves the float8 copy's memory). Read while tracing: a compile cache keyed without it may
+# serve a graph traced under the other setting.
+SAVE_FLOAT8_INPUTS = False
 
 
 @dataclass(frozen=True)
@@ -148,6 +156,8 @@ class Float8LinearFn(torch.autograd.Function):
             weight_scale = _shared_scale(weight, recipe.output.b, recipe.grad_input.b, pow2)
         # one cast serves both GEMMs of an operand: cast here, keep the float8 copy for backward
         input_2d = _cast_once(input_2d, input_scale, recipe.output.a, recipe.grad_weight.b)
+        if SAVE_FLOAT8_INPUTS and input_2d.dtype == recipe.output.a.dtype:
+            input_2d = saved_not_recomputed(input_2d)
         weight = _cast_once(weight, weight_scale, recipe.output.b, recipe.grad_input.b)
         ctx.save_for_backward(input_2d, weight, input_scale, weight_scale, grad_amax)
         ctx.input_shape = input_hp.shape
