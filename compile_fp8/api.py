@@ -45,16 +45,19 @@ def compile_fp8(
     config = _check_args(model, config, module_filter_fn)
     check_compile_choice(compile)
     block_kwargs = None
-    if config.saved_activations == "fp8":  # checked before the model is changed
-        saved_activations.check_compile_choice(compile, bool(repeated_blocks(model, before_conversion=True)), model)
-        block_kwargs = saved_activations.block_compile_kwargs(compile_kwargs)
+    saved = config.saved_activations
+    if saved != "hp":  # float8 saved activations: checked before the model is changed
+        saved_activations.check_compile_choice(
+            compile, bool(repeated_blocks(model, before_conversion=True)), model, saved
+        )
+        block_kwargs = saved_activations.block_compile_kwargs(compile_kwargs, saved)
     if config.mode == "inference":
         release_for_inference(model)  # a model trained with compile_fp8: plain weights first
         convert_for_inference(model, config, module_filter_fn)
     else:
         convert_for_training(model, config, module_filter_fn)
         if block_kwargs is not None:  # module_filter_fn may have left the blocks unconverted
-            saved_activations.check_compile_choice(compile, bool(repeated_blocks(model)), model)
+            saved_activations.check_compile_choice(compile, bool(repeated_blocks(model)), model, saved)
     compile_regions(model, compile, compile_kwargs, block_kwargs)
     return model
 

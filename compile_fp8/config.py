@@ -36,7 +36,7 @@ CastKernels = Literal["inductor", "triton"]
 LayerFilter = Literal["all", "auto"]
 SmallMActivation = Literal["auto", "hp", "fp8"]
 FastAccum = Literal["forward", "all"]
-SavedActivations = Literal["hp", "fp8"]
+SavedActivations = Literal["hp", "fp8", "e5m2"]
 
 RECIPES: tuple[str, ...] = get_args(Recipe)
 SCALINGS: tuple[str, ...] = get_args(Scaling)
@@ -121,8 +121,10 @@ class Float8Config:
     forward made them. "fp8": each saved activation of at least 1 MiB (a transformer block's
     SwiGLU gate and up, its qkv output, the residual stream) stored as float8 e4m3 with a scale
     of its own and cast back in the backward: about half their memory, one amax pass each, and
-    a backward that reads rounded activations (`saved_activations.py`). Training, `compile=True`
-    (the repeated blocks compile_fp8 compiles) only."""
+    a backward that reads rounded activations (`saved_activations.py`). "e5m2": the same tensors
+    stored as float8 e5m2 without a scale (a plain cast: no amax pass, faster; two mantissa bits
+    where e4m3 has three, so a coarser backward). Training, `compile=True` (the repeated blocks
+    compile_fp8 compiles) only."""
 
     cast_kernels: CastKernels = "inductor"
     """Experimental, tensorwise only. "inductor" (default): torch.compile generates the amax and

@@ -17,11 +17,16 @@ backward, inside the kernels that read it::
     forward:   h = silu(gate) * up   ...   saved: gate_fp8 = e4m3(gate * s), s   (1 byte a value)
     backward:  gate = gate_fp8 / s   ->   dgate = dh * up * silu'(gate)
 
-Numerics: the backward reads activations rounded to e4m3 (3 mantissa bits); the forward is
-unchanged. On a small LM (`tests/test_saved_activations.py`) the weight gradients' SQNR against
-float32 drops by under 1 dB from FP8 tensorwise's own (which its e5m2 gradients set). Only the
-repeated blocks get it, hence regional compile only (`compile=True`): a whole-model graph would
-also round what the loss keeps (the logits behind the softmax's gradient).
+`saved_activations="e5m2"` stores the same tensors as float8 e5m2 without a scale: a plain cast
+in the kernel that produces them, no amax pass. e5m2's normal range (6.1e-5 to 57344) holds a
+block's activations as they are; the price is one mantissa bit fewer than e4m3.
+
+Numerics: the backward reads activations rounded to e4m3 (3 mantissa bits) or e5m2 (2); the
+forward is unchanged. On a small LM (`tests/test_saved_activations.py`) the weight gradients'
+SQNR against float32 drops by under 1 dB (e4m3) or 2 dB (e5m2) from FP8 tensorwise's own (which
+its e5m2 gradients set). Only the repeated blocks get it, hence regional compile only
+(`compile=True`): a whole-model graph would also round what the loss keeps (the logits behind
+the softmax's gradient).
 """
 
 from __future__ import annotations
@@ -30,16 +35,20 @@ import torch
 from torch import nn
 
 MIN_MIB = 1.0  # smaller saved tensors stay as they are: their amax pass would cost more than they hold
-QUANT_TYPE = "torch.float8_e4m3fn"  # the saved copies' dtype
-USE_SCALING = True  # a scale of each tensor's own (its amax pass); False: a plain cast, no scale
 PASS = "activation_quantization_aten_pass"
+# Float8Config.saved_activations -> (the saved copies' dtype, a scale of each tensor's own)
+STORAGE = {
+    "fp8": ("torch.float8_e4m3fn", True),  # 448 / its amax: one amax pass each
+    "e5m2": ("torch.float8_e5m2", False),  # a plain cast: no amax pass
+}
 
 
-def inductor_options() -> dict:
-    """The `torch.compile(options=...)` that turns the pass on, as compile_fp8 uses it."""
+def inductor_options(saved: str) -> dict:
+    """The `torch.compile(options=...)` that turns the pass on for `saved` ("fp8" / "e5m2")."""
+    quant_type, use_scaling = STORAGE[saved]
     settings = {
-        "quant_type": QUANT_TYPE,
-        "use_scaling": USE_SCALING,
+        "quant_type": quant_type,
+        "use_scaling": use_scaling,
         "size_in_mb": MIN_MIB,
         "exclude_primals": True,  # parameters and the block's input: graph inputs, kept anyway
         "allowed_dtypes": "torch.bfloat16;torch.float16;torch.float32",
@@ -47,17 +56,17 @@ def inductor_options() -> dict:
     return {"post_grad_fusion_options": {PASS: settings}}
 
 
-def block_compile_kwargs(kwargs: dict) -> dict:
-    """`kwargs` of the blocks' compile calls with the pass added to the user's `options`."""
+def block_compile_kwargs(kwargs: dict, saved: str) -> dict:
+    """`kwargs` of the blocks' compile calls with the pass for `saved` added to the user's `options`."""
     if kwargs.get("mode") not in (None, "default"):
         raise ValueError(
-            f"Float8Config(saved_activations='fp8') passes torch.compile `options`, and torch.compile "
+            f"Float8Config(saved_activations={saved!r}) passes torch.compile `options`, and torch.compile "
             f"takes `mode` or `options`, not both (got mode={kwargs['mode']!r}); leave mode out"
         )
     kwargs = {k: v for k, v in kwargs.items() if k != "mode"}
     options = dict(kwargs.get("options") or {})
     fusion = dict(options.get("post_grad_fusion_options") or {})
-    fusion.update(inductor_options()["post_grad_fusion_options"])
+    fusion.update(inductor_options(saved)["post_grad_fusion_options"])
     options["post_grad_fusion_options"] = fusion
     return {**kwargs, "options": options}
 
@@ -69,22 +78,22 @@ def pass_available() -> bool:
     return hasattr(partitioners, "perform_fp8_activation_quantization")
 
 
-def check_compile_choice(how, has_blocks: bool, model: nn.Module) -> None:
-    """saved_activations="fp8" needs the pass in torch, and compile_fp8's regional compile of
-    repeated blocks."""
+def check_compile_choice(how, has_blocks: bool, model: nn.Module, saved: str) -> None:
+    """Float8 saved activations (`saved`: "fp8" / "e5m2") need the pass in torch, and
+    compile_fp8's regional compile of repeated blocks."""
     if not pass_available():
         raise RuntimeError(
-            f"Float8Config(saved_activations='fp8') uses inductor's activation-quantization pass, "
+            f"Float8Config(saved_activations={saved!r}) uses inductor's activation-quantization pass, "
             f"which torch {torch.__version__} does not have; use saved_activations='hp'"
         )
     if how is not True:
         raise ValueError(
-            f"Float8Config(saved_activations='fp8') applies to the repeated blocks compile_fp8 "
+            f"Float8Config(saved_activations={saved!r}) applies to the repeated blocks compile_fp8 "
             f"compiles regionally; it needs compile=True (got compile={how!r})"
         )
     if not has_blocks:
         raise ValueError(
-            f"Float8Config(saved_activations='fp8') applies to repeated blocks (children of an "
+            f"Float8Config(saved_activations={saved!r}) applies to repeated blocks (children of an "
             f"nn.ModuleList / nn.Sequential of one class that hold linear layers); "
             f"{type(model).__name__} has none, and a whole-model graph would round what its loss "
             "keeps too"

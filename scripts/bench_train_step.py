@@ -27,17 +27,19 @@ measured inside the step, no `refresh_weight_scales`), ours-staticgrads-fastaccu
 (`static_weights="previous"`: each weight cast with the amax its previous step's forward
 measured, this step's measured in the step for the next), ours-tensorwise-fp8saved and
 ours-staticgrads-fastaccum-fp8saved (`saved_activations="fp8"`: float8 activations kept for
-backward), ours-triton (tensorwise, `cast_kernels="triton"`), ours-tensorwise-auto and
+backward), ours-staticgrads-fastaccum-e5m2saved (`saved_activations="e5m2"`: kept as unscaled
+float8 e5m2, no amax pass), ours-triton (tensorwise, `cast_kernels="triton"`), ours-tensorwise-auto and
 ours-rowwise-auto (`layer_filter="auto"`: only the layer shapes measured faster in FP8),
 torchao-tensorwise, torchao-rowwise (skipped with a note when torchao is missing). Any variant can
-take one experiment as a suffix, `VARIANT+EXPERIMENT` (e.g. bf16+cdt, ours-staticgrads+nd), each
-one of inductor's own settings: "cdt" coordinate-descent tuning of its generated kernels (slower
+take experiments as suffixes, `VARIANT+EXPERIMENT[+EXPERIMENT...]` (e.g. bf16+cdt,
+ours-staticgrads+nd+cg), most of them inductor's own settings: "cdt" coordinate-descent tuning of its generated kernels (slower
 compile), "nd" N-d tiling of pointwise kernels (triton.prefer_nd_tiling), "tr" the same plus tiled
 reductions, "mapw" autotuned pointwise kernels (max_autotune_pointwise), "nomix" no mixed-order
 reductions (triton.mix_order_reduction off), "cg" CUDA graphs (triton.cudagraphs, what
 torch.compile's mode="reduce-overhead" turns on: each compiled graph replayed as one launch),
-"e5u" (for the -fp8saved variants) activations kept as float8 e5m2 without a scale (a plain
-cast: no amax pass; e5m2's range holds bf16 activations without one) instead of scaled e4m3.
+"pin" each linear's float8 input kept for its weight-gradient GEMM where the forward cast it with
+a known scale (static scaling), instead of re-cast in backward from a high-precision tensor
+(`linear_fn.SAVE_FLOAT8_INPUTS`).
 
 On a CUDA GPU with FP8 (sm89+), torch and torchao installed:
 
@@ -85,6 +87,7 @@ VARIANTS = (
     "ours-staticgrads-fastaccum-prevweights",
     "ours-tensorwise-fp8saved",
     "ours-staticgrads-fastaccum-fp8saved",
+    "ours-staticgrads-fastaccum-e5m2saved",
     "ours-triton",
     "ours-tensorwise-auto",
     "ours-rowwise-auto",
@@ -101,32 +104,31 @@ EXPERIMENTS = {
     "mapw": lambda: torch._inductor.config.patch(max_autotune_pointwise=True),
     "nomix": lambda: torch._inductor.config.patch({"triton.mix_order_reduction": False}),
     "cg": lambda: torch._inductor.config.patch({"triton.cudagraphs": True}),
-    "e5u": lambda: _saved_activations_as("torch.float8_e5m2", use_scaling=False),
+    "pin": lambda: _patched("compile_fp8.training.linear_fn", SAVE_FLOAT8_INPUTS=True),
 }
 
 
-def _saved_activations_as(quant_type: str, use_scaling: bool):
-    """`saved_activations="fp8"` storing `quant_type` copies, with or without a scale each."""
+def _patched(module: str, **settings):
+    """A context that sets `settings` on `module` while it lasts."""
+    import importlib
     from unittest import mock
 
-    from compile_fp8 import saved_activations
-
-    return mock.patch.multiple(saved_activations, QUANT_TYPE=quant_type, USE_SCALING=use_scaling)
+    return mock.patch.multiple(importlib.import_module(module), **settings)
 
 
 def check_variants(parser: argparse.ArgumentParser, names: list[str]) -> None:
     """parser.error (exit 2) naming the variants that are not VARIANT[+EXPERIMENT]."""
     unknown = [v for v in names
-               if split_variant(v)[0] not in VARIANTS or split_variant(v)[1] not in (None, *EXPERIMENTS)]
+               if split_variant(v)[0] not in VARIANTS or not set(split_variant(v)[1]) <= set(EXPERIMENTS)]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choices: {','.join(VARIANTS)}, "
-                     f"each optionally +EXPERIMENT from {','.join(EXPERIMENTS)}")
+                     f"each optionally +EXPERIMENT(+EXPERIMENT...) from {','.join(EXPERIMENTS)}")
 
 
-def split_variant(name: str, sep: str = "+") -> tuple[str, str | None]:
-    """"ours-tensorwise+cdt" -> ("ours-tensorwise", "cdt"); no suffix -> (name, None)."""
-    base, found, suffix = name.partition(sep)
-    return base, (suffix if found else None)
+def split_variant(name: str, sep: str = "+") -> tuple[str, tuple[str, ...]]:
+    """"ours-tensorwise+cdt+nd" -> ("ours-tensorwise", ("cdt", "nd")); no suffix -> (name, ())."""
+    base, *experiments = name.split(sep)
+    return base, tuple(experiments)
 
 
 def not_head(module, fqn: str) -> bool:
@@ -173,7 +175,7 @@ def convert(name: str, model, batch, emulate):
     static_weights = "stepweights" not in flags  # the weight amax measured in the step instead
     if "prevweights" in flags:  # the cast uses the amax the previous step's forward measured
         static_weights = "previous"
-    saved = "fp8" if "fp8saved" in flags else "hp"  # float8 activations kept for backward
+    saved = next((f.removesuffix("saved") for f in flags if f.endswith("saved")), "hp")  # -fp8saved, -e5m2saved
     common = dict(emulate=emulate, fast_accum=fast_accum, saved_activations=saved)
     if what == "static":
         config = Float8Config(scaling=what, static_weights=static_weights, **common)
@@ -241,12 +243,14 @@ def timed(fn, device) -> float:
 
 
 def in_experiment(fn):
-    """`fn(name, ...)` for a variant that may carry a `+EXPERIMENT` suffix: `fn` gets the plain
-    name and runs (compiles too) inside the experiment's context."""
+    """`fn(name, ...)` for a variant that may carry `+EXPERIMENT` suffixes: `fn` gets the plain
+    name and runs (compiles too) inside the experiments' contexts."""
 
     def wrapped(name, *args, **kwargs):
-        name, experiment = split_variant(name)
-        with EXPERIMENTS[experiment]() if experiment else contextlib.nullcontext():
+        name, experiments = split_variant(name)
+        with contextlib.ExitStack() as stack:
+            for experiment in experiments:
+                stack.enter_context(EXPERIMENTS[experiment]())
             return fn(name, *args, **kwargs)
 
     return wrapped

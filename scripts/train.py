@@ -49,8 +49,9 @@ def parse_args(argv=None) -> TrainConfig:
     add("--layer-filter", choices=LAYER_FILTERS, default="all",
         help="FP8 for all eligible layers, or auto: only shapes measured faster than bf16 (H200)")
     add("--saved-activations", choices=SAVED_ACTIVATIONS, default="hp",
-        help="what the blocks keep for backward: hp (as computed) or fp8 (float8 e4m3, about "
-             "half the activation memory; the blocks compiled one by one)")
+        help="what the blocks keep for backward: hp (as computed), fp8 (float8 e4m3 with a scale "
+             "each, about half the activation memory) or e5m2 (float8 e5m2 without a scale: no "
+             "amax pass; coarser); with fp8/e5m2 the blocks are compiled one by one")
     add("--steps", type=int, default=200, help="optimizer steps of the whole run")
     add("--batch-size", type=int, default=16)
     add("--seq-len", type=int, default=None, help="default: the preset's")

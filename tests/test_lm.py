@@ -248,6 +248,9 @@ def test_a_run_with_float8_saved_activations_trains(tmp_path, monkeypatch):
     for bad in (dict(fp8="none"), dict(compile=False), dict(fsdp=True)):
         with pytest.raises(ValueError, match="saved_activations='fp8' needs"):
             dataclasses.replace(cfg, **bad)
+        with pytest.raises(ValueError, match="saved_activations='e5m2' needs"):
+            dataclasses.replace(cfg, saved_activations="e5m2", **bad)
+    assert dataclasses.replace(cfg, saved_activations="e5m2").name == "fp8-tensorwise-e5m2saved"
 
 
 @pytest.mark.parametrize("scaling", ["static", "delayed"])

@@ -8,6 +8,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from compile_fp8 import Float8Config, compile_fp8, fp8_layers, saved_activations
+from compile_fp8.config import SAVED_ACTIVATIONS
 from compile_fp8.lm.model import TransformerLM, get_preset
 
 FWD_PASS = "activation_quantization_fwd_aten_pass"
@@ -36,7 +37,7 @@ def _grads(model, batch) -> dict:
     return {name: p.grad.float().clone() for name, p in model.named_parameters()}
 
 
-def _fp8_grads(base, batch, saved: str) -> tuple[dict, int]:
+def _saved_grads(base, batch, saved: str) -> tuple[dict, int]:
     """bf16 copy of `base`, FP8 (emulated), regional compile with the loss region compiled too."""
     torch._dynamo.reset()
     counters.clear()
@@ -55,27 +56,22 @@ def test_the_pass_runs_in_the_blocks_graph_only(monkeypatch):
     compiled beside them, not with the default "hp"."""
     monkeypatch.setattr(saved_activations, "MIN_MIB", 0.0)  # the toy model's tensors are small
     base, batch = _lm()
-    _, passes_fp8 = _fp8_grads(base, batch, "fp8")
-    _, passes_hp = _fp8_grads(base, batch, "hp")
+    _, passes_fp8 = _saved_grads(base, batch, "fp8")
+    _, passes_hp = _saved_grads(base, batch, "hp")
     assert (passes_fp8, passes_hp) == (1, 0)
 
 
-@pytest.mark.parametrize(
-    "quant_type, use_scaling, max_loss_db",
-    [("torch.float8_e4m3fn", True, 1.0), ("torch.float8_e5m2", False, 2.0)],
-)
-def test_gradients_lose_little_sqnr_against_float32(monkeypatch, quant_type, use_scaling, max_loss_db):
+@pytest.mark.parametrize("saved, max_loss_db", [("fp8", 1.0), ("e5m2", 2.0)])
+def test_gradients_lose_little_sqnr_against_float32(saved, max_loss_db):
     """At the default MIN_MIB (1 MiB: here the [tokens, d_model] and wider tensors), every
     weight gradient's SQNR against a float32 eager run stays within 1 dB of FP8 without it (FP8
     tensorwise's own error, ~20 dB, comes from its e5m2 gradients); and the gradients do change,
-    so the activations were rounded. Unscaled e5m2 copies (bench_train_step's "e5u": no amax
-    pass) lose up to 2 dB: two mantissa bits where e4m3 has three."""
-    monkeypatch.setattr(saved_activations, "QUANT_TYPE", quant_type)
-    monkeypatch.setattr(saved_activations, "USE_SCALING", use_scaling)
+    so the activations were rounded. Unscaled e5m2 copies ("e5m2": no amax pass) lose up to
+    2 dB: two mantissa bits where e4m3 has three."""
     base, batch = _lm(d_model=256, d_ff=704, seq=512, vocab=512)  # 2048 tokens: [T, 256] bf16 = 1 MiB
     reference = _grads(copy.deepcopy(base), batch)
-    hp, _ = _fp8_grads(base, batch, "hp")
-    fp8, passes = _fp8_grads(base, batch, "fp8")
+    hp, _ = _saved_grads(base, batch, "hp")
+    fp8, passes = _saved_grads(base, batch, saved)
     assert passes == 1
     for name, ref in reference.items():
         if ref.dim() < 2:  # RMSNorm gains: tiny, and not linear weights
@@ -86,20 +82,28 @@ def test_gradients_lose_little_sqnr_against_float32(monkeypatch, quant_type, use
     assert any(not torch.equal(hp[k], fp8[k]) for k in hp)
 
 
-def test_block_kwargs_add_the_pass_to_the_users_options():
-    kwargs = saved_activations.block_compile_kwargs({"fullgraph": True, "options": {"trace.enabled": False}})
+@pytest.mark.parametrize(
+    "saved, quant_type, use_scaling", [("fp8", "torch.float8_e4m3fn", True), ("e5m2", "torch.float8_e5m2", False)]
+)
+def test_block_kwargs_add_the_pass_to_the_users_options(saved, quant_type, use_scaling):
+    kwargs = saved_activations.block_compile_kwargs({"fullgraph": True, "options": {"trace.enabled": False}}, saved)
     assert kwargs["fullgraph"] is True and kwargs["options"]["trace.enabled"] is False
     settings = kwargs["options"]["post_grad_fusion_options"][saved_activations.PASS]
-    assert settings["quant_type"] == "torch.float8_e4m3fn" and settings["use_scaling"]
-    with pytest.raises(ValueError, match="mode='max-autotune'"):
-        saved_activations.block_compile_kwargs({"mode": "max-autotune"})
+    assert (settings["quant_type"], settings["use_scaling"]) == (quant_type, use_scaling)
+    with pytest.raises(ValueError, match=f"saved_activations='{saved}'.*mode='max-autotune'"):
+        saved_activations.block_compile_kwargs({"mode": "max-autotune"}, saved)
 
 
+def test_every_float8_choice_has_a_storage():
+    assert set(saved_activations.STORAGE) == set(SAVED_ACTIVATIONS) - {"hp"}
+
+
+@pytest.mark.parametrize("saved", ["fp8", "e5m2"])
 @pytest.mark.parametrize("how", [False, "model"])
-def test_refused_without_regional_compile_before_the_model_changes(how):
+def test_refused_without_regional_compile_before_the_model_changes(how, saved):
     model, _ = _lm()
-    with pytest.raises(ValueError, match="saved_activations='fp8'.*compile=True"):
-        compile_fp8(model, Float8Config(saved_activations="fp8"), compile=how)
+    with pytest.raises(ValueError, match=f"saved_activations='{saved}'.*compile=True"):
+        compile_fp8(model, Float8Config(saved_activations=saved), compile=how)
     assert all(report.startswith("skipped: not converted") for report in fp8_layers(model).values())
 
 
@@ -123,27 +127,28 @@ def test_refused_where_torch_lacks_the_pass(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_on_the_gpu_the_step_keeps_less_activation_memory():
-    """CUDA, `_scaled_mm`, bf16: the same 2-layer LM step with "fp8" allocates under 0.8x the
-    memory above its starting point that "hp" does (the activations kept for backward are most
-    of it), and its gradients stay close to "hp"'s."""
+@pytest.mark.parametrize("saved", ["fp8", "e5m2"])
+def test_on_the_gpu_the_step_keeps_less_activation_memory(saved):
+    """CUDA, `_scaled_mm`, bf16: the same 2-layer LM step with float8 saved activations
+    allocates under 0.8x the memory above its starting point that "hp" does (the activations
+    kept for backward are most of it), and its gradients stay close to "hp"'s."""
     base, _ = _lm(d_model=1024, d_ff=2816, seq=1024, vocab=256)
     tokens = torch.randint(0, 256, (8, 1025), device="cuda")
     batch = (tokens[:, :-1], tokens[:, 1:])
     growth, grads = {}, {}
-    for saved in ("hp", "fp8"):
+    for kept in ("hp", saved):
         torch._dynamo.reset()
         model = copy.deepcopy(base).to("cuda", torch.bfloat16)
-        compile_fp8(model, Float8Config(saved_activations=saved), module_filter_fn=lambda m, fqn: fqn != "head")
+        compile_fp8(model, Float8Config(saved_activations=kept), module_filter_fn=lambda m, fqn: fqn != "head")
         model.compile_loss()
-        grads[saved] = _grads(model, batch)  # compiles; the grads stay allocated below
+        grads[kept] = _grads(model, batch)  # compiles; the grads stay allocated below
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
         model(*batch).backward()
         torch.cuda.synchronize()
-        growth[saved] = torch.cuda.max_memory_allocated() - start
+        growth[kept] = torch.cuda.max_memory_allocated() - start
         del model
-    assert growth["fp8"] < 0.8 * growth["hp"], growth
+    assert growth[saved] < 0.8 * growth["hp"], growth
     for name, hp in grads["hp"].items():
-        assert _sqnr_db(grads["fp8"][name], hp) > 15, name
+        assert _sqnr_db(grads[saved][name], hp) > 15, name

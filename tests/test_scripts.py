@@ -109,17 +109,18 @@ def test_bench_train_step_fastaccum_variant_sets_the_recipe():
     assert recipes and all(r.grad_input.use_fast_accum and r.grad_weight.use_fast_accum for r in recipes)
 
 
-def test_bench_train_step_fp8saved_variant_sets_the_config():
+@pytest.mark.parametrize("saved", ["fp8", "e5m2"])
+def test_bench_train_step_saved_variants_set_the_config(saved):
     from compile_fp8.layers import ConvertedLayer, layer_state
 
     bench = _load("bench_train_step")
-    args = bench.parse_args(["--small", "--variants", "ours-staticgrads-fastaccum-fp8saved"])
+    args = bench.parse_args(["--small", "--variants", f"ours-staticgrads-fastaccum-{saved}saved"])
     device = torch.device("cpu")
     base, cfg = bench.build_model(args, device, n_layers=2)  # repeated blocks: regional compile
     batch = bench.random_batch(cfg.vocab_size, args.batch, args.seq, device)
     model = bench.convert(args.variants[0], base, batch, emulate=True)
     configs = {layer_state(m).config for m in model.modules() if isinstance(layer_state(m), ConvertedLayer)}
-    assert {(c.saved_activations, c.static_grads, c.fast_accum) for c in configs} == {("fp8", True, "all")}
+    assert {(c.saved_activations, c.static_grads, c.fast_accum) for c in configs} == {(saved, True, "all")}
 
 
 def test_bench_kernels_accum_small(tmp_path, capsys):
@@ -131,13 +132,14 @@ def test_bench_kernels_accum_small(tmp_path, capsys):
 
 
 def test_bench_train_step_experiment_suffix():
-    """VARIANT+EXPERIMENT: parsed and checked; "cdt" turns inductor's coordinate-descent tuning on
-    while the variant runs, then restores it."""
+    """VARIANT+EXPERIMENT[+EXPERIMENT]: parsed and checked; "cdt" turns inductor's
+    coordinate-descent tuning on while the variant runs, then restores it; two apply together."""
     from torch._inductor import config as inductor_config
 
     bench = _load("bench_train_step")
     assert bench.parse_args(["--variants", "ours-tensorwise+cdt"]).variants == ["ours-tensorwise+cdt"]
-    for bad in ("ours-tensorwise+nope", "nope+cdt", "ours-tensorwise+rowamax"):
+    assert bench.split_variant("ours-tensorwise+cdt+nd") == ("ours-tensorwise", ("cdt", "nd"))
+    for bad in ("ours-tensorwise+nope", "nope+cdt", "ours-tensorwise+rowamax", "ours-tensorwise+cdt+nope"):
         with pytest.raises(SystemExit):
             bench.parse_args(["--variants", bad])
     seen = []
@@ -153,21 +155,21 @@ def test_bench_train_step_experiment_suffix():
     assert inductor_config.coordinate_descent_tuning == before
 
 
-def test_bench_train_step_e5u_stores_unscaled_e5m2_while_the_variant_runs():
-    from compile_fp8 import saved_activations
+def test_bench_train_step_pin_keeps_float8_inputs_while_the_variant_runs():
+    from torch._inductor import config as inductor_config
+
+    from compile_fp8.training import linear_fn
 
     bench = _load("bench_train_step")
     seen = []
 
     @bench.in_experiment
     def probe(name):
-        seen.append(saved_activations.inductor_options()["post_grad_fusion_options"][saved_activations.PASS])
+        seen.append((linear_fn.SAVE_FLOAT8_INPUTS, inductor_config.triton.cudagraphs))
 
-    probe("ours-staticgrads-fastaccum-fp8saved+e5u")
-    probe("ours-staticgrads-fastaccum-fp8saved")
-    assert [(o["quant_type"], o["use_scaling"]) for o in seen] == [
-        ("torch.float8_e5m2", False), ("torch.float8_e4m3fn", True)
-    ]
+    probe("ours-staticgrads+pin+cg")
+    probe("ours-staticgrads")
+    assert seen == [(True, True), (False, False)]
 
 
 def test_bench_inference_small(tmp_path, capsys):

@@ -50,9 +50,9 @@ class TrainConfig:
     """`Float8Config.layer_filter`: "all" eligible layers in FP8, or "auto" (only the shapes
     measured faster than bf16 on an H200)."""
     saved_activations: str = "hp"
-    """`Float8Config.saved_activations` of an FP8 run: "hp", or "fp8" (the blocks keep float8
-    activations for backward; the blocks are then compiled one by one, the loss region on its
-    own, instead of one whole-model compile)."""
+    """`Float8Config.saved_activations` of an FP8 run: "hp", or "fp8" / "e5m2" (the blocks keep
+    float8 activations for backward: scaled e4m3 / unscaled e5m2; the blocks are then compiled
+    one by one, the loss region on its own, instead of one whole-model compile)."""
     steps: int = 200
     """Optimizer steps of the whole run (the LR schedule spans them)."""
     batch_size: int = 16
@@ -118,8 +118,8 @@ class TrainConfig:
         if self.saved_activations not in SAVED_ACTIVATIONS:
             raise ValueError(f"saved_activations={self.saved_activations!r} is not supported; "
                              f"allowed values: {list(SAVED_ACTIVATIONS)}")
-        if self.saved_activations == "fp8" and (self.fp8 == "none" or self.fsdp or not self.compile):
-            raise ValueError("saved_activations='fp8' needs an FP8 run (--fp8), compiled, without "
+        if self.saved_activations != "hp" and (self.fp8 == "none" or self.fsdp or not self.compile):
+            raise ValueError(f"saved_activations={self.saved_activations!r} needs an FP8 run (--fp8), compiled, without "
                              f"fsdp (got fp8={self.fp8!r}, compile={self.compile}, fsdp={self.fsdp})")
         for name in ("steps", "batch_size", "eval_batches"):
             if getattr(self, name) < 1:
@@ -142,14 +142,14 @@ class TrainConfig:
         """The run's label: "bf16" or "fp32" (the baseline, by its dtype), or "fp8-<recipe>"
         (with "-static" / "-delayed" for those scalings, "-recalN" for recalibrate_every=N,
         "-fastaccum" for fast_accum="all",
-        "-fp8saved" for saved_activations="fp8")."""
+        "-fp8saved" / "-e5m2saved" for saved_activations="fp8" / "e5m2")."""
         if self.fp8 == "none":
             return SHORT_DTYPE[self.param_dtype]
         scaling = "" if self.scaling == "dynamic" else f"-{self.scaling}"
         if self.recalibrate_every:
             scaling += f"-recal{self.recalibrate_every}"
         return (f"fp8-{self.fp8}{scaling}" + ("-fastaccum" if self.fast_accum == "all" else "")
-                + ("-fp8saved" if self.saved_activations == "fp8" else ""))
+                + ("" if self.saved_activations == "hp" else f"-{self.saved_activations}saved"))
 
     def model_config(self) -> ModelConfig:
         cfg = get_preset(self.preset)

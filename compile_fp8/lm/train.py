@@ -84,7 +84,7 @@ def build_model(cfg: TrainConfig, model_cfg: ModelConfig, support, device, state
                               scaling=cfg.scaling, static_grads=cfg.scaling == "static",
                               fast_accum=cfg.fast_accum, saved_activations=cfg.saved_activations)  # fmt: skip
         # float8 saved activations apply to the blocks compile_fp8 compiles itself (compile=True)
-        regional = cfg.saved_activations == "fp8"
+        regional = cfg.saved_activations != "hp"
         compile_fp8(model, config, module_filter_fn=lambda mod, fqn: fqn != "head", compile=regional)
         if regional:
             return model.compile_loss(), model
