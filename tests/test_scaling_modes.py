@@ -505,3 +505,54 @@ def test_calibrate_runs_eagerly_on_a_model_compiled_in_place():
     for _ in range(2):
         model(torch.randn(8, 32)).sum().backward()
     assert counter.frame_count == 1, f"{counter.frame_count} frames after calibrate"
+
+
+
+def _lm_step_saving(save_float8_inputs: bool, monkeypatch):
+    """(grads, float8 elements the compiled forwards keep for backward) of one step of a 2-block
+    bf16 LM, compiled per block, calibrated static scales (gradients too), `_scaled_mm` (CPU's
+    reference kernel: emulation would keep float32 upcasts instead)."""
+    from torch._inductor import compile_fx
+
+    from compile_fp8.lm.model import TransformerLM, get_preset
+    from compile_fp8.training import linear_fn
+
+    monkeypatch.setattr(linear_fn, "SAVE_FLOAT8_INPUTS", save_float8_inputs)
+    kept = []
+    partition = compile_fx.min_cut_rematerialization_partition  # inductor's partitioner
+
+    def spy(joint, *args, **kwargs):
+        forward, backward = partition(joint, *args, **kwargs)
+        for node in forward.graph.find_nodes(op="output")[0].args[0]:
+            value = node.meta.get("val")
+            if isinstance(value, torch.Tensor) and value.dtype == torch.float8_e4m3fn:
+                kept.append(value.numel())
+        return forward, backward
+
+    monkeypatch.setattr(compile_fx, "min_cut_rematerialization_partition", spy)
+    cfg = get_preset("tiny").replace(d_model=64, n_heads=4, d_ff=176, n_layers=2, seq_len=32, vocab_size=128)
+    torch.manual_seed(0)
+    model = TransformerLM(cfg).to(torch.bfloat16)
+    tokens = torch.randint(0, 128, (4, 33))
+    batch = (tokens[:, :-1], tokens[:, 1:])
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(force_disable_caches=True):  # the switch is read while tracing
+        config = Float8Config(scaling="static", static_grads=True, emulate=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # CPU _scaled_mm says it is slow
+            compile_fp8(model, config, module_filter_fn=lambda m, fqn: fqn != "head").compile_loss()
+        calibrate(model, [batch], loss_fn=lambda loss, _: loss)
+        model(*batch).backward()
+    return {name: p.grad.float() for name, p in model.named_parameters()}, sum(kept)
+
+
+def test_save_float8_inputs_keeps_the_forwards_float8_copies(monkeypatch):
+    """SAVE_FLOAT8_INPUTS: the compiled blocks keep their linears' float8 inputs for the
+    weight-gradient GEMMs, where by default the backward re-casts them from the high-precision
+    tensors it keeps anyway (norm inputs, SwiGLU's gate and up); the gradients stay close (not
+    the same bits: a norm re-computed in backward may round a value differently)."""
+    default_grads, default_kept = _lm_step_saving(False, monkeypatch)
+    pinned_grads, pinned_kept = _lm_step_saving(True, monkeypatch)
+    assert default_kept == 0 and pinned_kept > 0, (default_kept, pinned_kept)
+    for name, grad in default_grads.items():
+        assert sqnr(grad, pinned_grads[name]) > 20, name
