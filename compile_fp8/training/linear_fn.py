@@ -20,7 +20,8 @@ in each GEMM) the high-precision tensor, re-cast in backward. Under torch.compil
 partitioner has the last word on what is kept: where the high-precision tensor is kept anyway
 (a norm's input, attention's output, SwiGLU's gate and up) it may re-cast from that instead of
 keeping the float8 copy (traced on CPU with `_scaled_mm`, the compiled step of the repository's
-LM keeps the same tensors as torchao's). With
+LM keeps the same tensors as torchao's); `SAVE_FLOAT8_INPUTS` makes it keep a statically scaled
+input's float8 copy instead (more memory, less backward work; docs/benchmarks.md). With
 `Float8Config(cast_kernels="triton")` both layouts are written by one kernel in forward
 (`_dual_cast_*`, with the kernels of `kernels/cast.py`).
 `gemm.scaled_mm` puts each operand in the layout `_scaled_mm` needs.
