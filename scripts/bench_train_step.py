@@ -32,14 +32,15 @@ float8 e5m2, no amax pass), ours-triton (tensorwise, `cast_kernels="triton"`), o
 ours-rowwise-auto (`layer_filter="auto"`: only the layer shapes measured faster in FP8),
 torchao-tensorwise, torchao-rowwise (skipped with a note when torchao is missing). Any variant can
 take experiments as suffixes, `VARIANT+EXPERIMENT[+EXPERIMENT...]` (e.g. bf16+cdt,
-ours-staticgrads+nd+cg), most of them inductor's own settings: "cdt" coordinate-descent tuning of its generated kernels (slower
-compile), "nd" N-d tiling of pointwise kernels (triton.prefer_nd_tiling), "tr" the same plus tiled
+ours-staticgrads+nd+cg), most of them inductor's own settings: "cdt" coordinate-descent tuning
+of its generated kernels (slower compile), "nd" N-d tiling of pointwise kernels (triton.prefer_nd_tiling), "tr" the same plus tiled
 reductions, "mapw" autotuned pointwise kernels (max_autotune_pointwise), "nomix" no mixed-order
 reductions (triton.mix_order_reduction off), "cg" CUDA graphs (triton.cudagraphs, what
 torch.compile's mode="reduce-overhead" turns on: each compiled graph replayed as one launch),
 "pin" each linear's float8 input kept for its weight-gradient GEMM where the forward cast it with
 a known scale (static scaling), instead of re-cast in backward from a high-precision tensor
-(`linear_fn.SAVE_FLOAT8_INPUTS`).
+(`linear_fn.SAVE_FLOAT8_INPUTS`, read while tracing: run it with compile caches off,
+TORCHINDUCTOR_FORCE_DISABLE_CACHES=1, or a cached graph of the other setting may serve it).
 
 On a CUDA GPU with FP8 (sm89+), torch and torchao installed:
 
@@ -175,7 +176,8 @@ def convert(name: str, model, batch, emulate):
     static_weights = "stepweights" not in flags  # the weight amax measured in the step instead
     if "prevweights" in flags:  # the cast uses the amax the previous step's forward measured
         static_weights = "previous"
-    saved = next((f.removesuffix("saved") for f in flags if f.endswith("saved")), "hp")  # -fp8saved, -e5m2saved
+    # float8 activations kept for backward: -fp8saved, -e5m2saved
+    saved = next((f.removesuffix("saved") for f in flags if f.endswith("saved")), "hp")
     common = dict(emulate=emulate, fast_accum=fast_accum, saved_activations=saved)
     if what == "static":
         config = Float8Config(scaling=what, static_weights=static_weights, **common)

@@ -83,10 +83,12 @@ def test_gradients_lose_little_sqnr_against_float32(saved, max_loss_db):
 
 
 @pytest.mark.parametrize(
-    "saved, quant_type, use_scaling", [("fp8", "torch.float8_e4m3fn", True), ("e5m2", "torch.float8_e5m2", False)]
+    "saved, quant_type, use_scaling",
+    [("fp8", "torch.float8_e4m3fn", True), ("e5m2", "torch.float8_e5m2", False)],
 )
 def test_block_kwargs_add_the_pass_to_the_users_options(saved, quant_type, use_scaling):
-    kwargs = saved_activations.block_compile_kwargs({"fullgraph": True, "options": {"trace.enabled": False}}, saved)
+    user_kwargs = {"fullgraph": True, "options": {"trace.enabled": False}}
+    kwargs = saved_activations.block_compile_kwargs(user_kwargs, saved)
     assert kwargs["fullgraph"] is True and kwargs["options"]["trace.enabled"] is False
     settings = kwargs["options"]["post_grad_fusion_options"][saved_activations.PASS]
     assert (settings["quant_type"], settings["use_scaling"]) == (quant_type, use_scaling)
@@ -139,7 +141,8 @@ def test_on_the_gpu_the_step_keeps_less_activation_memory(saved):
     for kept in ("hp", saved):
         torch._dynamo.reset()
         model = copy.deepcopy(base).to("cuda", torch.bfloat16)
-        compile_fp8(model, Float8Config(saved_activations=kept), module_filter_fn=lambda m, fqn: fqn != "head")
+        config = Float8Config(saved_activations=kept)
+        compile_fp8(model, config, module_filter_fn=lambda m, fqn: fqn != "head")
         model.compile_loss()
         grads[kept] = _grads(model, batch)  # compiles; the grads stay allocated below
         torch.cuda.synchronize()

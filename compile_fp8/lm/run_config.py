@@ -119,8 +119,8 @@ class TrainConfig:
             raise ValueError(f"saved_activations={self.saved_activations!r} is not supported; "
                              f"allowed values: {list(SAVED_ACTIVATIONS)}")
         if self.saved_activations != "hp" and (self.fp8 == "none" or self.fsdp or not self.compile):
-            raise ValueError(f"saved_activations={self.saved_activations!r} needs an FP8 run (--fp8), compiled, without "
-                             f"fsdp (got fp8={self.fp8!r}, compile={self.compile}, fsdp={self.fsdp})")
+            raise ValueError(f"saved_activations={self.saved_activations!r} needs an FP8 run (--fp8), "
+                             f"compiled, without fsdp (got fp8={self.fp8!r}, compile={self.compile}, fsdp={self.fsdp})")
         for name in ("steps", "batch_size", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
