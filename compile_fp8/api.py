@@ -57,7 +57,9 @@ def compile_fp8(
     else:
         convert_for_training(model, config, module_filter_fn)
         if block_kwargs is not None:  # module_filter_fn may have left the blocks unconverted
-            saved_activations.check_compile_choice(compile, bool(repeated_blocks(model)), model, saved)
+            blocks = [block for _, block in repeated_blocks(model)]
+            saved_activations.check_compile_choice(compile, bool(blocks), model, saved)
+            saved_activations.warn_if_float32(blocks, saved)
     compile_regions(model, compile, compile_kwargs, block_kwargs)
     return model
 

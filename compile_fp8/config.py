@@ -118,8 +118,9 @@ class Float8Config:
 
     saved_activations: SavedActivations = "hp"
     """What the compiled blocks keep for backward. "hp" (default): activations in the dtype the
-    forward made them. "fp8": each saved activation of at least 1 MiB (a transformer block's
-    SwiGLU gate and up, its qkv output, the residual stream) stored as float8 e4m3 with a scale
+    forward made them. "fp8": each saved bf16/fp16 activation of at least 1 MiB (a transformer
+    block's SwiGLU gate and up, its qkv output, the residual stream; float32 statistics such as
+    attention's log-sum-exp stay as they are) stored as float8 e4m3 with a scale
     of its own and cast back in the backward: about half their memory, one amax pass each, and
     a backward that reads rounded activations (`saved_activations.py`). "e5m2": the same tensors
     stored as float8 e5m2 without a scale (a plain cast: no amax pass, faster; two mantissa bits

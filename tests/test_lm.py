@@ -237,7 +237,9 @@ def test_a_run_with_float8_saved_activations_trains(tmp_path, monkeypatch):
     monkeypatch.setattr(saved_activations, "MIN_MIB", 0.0)
     write_corpus(tmp_path / "data")
     counters.clear()
-    cfg = small_run(tmp_path, fp8="tensorwise", compile=True, saved_activations="fp8")
+    with pytest.raises(ValueError, match="this run is float32"):
+        small_run(tmp_path, fp8="tensorwise", compile=True, saved_activations="fp8")
+    cfg = small_run(tmp_path, fp8="tensorwise", compile=True, saved_activations="fp8", dtype="bfloat16")
     assert cfg.name == "fp8-tensorwise-fp8saved"
     with torch._inductor.config.patch(force_disable_caches=True):  # a cache hit skips the pass
         summary = run(cfg, say=lambda *a: None)
@@ -531,9 +533,10 @@ def test_train_cli_flags(monkeypatch):
         cli.parse_args(["--scaling", "delayed"])  # needs --fp8 tensorwise
     fast = cli.parse_args(["--fp8", "tensorwise", "--scaling", "static", "--fast-accum", "all"])
     assert (fast.fast_accum, fast.out_dir) == ("all", "runs/tiny-fp8-tensorwise-static-fastaccum")
-    saved = cli.parse_args(["--fp8", "tensorwise", "--saved-activations", "fp8"])
+    saved = cli.parse_args(["--fp8", "tensorwise", "--saved-activations", "fp8", "--dtype", "bfloat16"])
     assert (saved.saved_activations, saved.out_dir) == ("fp8", "runs/tiny-fp8-tensorwise-fp8saved")
-    for bad in (["--saved-activations", "fp8"], ["--fp8", "tensorwise", "--saved-activations", "fp8", "--no-compile"]):
+    for bad in (["--saved-activations", "fp8"], ["--fp8", "tensorwise", "--saved-activations", "fp8", "--no-compile"],
+                ["--fp8", "tensorwise", "--saved-activations", "e5m2", "--device", "cpu"]):  # float32: nothing to store
         with pytest.raises(SystemExit):
             cli.parse_args(bad)
     with pytest.raises(SystemExit):

@@ -121,6 +121,9 @@ class TrainConfig:
         if self.saved_activations != "hp" and (self.fp8 == "none" or self.fsdp or not self.compile):
             raise ValueError(f"saved_activations={self.saved_activations!r} needs an FP8 run (--fp8), "
                              f"compiled, without fsdp (got fp8={self.fp8!r}, compile={self.compile}, fsdp={self.fsdp})")
+        if self.saved_activations != "hp" and self.param_dtype == "float32":
+            raise ValueError(f"saved_activations={self.saved_activations!r} stores bf16 activations in "
+                             "float8; this run is float32 (use --dtype bfloat16)")
         for name in ("steps", "batch_size", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
