@@ -84,8 +84,11 @@ def read_before_update(buffer: torch.Tensor) -> torch.Tensor:
     place (a delayed history, a `static_weights="previous"` amax), the backward would re-read
     the buffer after the update: a backward scale that is not the forward's, and silently
     wrong gradients (the partitioner's recompute allowlist is the only guard; a pending fix in
-    torch pins such reads). `saved_not_recomputed` takes it off that list.
+    torch pins such reads). `saved_not_recomputed` takes it off that list; eagerly (nothing is
+    re-computed) a copy, since the buffer itself changes under it.
     """
+    if not torch.compiler.is_compiling():
+        return buffer.clone()
     return saved_not_recomputed(buffer)
 
 
@@ -95,10 +98,11 @@ def saved_not_recomputed(tensor: torch.Tensor) -> torch.Tensor:
     AOTAutograd's partitioner re-computes in backward only ops on its recompute allowlist (cheap
     pointwise work, views). A flip is not on it; flipping twice returns the values unchanged,
     bit for bit, and inductor folds the two into the producer's indexing (no kernel of its own).
-    Eagerly (nothing is re-computed) a copy.
+    Eagerly nothing is re-computed: `tensor` itself (no copy; eager CPU flips have no float8
+    kernel either).
     """
     if not torch.compiler.is_compiling():
-        return tensor.clone()  # eager CPU flips have no float8 kernel
+        return tensor
     flat = tensor.reshape(-1)
     return flat.flip(0).flip(0).reshape(tensor.shape)
 

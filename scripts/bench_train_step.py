@@ -28,13 +28,13 @@ measured inside the step, no `refresh_weight_scales`), ours-staticgrads-fastaccu
 measured, this step's measured in the step for the next), ours-tensorwise-fp8saved and
 ours-staticgrads-fastaccum-fp8saved (`saved_activations="fp8"`: float8 activations kept for
 backward), ours-staticgrads-fastaccum-e5m2saved (`saved_activations="e5m2"`: kept as unscaled
-float8 e5m2, no amax pass), ours-triton (tensorwise, `cast_kernels="triton"`), ours-tensorwise-auto and
-ours-rowwise-auto (`layer_filter="auto"`: only the layer shapes measured faster in FP8),
+float8 e5m2, no amax pass), ours-triton (tensorwise, `cast_kernels="triton"`),
+ours-tensorwise-auto and ours-rowwise-auto (`layer_filter="auto"`: only the layer shapes measured faster in FP8),
 torchao-tensorwise, torchao-rowwise (skipped with a note when torchao is missing). Any variant can
 take experiments as suffixes, `VARIANT+EXPERIMENT[+EXPERIMENT...]` (e.g. bf16+cdt,
 ours-staticgrads+nd+cg), most of them inductor's own settings: "cdt" coordinate-descent tuning
-of its generated kernels (slower compile), "nd" N-d tiling of pointwise kernels (triton.prefer_nd_tiling), "tr" the same plus tiled
-reductions, "mapw" autotuned pointwise kernels (max_autotune_pointwise), "nomix" no mixed-order
+of its generated kernels (slower compile), "nd" N-d tiling of pointwise kernels
+(triton.prefer_nd_tiling), "tr" the same plus tiled reductions, "mapw" autotuned pointwise kernels (max_autotune_pointwise), "nomix" no mixed-order
 reductions (triton.mix_order_reduction off), "cg" CUDA graphs (triton.cudagraphs, what
 torch.compile's mode="reduce-overhead" turns on: each compiled graph replayed as one launch),
 "pin" each linear's float8 input kept for its weight-gradient GEMM where the forward cast it with
