@@ -11,6 +11,7 @@ pads). The tests at the end check the gathered weight in one process (no spawn).
 import datetime
 import os
 import socket
+import sys
 import tempfile
 import time
 
@@ -290,8 +291,7 @@ def _worker(rank, world, port, out_dir):
     results["unsupported"] = _unsupported_scaling(rank)
     results["compiled"] = _compiled(rank)
     results["compiled_per_block"] = _compiled_per_block(rank)
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    _save_and_leave(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 UNEVEN_WORLD, UNEVEN_DIMS = 3, (32, 16, 48)  # 16 rows over 3 ranks: 6, 6, 4 (FSDP pads to 6)
@@ -317,8 +317,26 @@ def _uneven_worker(rank, world, port, out_dir):
         batches = _batches(UNEVEN_WORLD, UNEVEN_DIMS)
         losses = _train(model, _optimizer(model), batches, 2, [rank])
         results[recipe] = dict(losses=losses, weights=_weights(model))
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    _save_and_leave(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _leave():
+    """End a worker once its results are on disk. The barrier keeps any rank from tearing down
+    while another still exchanges data with it; `os._exit` then skips the interpreter's
+    finalization, where gloo's threads and pending work objects are destroyed in no fixed order
+    (a rank of the 3-process spawn once aborted there with "terminate called without an active
+    exception", after its work was done). Exit code 0 tells the parent the worker got this far."""
+    dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _save_and_leave(results, path):
+    torch.save(results, path + ".partial")
+    os.replace(path + ".partial", path)  # the parent never reads a half-written file
+    _leave()
 
 
 def _free_port() -> int:
@@ -518,7 +536,7 @@ def _lm_worker(rank, world, port, tmp_path):
     run(small_run(tmp_path, out="whole", fp8="tensorwise", steps=6, fsdp=True), **quiet)
     run(small_run(tmp_path, out="split", fp8="tensorwise", steps=6, stop_after=3, fsdp=True), **quiet)
     run(small_run(tmp_path, out="split", fp8="tensorwise", steps=6, resume=True, fsdp=True), **quiet)
-    dist.destroy_process_group()
+    _leave()
 
 
 @distributed
