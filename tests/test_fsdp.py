@@ -324,8 +324,8 @@ def _leave():
     """End a worker once its results are on disk. The barrier keeps any rank from tearing down
     while another still exchanges data with it; `os._exit` then skips the interpreter's
     finalization, where gloo's threads and pending work objects are destroyed in no fixed order
-    (a rank of the 3-process spawn once aborted there with "terminate called without an active
-    exception", after its work was done). Exit code 0 tells the parent the worker got this far."""
+    and a thread destroyed while running aborts the process ("terminate called without an
+    active exception"). Exit code 0 tells the parent the worker got this far."""
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
