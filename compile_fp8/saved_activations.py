@@ -21,12 +21,19 @@ Float32 tensors stay as they are. In a bf16 block those are statistics, not acti
 attention's log-sum-exp ([batch, heads, tokens], 1 MiB at batch 8 x 16 heads x 2048 tokens) and
 a norm's reciprocal RMS. The attention backward re-forms its probabilities as exp(score -
 log-sum-exp), so a log-sum-exp rounded by d scales a row of them by exp(-d) (e5m2 rounds a value
-near 8 by up to 1; scaled e4m3, with an amax near 10, by up to about 0.4): on a 2-layer LM at 2048 tokens (CPU, emulated FP8) the qkv weights' gradients lost 10 dB of SQNR
-with it rounded to e5m2 and 4 dB with it in scaled e4m3; 1.3 and 0 dB with it left in float32.
+near 8 by up to 1; scaled e4m3, with an amax near 10, by up to about 0.4): on a 2-layer LM at
+2048 tokens (CPU, emulated FP8) the qkv weights' gradients lost 10 dB of SQNR with it rounded to
+e5m2 and 4 dB with it in scaled e4m3; 1.3 and 0 dB with it left in float32.
 
 `saved_activations="e5m2"` stores the same tensors as float8 e5m2 without a scale: a plain cast
 in the kernel that produces them, no amax pass. e5m2's normal range (6.1e-5 to 57344) holds a
 block's activations as they are; the price is one mantissa bit fewer than e4m3.
+
+`attention_kept_in_high_precision()` is a measurement aid, not a `Float8Config` choice: while it
+lasts, attention's q, k, v and output stay out of the pass. Inductor casts most saved tensors
+back inside the generated kernel that reads them; SDPA's backward (cuDNN, flash) is a library
+kernel that reads bf16 from memory, so a float8 q, k, v or output is cast back by a kernel of its
+own first. The context measures what those casts cost against the memory they save.
 
 Numerics: the backward reads activations rounded to e4m3 (3 mantissa bits) or e5m2 (2); the
 forward is unchanged. On a small LM (`tests/test_saved_activations.py`) the weight gradients'
@@ -38,10 +45,13 @@ the softmax's gradient).
 
 from __future__ import annotations
 
+import contextlib
+import operator
 import warnings
+from unittest import mock
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 MIN_MIB = 1.0  # smaller saved tensors stay as they are: their amax pass would cost more than they hold
 PASS = "activation_quantization_aten_pass"
@@ -123,3 +133,53 @@ def warn_if_float32(blocks: list[nn.Module], saved: str) -> None:
             UserWarning,
             stacklevel=3,
         )
+
+
+# ops that only re-describe their input's memory: a tensor reaches attention through them
+_VIEW_OPS = {"view", "_unsafe_view", "reshape", "permute", "transpose", "expand", "alias", "unsqueeze",
+             "squeeze"}  # fmt: skip
+
+
+def _op_name(node: fx.Node) -> str:
+    return getattr(node.target, "_opname", "") if node.op == "call_function" else ""
+
+
+def _is_attention(node: fx.Node) -> bool:
+    """An SDPA forward kernel (flash, efficient, cuDNN, CPU; not their backward)."""
+    name = _op_name(node)
+    return name.startswith("_scaled_dot_product") and "attention" in name and not name.endswith("backward")
+
+
+def _feeds_attention(node: fx.Node) -> bool:
+    return any(_is_attention(user) or (_op_name(user) in _VIEW_OPS and _feeds_attention(user))
+               for user in node.users)  # fmt: skip
+
+
+def is_attention_tensor(node: fx.Node) -> bool:
+    """Whether a forward graph's node is attention's q, k or v (it reaches an SDPA kernel, through
+    views at most) or one of the kernel's outputs."""
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and _is_attention(node.args[0]):
+        return True
+    return _feeds_attention(node)
+
+
+@contextlib.contextmanager
+def attention_kept_in_high_precision():
+    """While it lasts, graphs partitioned with the pass on leave attention's tensors out of it
+    (see the module docstring). The pass decides per tensor in `partitioners.should_quantize`,
+    when AOTAutograd partitions a graph: compile and run the first step inside the context,
+    with compile caches off, or a cached graph of the other choice may serve it."""
+    from torch._functorch import partitioners
+
+    if not hasattr(partitioners, "should_quantize"):
+        raise RuntimeError(
+            f"torch {torch.__version__}'s partitioner has no should_quantize to filter the "
+            "activation-quantization pass with"
+        )
+    decide = partitioners.should_quantize
+
+    def unless_attention(node: fx.Node) -> bool:
+        return decide(node) and not is_attention_tensor(node)
+
+    with mock.patch.object(partitioners, "should_quantize", unless_attention):
+        yield

@@ -40,7 +40,10 @@ torch.compile's mode="reduce-overhead" turns on: each compiled graph replayed as
 "pin" each linear's float8 input kept for its weight-gradient GEMM where the forward cast it with
 a known scale (static scaling), instead of re-cast in backward from a high-precision tensor
 (`linear_fn.SAVE_FLOAT8_INPUTS`, read while tracing: run it with compile caches off,
-TORCHINDUCTOR_FORCE_DISABLE_CACHES=1, or a cached graph of the other setting may serve it).
+TORCHINDUCTOR_FORCE_DISABLE_CACHES=1, or a cached graph of the other setting may serve it),
+"attnhp" (with -fp8saved or -e5m2saved) attention's q, k, v and output left in bf16 by the
+activation-quantization pass (`saved_activations.attention_kept_in_high_precision`; caches off
+as for "pin").
 
 On a CUDA GPU with FP8 (sm89+), torch and torchao installed:
 
@@ -106,6 +109,7 @@ EXPERIMENTS = {
     "nomix": lambda: torch._inductor.config.patch({"triton.mix_order_reduction": False}),
     "cg": lambda: torch._inductor.config.patch({"triton.cudagraphs": True}),
     "pin": lambda: _patched("compile_fp8.training.linear_fn", SAVE_FLOAT8_INPUTS=True),
+    "attnhp": lambda: _attention_kept_in_high_precision(),
 }
 
 
@@ -115,6 +119,12 @@ def _patched(module: str, **settings):
     from unittest import mock
 
     return mock.patch.multiple(importlib.import_module(module), **settings)
+
+
+def _attention_kept_in_high_precision():
+    from compile_fp8 import saved_activations
+
+    return saved_activations.attention_kept_in_high_precision()
 
 
 def check_variants(parser: argparse.ArgumentParser, names: list[str]) -> None:

@@ -1,5 +1,6 @@
 """Float8Config(saved_activations="fp8"): the compiled blocks keep float8 activations for backward."""
 
+import contextlib
 import copy
 import warnings
 
@@ -185,3 +186,36 @@ def test_on_the_gpu_the_step_keeps_less_activation_memory(saved):
     assert growth[saved] < 0.8 * growth["hp"], growth
     for name, hp in grads["hp"].items():
         assert _sqnr_db(grads[saved][name], hp) > 15, name
+
+
+def _quantized_saved_tensors(monkeypatch) -> list:
+    """Records the forward graph's saved tensors the pass chose, as (name, is attention's)."""
+    from torch._functorch import partitioners
+
+    chosen = []
+    perform = partitioners.perform_fp8_activation_quantization
+
+    def recording(fwd_module, *args, **kwargs):
+        for node in fwd_module.graph.find_nodes(op="output")[0].args[0]:
+            if isinstance(node, torch.fx.Node) and node.meta.get("saved_for_quantization"):
+                chosen.append((node.name, saved_activations.is_attention_tensor(node)))
+        return perform(fwd_module, *args, **kwargs)
+
+    monkeypatch.setattr(partitioners, "perform_fp8_activation_quantization", recording)
+    return chosen
+
+
+@pytest.mark.parametrize("keep_attention", [False, True])
+def test_attention_can_be_kept_in_high_precision(monkeypatch, keep_attention):
+    """Every bf16 tensor eligible (MIN_MIB 0): by default attention's q, k, v and output are
+    stored in float8 with the rest (4 of them); inside `attention_kept_in_high_precision` none
+    of them is, and the other saved tensors still are."""
+    monkeypatch.setattr(saved_activations, "MIN_MIB", 0.0)
+    chosen = _quantized_saved_tensors(monkeypatch)
+    base, batch = _lm()
+    kept = saved_activations.attention_kept_in_high_precision
+    with kept() if keep_attention else contextlib.nullcontext():
+        _saved_grads(base, batch, "e5m2")
+    attention = [name for name, is_attention in chosen if is_attention]
+    assert len(attention) == (0 if keep_attention else 4), chosen
+    assert len(chosen) > len(attention), chosen

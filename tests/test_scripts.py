@@ -172,6 +172,22 @@ def test_bench_train_step_pin_keeps_float8_inputs_while_the_variant_runs():
     assert seen == [(True, True), (False, False)]
 
 
+def test_bench_train_step_attnhp_filters_the_pass_while_the_variant_runs():
+    from torch._functorch import partitioners
+
+    bench = _load("bench_train_step")
+    default = partitioners.should_quantize
+    seen = []
+
+    @bench.in_experiment
+    def probe(name):
+        seen.append((name, partitioners.should_quantize is default))
+
+    probe("ours-staticgrads-fastaccum-e5m2saved+attnhp")
+    assert seen == [("ours-staticgrads-fastaccum-e5m2saved", False)]
+    assert partitioners.should_quantize is default
+
+
 def test_bench_inference_small(tmp_path, capsys):
     bench = _load("bench_inference")
     rc = bench.main(["--small", "--variants", "bf16,ours-tensorwise", "--out", str(tmp_path)])
