@@ -100,6 +100,12 @@ VARIANTS = (
 )
 
 
+def _attention_kept_in_high_precision():
+    from compile_fp8 import saved_activations
+
+    return saved_activations.attention_kept_in_high_precision()
+
+
 # VARIANT+EXPERIMENT: a context (torch's own settings) the variant compiles and runs in
 EXPERIMENTS = {
     "cdt": lambda: torch._inductor.config.patch(coordinate_descent_tuning=True),
@@ -109,7 +115,7 @@ EXPERIMENTS = {
     "nomix": lambda: torch._inductor.config.patch({"triton.mix_order_reduction": False}),
     "cg": lambda: torch._inductor.config.patch({"triton.cudagraphs": True}),
     "pin": lambda: _patched("compile_fp8.training.linear_fn", SAVE_FLOAT8_INPUTS=True),
-    "attnhp": lambda: _attention_kept_in_high_precision(),
+    "attnhp": _attention_kept_in_high_precision,
 }
 
 
@@ -119,12 +125,6 @@ def _patched(module: str, **settings):
     from unittest import mock
 
     return mock.patch.multiple(importlib.import_module(module), **settings)
-
-
-def _attention_kept_in_high_precision():
-    from compile_fp8 import saved_activations
-
-    return saved_activations.attention_kept_in_high_precision()
 
 
 def check_variants(parser: argparse.ArgumentParser, names: list[str]) -> None:
